@@ -1,0 +1,32 @@
+"""Dependencies shared by the routes: the process runtime and the caller's API key."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from service import apikeys
+from service.models import ApiKey
+from service.runtime import Runtime
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+async def api_key(
+    rt: RuntimeDep,
+    authorization: Annotated[
+        str | None, Header(description="`Bearer <api key>` from `broker api-keys create`")
+    ] = None,
+) -> ApiKey:
+    async with rt.sessions() as session:
+        return await apikeys.authenticate(session, authorization)
+
+
+ApiKeyDep = Annotated[ApiKey, Depends(api_key)]

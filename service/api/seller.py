@@ -1,0 +1,76 @@
+"""What a seller's browser opens: the link, then Mercado Pago's redirect back."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Cookie, Path, Query
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from service import linking, pages
+from service.api.deps import RuntimeDep
+
+router = APIRouter(tags=["seller pages"])
+
+COOKIE = "mpb_link"
+SECURE_COOKIE = "__Host-mpb_link"  # __Host-: Secure, no Domain, Path=/ — cannot be planted
+
+HTML: dict[str, Any] = {"content": {"text/html": {}}}
+
+
+def _binder(plain: str | None, secure: str | None, https: bool) -> str | None:
+    return secure if https else plain
+
+
+@router.get(
+    "/link/{token}",
+    response_class=RedirectResponse,
+    status_code=302,
+    responses={302: {"description": "To Mercado Pago's consent page"}, 404: HTML, 410: HTML},
+)
+async def open_link(
+    token: Annotated[str, Path(max_length=64)],
+    rt: RuntimeDep,
+    mpb_link: Annotated[str | None, Cookie(include_in_schema=False)] = None,
+    host_mpb_link: Annotated[
+        str | None, Cookie(alias=SECURE_COOKIE, include_in_schema=False)
+    ] = None,
+) -> RedirectResponse | HTMLResponse:
+    """The link a seller opens: binds this browser and sends it to Mercado Pago's consent page."""
+    https = rt.settings.secure_cookies
+    opened = await linking.open_link(rt, token, _binder(mpb_link, host_mpb_link, https))
+    if isinstance(opened, linking.CallbackResult):
+        return pages.page(opened.result)
+    url, binder = opened
+    response = RedirectResponse(url, status_code=302, headers=pages.SECURITY_HEADERS)
+    response.set_cookie(
+        SECURE_COOKIE if https else COOKIE,
+        binder,
+        max_age=rt.settings.broker_attempt_ttl_seconds,
+        path="/",
+        secure=https,
+        httponly=True,
+        samesite="lax",  # sent on Mercado Pago's top-level redirect back, not on cross-site posts
+    )
+    return response
+
+
+@router.get(
+    "/oauth/callback",
+    response_class=HTMLResponse,
+    responses={303: {"description": "To the platform's return_url with `status`"}},
+)
+async def oauth_callback(
+    rt: RuntimeDep,
+    state: Annotated[str | None, Query(max_length=512)] = None,
+    code: Annotated[str | None, Query(max_length=512)] = None,
+    error: Annotated[str | None, Query(max_length=256)] = None,
+    mpb_link: Annotated[str | None, Cookie(include_in_schema=False)] = None,
+    host_mpb_link: Annotated[
+        str | None, Cookie(alias=SECURE_COOKIE, include_in_schema=False)
+    ] = None,
+) -> HTMLResponse | RedirectResponse:
+    """Mercado Pago's redirect back: checks state and browser, exchanges the code, stores tokens."""
+    binder = _binder(mpb_link, host_mpb_link, rt.settings.secure_cookies)
+    result = await linking.handle_callback(rt, state, code, error, binder)
+    return pages.respond(result)

@@ -1,0 +1,190 @@
+"""`broker` — the command line: run, serve, migrate, simulator, api-keys, openapi."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from alembic.config import Config
+from pydantic import ValidationError
+
+from alembic import command
+from service import apikeys, db, demo, logs
+from service.config import Settings, get_settings
+from service.db import transaction
+from service.runtime import utcnow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest Alembic revision (call outside a running event loop)."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "alembic"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+class _QuietServer(uvicorn.Server):
+    """A second server in the same loop: the first one owns SIGINT/SIGTERM."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
+
+
+async def _serve(settings: Settings, url: str, simulated: bool) -> None:
+    from service.main import create_app
+    from service.simulator import create_simulator_app
+
+    broker = uvicorn.Server(
+        _uvicorn_config(
+            create_app(settings, database_url=url), settings.broker_host, settings.broker_port
+        )
+    )
+    if not simulated:
+        await broker.serve()
+        return
+    sim_app = create_simulator_app(demo.simulator_config(settings))
+    simulator = _QuietServer(
+        _uvicorn_config(sim_app, settings.broker_host, settings.broker_simulator_port)
+    )
+    sim_task = asyncio.create_task(simulator.serve())
+    try:
+        await broker.serve()
+    finally:
+        simulator.should_exit = True
+        await sim_task
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
+    simulated = settings.uses_simulator
+    if simulated:
+        settings = demo.with_simulator(settings)
+    url = db.database_url(settings)
+    migrate(url)
+    if not settings.production:
+        key = asyncio.run(_dev_key(settings, url))
+        print(demo.banner(settings, key, simulated), flush=True)
+    asyncio.run(_serve(settings, url, simulated))
+
+
+async def _dev_key(settings: Settings, url: str) -> str:
+    engine = db.make_engine(url, "broker-cli", pool_size=1)
+    try:
+        return await demo.dev_api_key(db.make_sessionmaker(engine), settings.broker_data_dir)
+    finally:
+        await engine.dispose()
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    if settings.uses_simulator:
+        settings = demo.with_simulator(settings)  # expects `broker simulator` alongside
+    url = db.database_url(settings)
+    asyncio.run(_serve(settings, url, simulated=False))
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
+    migrate(db.database_url(settings))
+    print("schema is at head")
+
+
+def cmd_simulator(settings: Settings, args: argparse.Namespace) -> None:
+    if settings.production:
+        sys.exit("the simulator never runs in production mode")
+    from service.simulator import create_simulator_app
+
+    settings = demo.with_simulator(settings) if settings.uses_simulator else settings
+    app = create_simulator_app(demo.simulator_config(settings))
+    uvicorn.run(app, host=settings.broker_host, port=settings.broker_simulator_port)
+
+
+async def _create_key(settings: Settings, name: str, scopes: Sequence[str], ns: str | None) -> str:
+    engine = db.make_engine(db.database_url(settings), "broker-cli", pool_size=1)
+    try:
+        async with transaction(db.make_sessionmaker(engine)) as session:
+            _, secret = await apikeys.create(session, name, utcnow(), tuple(scopes), ns)
+        return secret
+    finally:
+        await engine.dispose()
+
+
+def cmd_api_keys_create(settings: Settings, args: argparse.Namespace) -> None:
+    scopes = args.scopes.split(",") if args.scopes else list(apikeys.SCOPES)
+    try:
+        secret = asyncio.run(_create_key(settings, args.name, scopes, args.namespace))
+    except ValueError as exc:
+        sys.exit(str(exc))
+    print(secret)
+    print("Store it now: only its digest is kept.", file=sys.stderr)
+
+
+def cmd_openapi(settings: Settings, args: argparse.Namespace) -> None:
+    from service.main import create_app
+
+    spec = json.dumps(create_app(settings).openapi(), indent=2, sort_keys=False) + "\n"
+    if args.output == "-":
+        sys.stdout.write(spec)
+    else:
+        Path(args.output).write_text(spec)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="broker", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="migrate, then serve (with the simulator when no MP credentials)")
+    sub.add_parser("serve", help="serve the API")
+    sub.add_parser("migrate", help="apply the Alembic migrations")
+    sub.add_parser("simulator", help="run the Mercado Pago simulator (dev only)")
+    keys = sub.add_parser("api-keys", help="manage API keys").add_subparsers(
+        dest="action", required=True
+    )
+    create = keys.add_parser("create", help="create a key and print its secret once")
+    create.add_argument("name")
+    create.add_argument("--scopes", help=f"comma-separated, of {', '.join(apikeys.SCOPES)}")
+    create.add_argument("--namespace", help="limit the key to seller ids with this prefix")
+    spec = sub.add_parser("openapi", help="write the OpenAPI document")
+    spec.add_argument("--output", default="openapi/openapi.json")
+    return p
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "serve": cmd_serve,
+    "migrate": cmd_migrate,
+    "simulator": cmd_simulator,
+    "api-keys": cmd_api_keys_create,
+    "openapi": cmd_openapi,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        # Name the settings at fault; never print their values.
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        sys.exit(f"broker: invalid settings: {problems}")
+    logs.configure(
+        json_lines=settings.broker_log_format == "json"
+        or (settings.broker_log_format == "auto" and settings.production)
+    )
+    COMMANDS[args.command](settings, args)
+
+
+if __name__ == "__main__":
+    main()

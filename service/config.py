@@ -1,0 +1,121 @@
+"""Settings, read once from the environment (and `.env`) by pydantic-settings.
+
+Every setting is documented in the README's table; the names are the environment variables.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Values people paste from examples; never acceptable in production.
+PLACEHOLDERS = {"", "changeme", "change-me", "secret", "xxx", "todo", "placeholder", "example"}
+
+KEY_SPEC = re.compile(r"^[A-Za-z0-9_-]{1,16}:[A-Za-z0-9_-]{43}=?$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    broker_env: Literal["dev", "production"] = "dev"
+    database_url: str | None = None
+    broker_data_dir: Path = Path(".broker")
+    broker_public_url: str = "http://127.0.0.1:8000"
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 8000
+
+    mp_client_id: str | None = None
+    mp_client_secret: SecretStr | None = None
+    mp_redirect_uri: str | None = None
+    mp_auth_url: str = "https://auth.mercadopago.com/authorization"
+    mp_token_url: str = "https://api.mercadopago.com/oauth/token"
+    mp_pkce_method: Literal["S256", "plain", "off"] = "S256"
+    mp_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
+    broker_encryption_keys: SecretStr | None = None
+    broker_link_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    broker_attempt_ttl_seconds: int = Field(default=600, ge=60, le=3600)
+    broker_return_url_allowlist: Annotated[list[str], NoDecode] = []
+    broker_allow_account_change: bool = False
+    broker_simulator_port: int = 8001
+    broker_log_format: Literal["auto", "json", "text"] = "auto"
+
+    @field_validator("broker_return_url_allowlist", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("broker_return_url_allowlist")
+    @classmethod
+    def _allowlist_entries_are_urls(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parts = urlsplit(entry)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"allowlist entry is not an http(s) URL: {entry!r}")
+        return value
+
+    @field_validator("broker_encryption_keys")
+    @classmethod
+    def _keys_are_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            for spec in value.get_secret_value().split(","):
+                if not KEY_SPEC.match(spec.strip()):
+                    # Never echo the value: it is a key.
+                    raise ValueError("each key must be key_id:<base64url of 32 bytes>")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str | None) -> str | None:
+        if value and value.startswith(("postgresql://", "postgres://")):
+            return "postgresql+asyncpg://" + value.split("://", 1)[1]
+        if value and not value.startswith("postgresql+asyncpg://"):
+            raise ValueError("DATABASE_URL must be a postgresql+asyncpg:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_everything(self) -> Settings:
+        if self.broker_env != "production":
+            return self
+        missing = []
+        if not self.database_url:
+            # Replicas with private embedded databases would each refresh (burn) the same tokens.
+            missing.append("DATABASE_URL")
+        for name in ("mp_client_id", "mp_redirect_uri"):
+            if (getattr(self, name) or "").strip().lower() in PLACEHOLDERS:
+                missing.append(name.upper())
+        for name in ("mp_client_secret", "broker_encryption_keys"):
+            secret: SecretStr | None = getattr(self, name)
+            if secret is None or secret.get_secret_value().strip().lower() in PLACEHOLDERS:
+                missing.append(name.upper())
+        if not self.broker_public_url.startswith("https://"):
+            missing.append("BROKER_PUBLIC_URL (https)")
+        if missing:
+            raise ValueError("production mode needs real values for: " + ", ".join(missing))
+        return self
+
+    @property
+    def production(self) -> bool:
+        return self.broker_env == "production"
+
+    @property
+    def uses_simulator(self) -> bool:
+        """Dev mode without Mercado Pago credentials: the demo talks to the built-in simulator."""
+        return not self.production and not (self.mp_client_id and self.mp_client_secret)
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.broker_public_url.startswith("https://")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,86 @@
+"""Sealed values: AES-256-GCM with a versioned, key-identified envelope.
+
+    seal(plaintext, context) -> "v1.<key_id>.<nonce>.<ciphertext>"   (base64url, no padding)
+
+The associated data is the envelope header plus a context naming the row, column and
+application (`sellers|<seller_id>|refresh_token|<client_id>`), so a ciphertext copied to
+another row, column or application fails to open. The first key of the keyring seals; every
+key opens, which lets a new key roll out as a secondary before it is promoted.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+FORMAT = "v1"
+
+
+class SealError(Exception):
+    """A sealed value could not be opened (unknown key, wrong context, or tampered)."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def context(table: str, row_id: str, column: str, client_id: str) -> str:
+    return f"{table}|{row_id}|{column}|{client_id}"
+
+
+def generate_key_spec(key_id: str) -> str:
+    """A fresh `key_id:base64url(32 bytes)` entry for BROKER_ENCRYPTION_KEYS."""
+    return f"{key_id}:{_b64(secrets.token_bytes(32))}"
+
+
+@dataclass(frozen=True, repr=False)
+class Keyring:
+    keys: dict[str, AESGCM]
+    primary: str
+
+    @classmethod
+    def parse(cls, spec: str) -> Keyring:
+        keys: dict[str, AESGCM] = {}
+        order: list[str] = []
+        for entry in spec.split(","):
+            key_id, _, material = entry.strip().partition(":")
+            raw = _unb64(material)
+            if len(raw) != 32 or not key_id or "." in key_id:
+                raise ValueError("each key must be key_id:<base64url of 32 bytes>")
+            keys[key_id] = AESGCM(raw)
+            order.append(key_id)
+        if not order:
+            raise ValueError("at least one encryption key is needed")
+        return cls(keys=keys, primary=order[0])
+
+    def __repr__(self) -> str:
+        return f"Keyring(primary={self.primary!r}, key_ids={sorted(self.keys)!r})"
+
+    def seal(self, plaintext: str, ctx: str) -> str:
+        header = f"{FORMAT}.{self.primary}"
+        nonce = secrets.token_bytes(12)
+        aad = f"{header}|{ctx}".encode()
+        sealed = self.keys[self.primary].encrypt(nonce, plaintext.encode(), aad)
+        return f"{header}.{_b64(nonce)}.{_b64(sealed)}"
+
+    def open(self, envelope: str, ctx: str) -> str:
+        try:
+            version, key_id, nonce, sealed = envelope.split(".")
+        except ValueError:
+            raise SealError("not a sealed value") from None
+        key = self.keys.get(key_id)
+        if version != FORMAT or key is None:
+            raise SealError(f"cannot open a {version} value sealed with key {key_id!r}")
+        try:
+            plain = key.decrypt(_unb64(nonce), _unb64(sealed), f"{version}.{key_id}|{ctx}".encode())
+        except (InvalidTag, ValueError):
+            raise SealError("sealed value does not open in this context") from None
+        return plain.decode()

@@ -1,0 +1,45 @@
+"""One async engine per process; sessions that commit or roll back in one place."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from service import embedded
+from service.config import Settings
+
+
+def database_url(settings: Settings) -> str:
+    """`DATABASE_URL` when set; otherwise the embedded server (never in production: see config)."""
+    if settings.database_url:
+        return settings.database_url
+    return embedded.start(settings.broker_data_dir)
+
+
+def make_engine(url: str, application_name: str, pool_size: int = 10) -> AsyncEngine:
+    # application_name tells broker processes apart in pg_stat_activity.
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=False,
+        connect_args={"server_settings": {"application_name": application_name}},
+    )
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A short unit of work: commits on success, rolls back on any exception."""
+    async with sessions() as session, session.begin():
+        yield session

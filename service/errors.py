@@ -1,0 +1,128 @@
+"""One error family for the internal API, rendered as RFC 9457 `application/problem+json`.
+
+Every error carries a stable `code` that callers can switch on; `title` is fixed per code and
+`detail` explains this occurrence. No secret ever goes into either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class BrokerError(Exception):
+    code = "internal_error"
+    status = 500
+    title = "Internal error"
+
+    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None):
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.headers = headers or {}
+
+
+class InvalidRequest(BrokerError):
+    code, status, title = "invalid_request", 422, "The request is not valid"
+
+
+class Unauthorized(BrokerError):
+    code, status, title = "unauthorized", 401, "A valid API key is required"
+
+
+class Forbidden(BrokerError):
+    code, status, title = "forbidden", 403, "This API key may not do that"
+
+
+class NotFound(BrokerError):
+    code, status, title = "not_found", 404, "No such resource"
+
+
+class SellerNotFound(BrokerError):
+    code, status, title = "seller_not_found", 404, "No such seller"
+
+
+class LiveModeMismatch(BrokerError):
+    code, status, title = "live_mode_mismatch", 409, "Sandbox and live credentials never mix"
+
+
+class RelinkRequired(BrokerError):
+    code, status, title = "relink_required", 409, "The seller must link their account again"
+
+
+class TokenExpired(BrokerError):
+    code, status, title = "token_expired", 409, "The seller's access token has lapsed"
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, plus the broker's stable `code`."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    code: str
+
+
+def problem_response(
+    status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def responses(*errors: type[BrokerError]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for a route: every error it can answer, with its `code`."""
+    by_status: dict[int, list[type[BrokerError]]] = {}
+    documented: tuple[type[BrokerError], ...] = (InvalidRequest, *errors)
+    for error in documented:
+        by_status.setdefault(error.status, []).append(error)
+    return {
+        status: {
+            "model": Problem,
+            "description": "; ".join(f"`{e.code}`: {e.title}" for e in errs),
+            "content": {
+                PROBLEM_JSON: {
+                    "example": {
+                        "type": "about:blank",
+                        "title": errs[0].title,
+                        "status": status,
+                        "detail": errs[0].title,
+                        "code": errs[0].code,
+                    }
+                }
+            },
+        }
+        for status, errs in by_status.items()
+    }
+
+
+def install(app: FastAPI) -> None:
+    async def broker_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, BrokerError)
+        return problem_response(exc.status, exc.code, exc.title, exc.detail, exc.headers)
+
+    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        # Say where and what, never echo the input: it may hold a secret.
+        where = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        return problem_response(422, "invalid_request", InvalidRequest.title, where)
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        title = str(exc.detail)
+        headers = dict(exc.headers) if exc.headers else None
+        return problem_response(exc.status_code, code, title, title, headers)
+
+    app.add_exception_handler(BrokerError, broker_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)

@@ -1,0 +1,50 @@
+"""Logging: one JSON object per line in production, readable text in dev.
+
+Call sites log an event name and `extra={"fields": {...}}`; they never pass a secret, and the
+formatters print only the event, its fields and exception types (never exception messages from
+HTTP libraries, which can echo URLs or bodies).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = getattr(record, "fields", None)
+    return {k: v for k, v in (fields or {}).items() if v is not None}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+            **_fields(record),
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            line["exception"] = record.exc_info[0].__name__
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        pairs = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        return f"{stamp} {record.levelname:<7} {record.getMessage()} {pairs}".rstrip()
+
+
+def configure(json_lines: bool, level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs full request URLs at INFO; keep it quiet.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,61 @@
+"""The FastAPI app: `create_app()` and its lifespan, which owns the process-wide objects."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from service import db, errors
+from service.api import internal, seller
+from service.config import Settings, get_settings
+from service.runtime import Clock, Runtime, utcnow
+
+DESCRIPTION = """
+Links Mercado Pago seller accounts to the platform and keeps their OAuth tokens valid.
+
+Internal services authenticate with `Authorization: Bearer <api key>` (`broker api-keys create`).
+Errors are `application/problem+json` with a stable `code`.
+"""
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    database_url: str | None = None,
+    clock: Clock = utcnow,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = database_url
+        if url is None:
+            url = await asyncio.to_thread(db.database_url, settings)
+        runtime = Runtime.build(settings, url, clock=clock, transport=transport)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = FastAPI(
+        title="Mercado Pago token broker",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(internal.router)
+    app.include_router(seller.router)
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,197 @@
+"""The Mercado Pago OAuth client: the authorization URL and `POST /oauth/token`.
+
+Exceptions, the way callers see them:
+
+    MercadoPagoError
+    ├── PermanentGrantError   the grant is dead: invalid_grant (a used, expired or foreign code
+    │                         or refresh token, a redirect_uri mismatch). Retrying cannot help.
+    ├── ApplicationError      the application itself is refused: invalid_client,
+    │                         unauthorized_client, invalid_scope, ... Every seller is affected.
+    └── TransientUpstreamError  5xx, 429 local_rate_limited, a timeout or a broken connection.
+                              After a request was sent its outcome is UNKNOWN: the token may
+                              have been rotated already.
+
+Token requests are never retried here: a code and a refresh token are single-use, so a retry
+after a lost reply burns them (the official SDKs retry, which is exactly that bug).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+from urllib.parse import urlencode
+
+import httpx
+
+APPLICATION_ERRORS = {
+    "invalid_client",
+    "unauthorized_client",
+    "invalid_scope",
+    "unsupported_grant_type",
+    "invalid_request",
+    "forbidden",
+}
+
+
+class MercadoPagoError(Exception):
+    def __init__(self, error: str, status: int | None = None) -> None:
+        # Only Mercado Pago's error code and status: its message may echo what we sent.
+        super().__init__(f"{error} (HTTP {status})" if status else error)
+        self.error = error
+        self.status = status
+
+
+class PermanentGrantError(MercadoPagoError):
+    pass
+
+
+class ApplicationError(MercadoPagoError):
+    pass
+
+
+class TransientUpstreamError(MercadoPagoError):
+    pass
+
+
+@dataclass(frozen=True, repr=False)
+class TokenSet:
+    """A successful token reply. Fields a refresh reply may omit are None."""
+
+    access_token: str
+    expires_in: int
+    refresh_token: str | None
+    scope: str | None
+    user_id: int | None
+    public_key: str | None
+    live_mode: bool | None
+    token_type: str = "bearer"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"TokenSet(user_id={self.user_id}, expires_in={self.expires_in})"
+
+
+def parse_token_reply(body: Any) -> TokenSet:
+    if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+        raise TransientUpstreamError("malformed_reply", 200)
+    token_type = str(body.get("token_type", "bearer"))
+    if token_type.lower() != "bearer":
+        raise TransientUpstreamError("unexpected_token_type", 200)
+    try:
+        expires_in = int(body["expires_in"])
+        user_id = int(body["user_id"]) if body.get("user_id") is not None else None
+    except (KeyError, TypeError, ValueError):
+        raise TransientUpstreamError("malformed_reply", 200) from None
+    if expires_in <= 0:
+        raise TransientUpstreamError("malformed_reply", 200)
+    live_mode = body.get("live_mode")
+    return TokenSet(
+        access_token=body["access_token"],
+        expires_in=expires_in,
+        refresh_token=body.get("refresh_token") or None,
+        scope=body.get("scope"),
+        user_id=user_id,
+        public_key=body.get("public_key"),
+        live_mode=live_mode if isinstance(live_mode, bool) else None,
+        token_type=token_type,
+    )
+
+
+def classify_error(status: int, body: Any) -> MercadoPagoError:
+    """Map an error reply to the exception tree. The code is in `error` (or `errorKey`)."""
+    error = ""
+    if isinstance(body, dict):
+        error = str(body.get("error") or body.get("errorKey") or "")
+    if status == 429 or status >= 500 or (not error and status not in (400, 401, 403)):
+        return TransientUpstreamError(error or "upstream_unavailable", status)
+    if error == "invalid_grant":
+        return PermanentGrantError(error, status)
+    if error in APPLICATION_ERRORS or status in (401, 403):
+        return ApplicationError(error or "unauthorized", status)
+    return PermanentGrantError(error or "invalid_grant", status)
+
+
+@dataclass(frozen=True, repr=False)
+class OAuthApp:
+    """One Mercado Pago application (they are per country); the broker may serve several."""
+
+    client_id: str
+    client_secret: str
+    redirect_uri: str
+    auth_url: str
+    token_url: str
+
+    def __repr__(self) -> str:
+        return f"OAuthApp(client_id={self.client_id!r})"
+
+    def authorization_url(
+        self, state: str, code_challenge: str | None, method: Literal["S256", "plain"] | None
+    ) -> str:
+        params = {
+            "client_id": self.client_id,
+            "response_type": "code",
+            "platform_id": "mp",
+            "state": state,
+            "redirect_uri": self.redirect_uri,
+        }
+        if code_challenge and method:
+            params |= {"code_challenge": code_challenge, "code_challenge_method": method}
+        return f"{self.auth_url}?{urlencode(params)}"
+
+
+class MercadoPagoClient:
+    def __init__(
+        self, http: httpx.AsyncClient, timeout: float, clock: Callable[[], datetime]
+    ) -> None:
+        self.http = http
+        self.timeout = timeout
+        self.clock = clock
+
+    async def exchange_code(
+        self, app: OAuthApp, code: str, code_verifier: str | None, test: bool
+    ) -> tuple[TokenSet, datetime]:
+        """Exchange an authorization code. Returns the tokens and when the request left."""
+        form = {
+            "client_id": app.client_id,
+            "client_secret": app.client_secret,
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": app.redirect_uri,
+        }
+        if code_verifier:
+            form["code_verifier"] = code_verifier
+        if test:
+            form["test_token"] = "true"
+        return await self._token_request(app, form)
+
+    async def refresh(self, app: OAuthApp, refresh_token: str) -> tuple[TokenSet, datetime]:
+        form = {
+            "client_id": app.client_id,
+            "client_secret": app.client_secret,
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+        }
+        return await self._token_request(app, form)
+
+    async def _token_request(
+        self, app: OAuthApp, form: dict[str, str]
+    ) -> tuple[TokenSet, datetime]:
+        sent_at = self.clock()  # expires_at counts from when the request left, not the reply
+        try:
+            # One deadline for connect + send + read: a slow drip cannot stretch it.
+            async with asyncio.timeout(self.timeout):
+                reply = await self.http.post(
+                    app.token_url, data=form, headers={"Accept": "application/json"}
+                )
+        except (TimeoutError, httpx.HTTPError) as exc:
+            raise TransientUpstreamError(type(exc).__name__) from None
+        try:
+            body = reply.json()
+        except ValueError:
+            body = None
+        if reply.status_code != 200:
+            raise classify_error(reply.status_code, body)
+        return parse_token_reply(body), sent_at

@@ -1,0 +1,125 @@
+"""Tables. The schema itself is created only by the Alembic revisions in `alembic/versions/`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+Timestamp = TIMESTAMP(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class ApiKey(Base):
+    """An internal caller. Only a SHA-256 digest of the key is stored; `prefix` finds the row."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    namespace: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_used_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class Link(Base):
+    """A link (`/link/{token}`) an internal service asked for; keyed by the token's digest."""
+
+    __tablename__ = "links"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seller_id: Mapped[str] = mapped_column(String(128), index=True)
+    client_id: Mapped[str] = mapped_column(String(64))
+    return_url: Mapped[str | None] = mapped_column(Text)
+    test: Mapped[bool] = mapped_column(Boolean)
+    created_by: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp)
+    completed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class LinkAttempt(Base):
+    """One click on a link: the server-side half of `state` and PKCE, bound to one browser."""
+
+    __tablename__ = "link_attempts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    link_id_hash: Mapped[str] = mapped_column(
+        ForeignKey("links.id_hash", ondelete="CASCADE"), index=True
+    )
+    seller_id: Mapped[str] = mapped_column(String(128))
+    client_id: Mapped[str] = mapped_column(String(64))
+    state_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    binder_hash: Mapped[str] = mapped_column(String(64))
+    code_verifier: Mapped[str | None] = mapped_column(Text)  # sealed
+    challenge_method: Mapped[str | None] = mapped_column(String(8))
+    test: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp)
+    consumed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    mp_user_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Seller(Base):
+    """A seller the platform linked, keyed by the platform's own id; tokens are sealed."""
+
+    __tablename__ = "sellers"
+
+    seller_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64))
+    mp_user_id: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(20))  # linked | relink_required | unlinked
+    status_reason: Mapped[str | None] = mapped_column(String(64))
+    access_token: Mapped[str | None] = mapped_column(Text)  # sealed
+    refresh_token: Mapped[str | None] = mapped_column(Text)  # sealed
+    scope: Mapped[str | None] = mapped_column(Text)
+    public_key: Mapped[str | None] = mapped_column(Text)
+    live_mode: Mapped[bool] = mapped_column(Boolean)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp)
+    next_refresh_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_refreshed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    refresh_failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_refresh_error: Mapped[str | None] = mapped_column(String(64))
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    # The rotation counter: bumped by every new token pair, guards every token write.
+    version: Mapped[int] = mapped_column(BigInteger, server_default=text("1"))
+    linked_at: Mapped[datetime] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        # The refresher's work queue: only linked sellers are ever due.
+        Index(
+            "ix_sellers_next_refresh_at_linked",
+            "next_refresh_at",
+            postgresql_where=text("status = 'linked'"),
+        ),
+    )

@@ -1,0 +1,105 @@
+"""The process-wide objects of one broker process, built at start-up and closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from service import db
+from service.config import Settings
+from service.crypto import Keyring, generate_key_spec
+from service.mercadopago import MercadoPagoClient, OAuthApp
+
+log = logging.getLogger("broker")
+
+Clock = Callable[[], datetime]
+T = TypeVar("T")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def load_keyring(settings: Settings) -> Keyring:
+    if settings.broker_encryption_keys is not None:
+        return Keyring.parse(settings.broker_encryption_keys.get_secret_value())
+    # Dev only (production refuses to start without keys): a local key kept in the data dir.
+    path: Path = settings.broker_data_dir / "dev-encryption-key"
+    if not path.exists():
+        settings.broker_data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(generate_key_spec("dev1") + "\n")
+        path.chmod(0o600)
+        log.warning("dev.encryption_key_generated", extra={"fields": {"path": str(path)}})
+    return Keyring.parse(path.read_text().strip())
+
+
+def oauth_app(settings: Settings) -> OAuthApp:
+    if not (settings.mp_client_id and settings.mp_client_secret and settings.mp_redirect_uri):
+        raise RuntimeError("MP_CLIENT_ID, MP_CLIENT_SECRET and MP_REDIRECT_URI are needed")
+    return OAuthApp(
+        client_id=settings.mp_client_id,
+        client_secret=settings.mp_client_secret.get_secret_value(),
+        redirect_uri=settings.mp_redirect_uri,
+        auth_url=settings.mp_auth_url,
+        token_url=settings.mp_token_url,
+    )
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    keyring: Keyring
+    oauth: OAuthApp
+    mercadopago: MercadoPagoClient
+    http: httpx.AsyncClient
+    clock: Clock
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        url: str,
+        clock: Clock = utcnow,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> Runtime:
+        engine = db.make_engine(url, "broker-api")
+        http = httpx.AsyncClient(transport=transport, follow_redirects=False)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=db.make_sessionmaker(engine),
+            keyring=load_keyring(settings),
+            oauth=oauth_app(settings),
+            mercadopago=MercadoPagoClient(http, settings.mp_timeout_seconds, clock),
+            http=http,
+            clock=clock,
+        )
+
+    async def owned(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work` as a task of the process, not of the caller.
+
+        A token exchange or refresh must reach its database write even when the HTTP client
+        that asked disconnects or times out: cancelling the caller leaves the task running.
+        """
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return await asyncio.shield(task)
+
+    async def close(self, grace_seconds: float = 15.0) -> None:
+        # Shutdown waits for in-flight exchanges to store what Mercado Pago already answered.
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=grace_seconds)
+        await self.http.aclose()
+        await self.engine.dispose()

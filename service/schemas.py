@@ -1,0 +1,72 @@
+"""Request and response bodies of the internal API. Examples hold fake values only."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# A seller id is the platform's own: 1-128 characters, `/`-separated segments of letters,
+# digits and `. _ : @ -`, each starting with a letter or digit (so `billing/42` can later be
+# scoped by namespace, and no segment is `.`/`..` or empty).
+SELLER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*(/[A-Za-z0-9][A-Za-z0-9._:@-]*)*$"
+SELLER_ID_MAX = 128
+
+
+class LinkStartRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "seller_id": "billing/seller-42",
+                    "return_url": "https://platform.example/sellers/42",
+                    "test": False,
+                }
+            ]
+        },
+    )
+
+    seller_id: str = Field(pattern=SELLER_ID_PATTERN, min_length=1, max_length=SELLER_ID_MAX)
+    return_url: str | None = Field(default=None, max_length=2048)
+    test: bool = False
+
+
+class LinkStartResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "link_url": "https://broker.example/link/q0ExAmPlEoNlYq0ExAmPlEoNlYq0ExAmPlE",
+                    "expires_at": "2026-12-05T12:00:00Z",
+                }
+            ]
+        }
+    )
+
+    link_url: str
+    expires_at: datetime
+
+
+class TokenResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "access_token": "APP_USR-0000000000000000-010100-0000fake0000-123456789",
+                    "token_type": "bearer",
+                    "expires_at": "2027-05-27T12:00:00Z",
+                    "mp_user_id": 123456789,
+                    "live_mode": True,
+                    "scope": "offline_access read write",
+                }
+            ]
+        }
+    )
+
+    access_token: str
+    token_type: str = "bearer"
+    expires_at: datetime
+    mp_user_id: int
+    live_mode: bool
+    scope: str | None
