@@ -27,8 +27,8 @@ def _digest(key: str) -> str:
 
 
 def _prefix_of(key: str) -> str | None:
-    parts = key.split("_")
-    if len(parts) != 3 or parts[0] != "mpb" or len(parts[1]) != 8:
+    parts = key.split("_", 2)  # the secret part may hold "_" itself
+    if len(parts) != 3 or parts[0] != "mpb" or len(parts[1]) != 8 or len(parts[2]) != 43:
         return None
     return parts[1]
 

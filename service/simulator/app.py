@@ -158,13 +158,12 @@ async def token(request: Request, sim: Sim) -> Response:
     if sim.faults.latency_ms:
         await asyncio.sleep(sim.faults.latency_ms / 1000)
     plan = sim.faults
-    if (plan.rate_limited or plan.status is not None) and sim.take_fault():
+    fault_status = 429 if plan.rate_limited else plan.status
+    if fault_status is not None and sim.take_fault():
+        entry.outcome = f"fault:{fault_status}"
         if plan.rate_limited:
-            entry.outcome = "fault:429"
             return _error(sim, "local_rate_limited", "local_rate_limited", 429)
-        assert plan.status is not None
-        entry.outcome = f"fault:{plan.status}"
-        return _error(sim, _status_code_name(plan.status), "upstream failure", plan.status)
+        return _error(sim, _status_code_name(fault_status), "upstream failure", fault_status)
 
     try:
         if parse_error is not None:
