@@ -32,7 +32,7 @@ def migrate(url: str) -> None:
     command.upgrade(config, "head")
 
 
-class _QuietServer(uvicorn.Server):
+class QuietServer(uvicorn.Server):
     """A second server in the same loop: the first one owns SIGINT/SIGTERM."""
 
     @contextmanager
@@ -57,7 +57,7 @@ async def _serve(settings: Settings, url: str, simulated: bool) -> None:
         await broker.serve()
         return
     sim_app = create_simulator_app(demo.simulator_config(settings))
-    simulator = _QuietServer(
+    simulator = QuietServer(
         _uvicorn_config(sim_app, settings.broker_host, settings.broker_simulator_port)
     )
     sim_task = asyncio.create_task(simulator.serve())

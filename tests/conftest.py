@@ -1,0 +1,323 @@
+"""Fixtures: a real PostgreSQL (embedded, or DATABASE_URL), a fresh database per test built
+from an Alembic-migrated template, the simulator and the broker as real servers on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from pydantic import SecretStr
+from sqlalchemy.engine import make_url
+
+from service import embedded
+from service.cli import QuietServer, migrate
+from service.config import Settings
+from service.crypto import generate_key_spec
+from service.main import create_app
+from service.simulator import SimulatorClient, SimulatorConfig, create_simulator_app
+
+CLIENT_ID = "7000000000000001"
+CLIENT_SECRET = "test-client-secret-0123456789"
+SIM_EXPIRES_IN = 15768000  # seen from Mercado Pago; differs from the documented 180 days
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------
+
+
+def _asyncpg_dsn(url: str) -> tuple[str, dict[str, Any]]:
+    """asyncpg wants a plain DSN; a Unix-socket `host=` query goes in as a keyword."""
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {
+        "user": parsed.username or "postgres",
+        "database": parsed.database,
+        "password": parsed.password,
+    }
+    host = parsed.query.get("host")
+    kwargs["host"] = host if isinstance(host, str) else parsed.host or "127.0.0.1"
+    if parsed.port:
+        kwargs["port"] = parsed.port
+    return "", kwargs
+
+
+async def admin_connect(url: str) -> asyncpg.Connection:
+    _, kwargs = _asyncpg_dsn(url)
+    return await asyncpg.connect(**kwargs)
+
+
+def _with_database(url: str, name: str) -> str:
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """DATABASE_URL when given (its database is the admin one), else an embedded server."""
+    given = os.environ.get("DATABASE_URL")
+    if given:
+        return Settings(_env_file=None, database_url=given).database_url or given
+    return embedded.start(tmp_path_factory.mktemp("pg"), database="postgres")
+
+
+@pytest.fixture(scope="session")
+def template_url(server_url: str) -> Iterator[str]:
+    """A database migrated by Alembic once; each test clones it."""
+    name = f"broker_tpl_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_execute(server_url, f'CREATE DATABASE "{name}"'))
+    url = _with_database(server_url, name)
+    migrate(url)
+    yield url
+    asyncio.run(_execute(server_url, f'DROP DATABASE IF EXISTS "{name}"'))
+
+
+async def _execute(url: str, sql: str) -> None:
+    conn = await admin_connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def database_url(server_url: str, template_url: str) -> AsyncIterator[str]:
+    name = f"broker_t_{uuid.uuid4().hex[:12]}"
+    template = make_url(template_url).database
+    await _execute(server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    yield _with_database(server_url, name)
+    await _execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def sql(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection for assertions about what is stored."""
+    conn = await admin_connect(database_url)
+    yield conn
+    await conn.close()
+
+
+# -- clock -----------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeClock:
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+# -- servers on loopback ---------------------------------------------------------------------
+
+
+def _bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()
+    return f"http://{host}:{port}"
+
+
+class Loopback:
+    """A real uvicorn server in the test's event loop, on a port it already holds."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+        self.sock = sock
+        self.url = _url(sock)
+        self.server = QuietServer(
+            uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Loopback:
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()
+            await asyncio.sleep(0.005)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        assert self.task is not None
+        await self.task
+        self.sock.close()
+
+
+@pytest.fixture
+def sockets() -> tuple[socket.socket, socket.socket]:
+    return _bound_socket(), _bound_socket()
+
+
+@pytest.fixture
+def settings(sockets: tuple[socket.socket, socket.socket]) -> Settings:
+    broker_sock, sim_sock = sockets
+    broker, sim = _url(broker_sock), _url(sim_sock)
+    return Settings(
+        _env_file=None,
+        broker_env="dev",
+        broker_public_url=broker,
+        mp_client_id=CLIENT_ID,
+        mp_client_secret=SecretStr(CLIENT_SECRET),
+        mp_redirect_uri=f"{broker}/oauth/callback",
+        mp_auth_url=f"{sim}/authorization",
+        mp_token_url=f"{sim}/oauth/token",
+        mp_timeout_seconds=2.0,
+        broker_encryption_keys=SecretStr(generate_key_spec("k1")),
+        broker_return_url_allowlist=["https://platform.example/sellers/"],
+    )
+
+
+@pytest.fixture
+async def simulator(
+    settings: Settings, sockets: tuple[socket.socket, socket.socket]
+) -> AsyncIterator[Simulator]:
+    assert settings.mp_redirect_uri
+    config = SimulatorConfig(
+        clients=[SimulatorClient(CLIENT_ID, CLIENT_SECRET, (settings.mp_redirect_uri,))],
+        expires_in=SIM_EXPIRES_IN,
+    )
+    async with (
+        Loopback(create_simulator_app(config), sockets[1]) as server,
+        httpx.AsyncClient(base_url=server.url) as http,
+    ):
+        yield Simulator(server.url, http)
+
+
+@dataclass
+class Simulator:
+    url: str
+    http: httpx.AsyncClient
+
+    async def faults(self, **plan: Any) -> None:
+        (await self.http.post("/_control/faults", json=plan)).raise_for_status()
+
+    async def log(self) -> list[dict[str, Any]]:
+        reply = await self.http.get("/_control/log")
+        reply.raise_for_status()
+        entries: list[dict[str, Any]] = reply.json()
+        return entries
+
+    async def token_requests(self, grant_type: str = "authorization_code") -> int:
+        return sum(1 for entry in await self.log() if entry["grant_type"] == grant_type)
+
+
+@dataclass
+class Broker:
+    url: str
+    http: httpx.AsyncClient  # authenticated internal caller
+    api_key: str
+    settings: Settings
+
+    async def start_link(self, seller_id: str, **body: Any) -> str:
+        reply = await self.http.post("/link/start", json={"seller_id": seller_id, **body})
+        assert reply.status_code == 201, reply.text
+        link_url: str = reply.json()["link_url"]
+        return link_url
+
+
+async def create_api_key(database_url: str, scopes: tuple[str, ...] | None = None) -> str:
+    from service import apikeys, db
+
+    engine = db.make_engine(database_url, "tests", pool_size=1)
+    try:
+        async with db.transaction(db.make_sessionmaker(engine)) as session:
+            _, secret = await apikeys.create(
+                session,
+                f"test-{uuid.uuid4().hex[:6]}",
+                datetime.now(UTC),
+                scopes or apikeys.SCOPES,
+            )
+    finally:
+        await engine.dispose()
+    return secret
+
+
+@pytest.fixture
+async def broker(
+    settings: Settings,
+    sockets: tuple[socket.socket, socket.socket],
+    database_url: str,
+    clock: FakeClock,
+    simulator: Simulator,
+) -> AsyncIterator[Broker]:
+    app = create_app(settings, database_url=database_url, clock=clock)
+    key = await create_api_key(database_url)
+    async with (
+        Loopback(app, sockets[0]) as server,
+        httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as http,
+    ):
+        yield Broker(server.url, http, key, settings)
+
+
+# -- the seller's browser --------------------------------------------------------------------
+
+
+class SellerBrowser:
+    """A browser stand-in over real HTTP: keeps cookies, follows the redirects of the flow."""
+
+    def __init__(self) -> None:
+        self.http = httpx.AsyncClient(follow_redirects=False)
+
+    async def __aenter__(self) -> SellerBrowser:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def open_link(self, link_url: str) -> str:
+        """Open the broker link; returns Mercado Pago's authorization URL it redirected to."""
+        reply = await self.http.get(link_url)
+        assert reply.status_code == 302, reply.text
+        return reply.headers["location"]
+
+    async def consent(self, authorization_url: str, decision: str, user_id: int) -> str:
+        """Load the consent page and submit its form; returns the callback URL."""
+        page = await self.http.get(authorization_url)
+        assert page.status_code == 200, page.text
+        form = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page.text))
+        form |= {"decision": decision, "user_id": str(user_id)}
+        action = str(page.url.join("/authorization/decision"))
+        reply = await self.http.post(action, data=form)
+        assert reply.status_code == 302, reply.text
+        return reply.headers["location"]
+
+    async def callback(self, callback_url: str) -> httpx.Response:
+        return await self.http.get(callback_url)
+
+    async def link(
+        self, link_url: str, user_id: int = 241983636, decision: str = "allow"
+    ) -> httpx.Response:
+        authorization_url = await self.open_link(link_url)
+        return await self.callback(await self.consent(authorization_url, decision, user_id))
+
+
+def query_of(url: str) -> dict[str, str]:
+    return dict(parse_qsl(urlsplit(url).query))
+
+
+ROOT = Path(__file__).resolve().parent.parent

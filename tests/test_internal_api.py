@@ -1,0 +1,129 @@
+"""The internal API's contract: authentication, scopes, validation, problem+json."""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+import pytest
+
+from service.errors import PROBLEM_JSON
+from service.linking import check_return_url
+from tests.conftest import Broker, create_api_key
+
+
+def assert_problem(reply: httpx.Response, status: int, code: str) -> None:
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"] == PROBLEM_JSON
+    body = reply.json()
+    assert body["code"] == code
+    assert body["status"] == status
+    assert body["title"]
+    assert body["detail"]
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Basic abc", "Bearer", "Bearer mpb_00000000_" + "A" * 43, "Bearer not-a-key"],
+)
+async def test_a_missing_or_unknown_api_key_is_401(
+    broker: Broker, authorization: str | None
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    async with httpx.AsyncClient(base_url=broker.url, headers=headers) as anonymous:
+        assert_problem(await anonymous.get("/sellers/x/token"), 401, "unauthorized")
+        assert_problem(
+            await anonymous.post("/link/start", json={"seller_id": "x"}), 401, "unauthorized"
+        )
+
+
+async def test_a_key_with_a_wrong_secret_but_a_real_prefix_is_401(broker: Broker) -> None:
+    forged = broker.api_key[:13] + ("A" * 43 if broker.api_key[13] != "A" else "B" * 43)
+    async with httpx.AsyncClient(
+        base_url=broker.url, headers={"Authorization": f"Bearer {forged}"}
+    ) as caller:
+        assert_problem(await caller.get("/sellers/x/token"), 401, "unauthorized")
+
+
+async def test_a_revoked_key_is_401(broker: Broker, sql: asyncpg.Connection) -> None:
+    await sql.execute("UPDATE api_keys SET revoked_at = now()")
+    assert_problem(await broker.http.get("/sellers/x/token"), 401, "unauthorized")
+
+
+async def test_a_key_without_the_scope_is_403(broker: Broker, database_url: str) -> None:
+    reader = await create_api_key(database_url, scopes=("tokens:read",))
+    async with httpx.AsyncClient(
+        base_url=broker.url, headers={"Authorization": f"Bearer {reader}"}
+    ) as caller:
+        assert_problem(await caller.post("/link/start", json={"seller_id": "x"}), 403, "forbidden")
+        assert_problem(await caller.get("/sellers/x/token"), 404, "seller_not_found")
+
+
+async def test_an_unknown_seller_is_404(broker: Broker) -> None:
+    assert_problem(await broker.http.get("/sellers/nobody/token"), 404, "seller_not_found")
+
+
+async def test_the_api_keys_table_holds_only_digests(
+    broker: Broker, sql: asyncpg.Connection
+) -> None:
+    rows = await sql.fetch("SELECT * FROM api_keys")
+    dump = " ".join(str(v) for row in rows for v in row.values())
+    assert broker.api_key not in dump
+    assert broker.api_key.split("_", 2)[2] not in dump
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"seller_id": ""},
+        {"seller_id": "a" * 129},
+        {"seller_id": "has space"},
+        {"seller_id": "../etc"},
+        {"seller_id": "a//b"},
+        {"seller_id": "ok", "unknown": 1},
+        {"seller_id": "ok", "test": "maybe"},
+        {"seller_id": "ok", "return_url": "x" * 2049},
+    ],
+)
+async def test_bad_link_requests_are_422_and_store_nothing(
+    broker: Broker, sql: asyncpg.Connection, body: dict[str, object]
+) -> None:
+    assert_problem(await broker.http.post("/link/start", json=body), 422, "invalid_request")
+    assert await sql.fetchval("SELECT count(*) FROM links") == 0
+
+
+async def test_validation_errors_do_not_echo_the_input(broker: Broker) -> None:
+    reply = await broker.http.post("/link/start", json={"seller_id": "secret value here"})
+    assert "secret value here" not in reply.text
+
+
+async def test_a_link_url_is_unguessable_and_stored_only_as_a_digest(
+    broker: Broker, sql: asyncpg.Connection
+) -> None:
+    link_url = await broker.start_link("seller-1")
+    token = link_url.rsplit("/", 1)[1]
+    assert link_url.startswith(f"{broker.url}/link/")
+    assert len(token) >= 43
+    assert await sql.fetchval("SELECT count(*) FROM links WHERE id_hash = $1", token) == 0
+    assert await sql.fetchval("SELECT count(*) FROM links") == 1
+
+
+async def test_unknown_routes_answer_problem_json(broker: Broker) -> None:
+    assert_problem(await broker.http.get("/nope"), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://platform.example/sellers/",
+        "https://platform.example/sellers/42?x=1#frag",
+        "https://PLATFORM.example:443/sellers/a/b",
+    ],
+)
+def test_allowlisted_return_urls_are_accepted(url: str) -> None:
+    assert check_return_url(url, ["https://platform.example/sellers/"]) == url
+
+
+def test_an_empty_allowlist_accepts_no_return_url() -> None:
+    with pytest.raises(Exception, match="allowlist"):
+        check_return_url("https://platform.example/sellers/", [])

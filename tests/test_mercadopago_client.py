@@ -1,0 +1,136 @@
+"""The upstream client against a stubbed HTTP peer (narrow unit tests; the real peer is the
+simulator in the flow tests)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+import pytest
+
+from service.mercadopago import (
+    ApplicationError,
+    MercadoPagoClient,
+    OAuthApp,
+    PermanentGrantError,
+    TransientUpstreamError,
+    classify_error,
+    parse_token_reply,
+)
+
+APP = OAuthApp(
+    "123", "s3cr3t-value", "https://b.example/oauth/callback", "https://a/x", "https://t/y"
+)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+REPLY = {
+    "access_token": "APP_USR-123-010100-abc-42",
+    "token_type": "Bearer",
+    "expires_in": 21600,
+    "scope": "offline_access read write",
+    "user_id": 42,
+    "refresh_token": "TG-abc-42",
+    "public_key": "APP_USR-pk",
+    "live_mode": True,
+}
+
+
+def client(handler: Any) -> MercadoPagoClient:
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return MercadoPagoClient(http, timeout=1.0, clock=lambda: NOW)
+
+
+async def test_the_code_exchange_is_one_form_post_with_every_parameter() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=REPLY)
+
+    tokens, sent_at = await client(handler).exchange_code(APP, "CODE", "v" * 43, test=True)
+    assert len(seen) == 1
+    request = seen[0]
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert request.headers["accept"] == "application/json"
+    assert request.url.query == b""
+    assert dict(parse_qsl(request.content.decode())) == {
+        "client_id": "123",
+        "client_secret": "s3cr3t-value",
+        "grant_type": "authorization_code",
+        "code": "CODE",
+        "redirect_uri": "https://b.example/oauth/callback",
+        "code_verifier": "v" * 43,
+        "test_token": "true",
+    }
+    assert tokens.user_id == 42
+    assert tokens.expires_in == 21600
+    assert sent_at == NOW
+
+
+@pytest.mark.parametrize(("status", "field"), [(500, "error"), (502, "error"), (429, "error")])
+async def test_server_errors_and_rate_limits_are_transient_and_never_retried(
+    status: int, field: str
+) -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(status, json={field: "local_rate_limited", "status": status})
+
+    with pytest.raises(TransientUpstreamError):
+        await client(handler).refresh(APP, "TG-1")
+    assert calls == 1
+
+
+async def test_a_broken_connection_is_transient() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    with pytest.raises(TransientUpstreamError):
+        await client(handler).refresh(APP, "TG-1")
+
+
+@pytest.mark.parametrize("field", ["error", "errorKey"])
+def test_both_error_field_names_are_understood(field: str) -> None:
+    assert isinstance(classify_error(400, {field: "invalid_grant"}), PermanentGrantError)
+    assert isinstance(classify_error(400, {field: "invalid_client"}), ApplicationError)
+
+
+@pytest.mark.parametrize("status", [400, 401])
+def test_invalid_client_is_an_application_error_as_400_or_401(status: int) -> None:
+    assert isinstance(classify_error(status, {"error": "invalid_client"}), ApplicationError)
+
+
+def test_a_refresh_reply_without_account_fields_keeps_them_unknown() -> None:
+    minimal = {k: REPLY[k] for k in ("access_token", "token_type", "expires_in", "scope")}
+    tokens = parse_token_reply(minimal)
+    assert (tokens.user_id, tokens.public_key, tokens.live_mode, tokens.refresh_token) == (
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        [],
+        {"token_type": "bearer"},
+        {**REPLY, "expires_in": "soon"},
+        {**REPLY, "token_type": "mac"},
+    ],
+)
+def test_a_malformed_success_reply_is_not_trusted(body: Any) -> None:
+    with pytest.raises(TransientUpstreamError):
+        parse_token_reply(body)
+
+
+def test_error_messages_hold_no_secret() -> None:
+    error = classify_error(400, {"error": "invalid_grant", "message": "bad TG-secret"})
+    assert "TG-secret" not in str(error)
+    assert json.dumps(repr(parse_token_reply(REPLY))).count("TG-abc-42") == 0
