@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ def migrate(url: str) -> None:
 
 
 class QuietServer(uvicorn.Server):
-    """A second server in the same loop: the first one owns SIGINT/SIGTERM."""
+    """A uvicorn server that leaves signals to its caller (several servers share one loop)."""
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -41,6 +42,7 @@ class QuietServer(uvicorn.Server):
 
 
 def _uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
+    # No access log: the callback's query string holds an authorization code and a state.
     return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
 
 
@@ -48,24 +50,25 @@ async def _serve(settings: Settings, url: str, simulated: bool) -> None:
     from service.main import create_app
     from service.simulator import create_simulator_app
 
-    broker = uvicorn.Server(
-        _uvicorn_config(
-            create_app(settings, database_url=url), settings.broker_host, settings.broker_port
+    host = settings.broker_host
+    servers = [
+        QuietServer(
+            _uvicorn_config(create_app(settings, database_url=url), host, settings.broker_port)
         )
-    )
-    if not simulated:
-        await broker.serve()
-        return
-    sim_app = create_simulator_app(demo.simulator_config(settings))
-    simulator = QuietServer(
-        _uvicorn_config(sim_app, settings.broker_host, settings.broker_simulator_port)
-    )
-    sim_task = asyncio.create_task(simulator.serve())
-    try:
-        await broker.serve()
-    finally:
-        simulator.should_exit = True
-        await sim_task
+    ]
+    if simulated:
+        sim_app = create_simulator_app(demo.simulator_config(settings))
+        servers.append(QuietServer(_uvicorn_config(sim_app, host, settings.broker_simulator_port)))
+
+    def stop() -> None:
+        # SIGTERM/SIGINT: stop accepting, let in-flight requests and exchanges finish.
+        for server in servers:
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    await asyncio.gather(*(server.serve() for server in servers))
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
@@ -181,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"broker: invalid settings: {problems}")
     logs.configure(
         json_lines=settings.broker_log_format == "json"
-        or (settings.broker_log_format == "auto" and settings.production)
+        or (settings.broker_log_format == "auto" and settings.production),
+        level=settings.broker_log_level,
     )
     COMMANDS[args.command](settings, args)
 

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     broker_allow_account_change: bool = False
     broker_simulator_port: int = 8001
     broker_log_format: Literal["auto", "json", "text"] = "auto"
+    broker_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("broker_return_url_allowlist", mode="before")
     @classmethod

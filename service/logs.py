@@ -40,7 +40,7 @@ class TextFormatter(logging.Formatter):
         return f"{stamp} {record.levelname:<7} {record.getMessage()} {pairs}".rstrip()
 
 
-def configure(json_lines: bool, level: int = logging.INFO) -> None:
+def configure(json_lines: bool, level: int | str = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()

@@ -7,7 +7,14 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from service.linking import Outcome
-from tests.conftest import SIM_EXPIRES_IN, Broker, FakeClock, SellerBrowser, Simulator, query_of
+from tests.conftest import (
+    SIM_EXPIRES_IN,
+    Broker,
+    FakeClock,
+    SellerBrowser,
+    Simulator,
+    query_of,
+)
 
 SELLER = "billing/seller-42"
 

@@ -1,0 +1,109 @@
+"""Settings: production refuses to start without real values; dev mode fills in safe defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from service.cli import main
+from service.config import Settings
+from service.crypto import generate_key_spec
+from service.runtime import load_keyring
+
+KEYS = generate_key_spec("k1")
+PRODUCTION: dict[str, object] = {
+    "broker_env": "production",
+    "database_url": "postgresql+asyncpg://broker@db.internal/broker",
+    "broker_public_url": "https://broker.example",
+    "mp_client_id": "1234567890",
+    "mp_client_secret": SecretStr("a-real-client-secret-value"),
+    "mp_redirect_uri": "https://broker.example/oauth/callback",
+    "broker_encryption_keys": SecretStr(KEYS),
+}
+
+
+def make(**overrides: object) -> Settings:
+    return Settings(_env_file=None, **{**PRODUCTION, **overrides})  # type: ignore[arg-type]
+
+
+def test_a_complete_production_configuration_is_accepted() -> None:
+    assert make().production
+
+
+def test_production_without_database_url_is_fatal_never_an_embedded_database() -> None:
+    with pytest.raises(ValidationError, match="DATABASE_URL"):
+        make(database_url=None)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("mp_client_secret", SecretStr("changeme")),
+        ("mp_client_secret", None),
+        ("mp_client_id", ""),
+        ("mp_redirect_uri", None),
+        ("broker_encryption_keys", None),
+        ("broker_public_url", "http://broker.example"),
+    ],
+)
+def test_production_refuses_missing_or_placeholder_secrets(field: str, value: object) -> None:
+    with pytest.raises(ValidationError, match=field.upper()):
+        make(**{field: value})
+
+
+def test_a_malformed_encryption_key_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ValidationError) as info:
+        make(broker_encryption_keys=SecretStr("k1:tooshort-secret-material"))
+    assert "tooshort-secret-material" not in str(info.value)
+
+
+def test_secrets_never_print() -> None:
+    shown = repr(make()) + str(make())
+    assert "a-real-client-secret-value" not in shown
+    assert KEYS.split(":")[1] not in shown
+
+
+def test_a_plain_postgresql_url_gets_the_asyncpg_driver() -> None:
+    url = make(database_url="postgresql://u@h/db").database_url
+    assert url == "postgresql+asyncpg://u@h/db"
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BROKER_RETURN_URL_ALLOWLIST", "https://a.example/x/, https://b.example/")
+    monkeypatch.setenv("MP_PKCE_METHOD", "plain")
+    monkeypatch.setenv("BROKER_LINK_TTL_SECONDS", "3600")
+    settings = Settings(_env_file=None)
+    assert settings.broker_return_url_allowlist == ["https://a.example/x/", "https://b.example/"]
+    assert settings.mp_pkce_method == "plain"
+    assert settings.broker_link_ttl_seconds == 3600
+
+
+def test_dev_mode_generates_a_local_key_once_and_keeps_it(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, broker_data_dir=tmp_path)
+    first = load_keyring(settings)
+    second = load_keyring(settings)
+    assert first.primary == second.primary == "dev1"
+    sealed = first.seal("x", "ctx")
+    assert second.open(sealed, "ctx") == "x"
+    assert (tmp_path / "dev-encryption-key").stat().st_mode & 0o077 == 0
+
+
+def test_the_cli_refuses_bad_production_settings_naming_them_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BROKER_ENV", "production")
+    monkeypatch.setenv("MP_CLIENT_SECRET", "changeme")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    from service.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["migrate"])
+    finally:
+        get_settings.cache_clear()
+    message = str(exit_info.value.code)
+    assert "DATABASE_URL" in message
+    assert "MP_CLIENT_SECRET" in message
