@@ -83,19 +83,26 @@ def responses(*errors: type[BrokerError]) -> dict[int | str, dict[str, Any]]:
     documented: tuple[type[BrokerError], ...] = (InvalidRequest, *errors)
     for error in documented:
         by_status.setdefault(error.status, []).append(error)
+    schema = Problem.model_json_schema()
     return {
         status: {
-            "model": Problem,
             "description": "; ".join(f"`{e.code}`: {e.title}" for e in errs),
             "content": {
                 PROBLEM_JSON: {
-                    "example": {
-                        "type": "about:blank",
-                        "title": errs[0].title,
-                        "status": status,
-                        "detail": errs[0].title,
-                        "code": errs[0].code,
-                    }
+                    "schema": schema,
+                    "examples": {
+                        e.code: {
+                            "summary": e.title,
+                            "value": {
+                                "type": "about:blank",
+                                "title": e.title,
+                                "status": status,
+                                "detail": e.title,
+                                "code": e.code,
+                            },
+                        }
+                        for e in errs
+                    },
                 }
             },
         }

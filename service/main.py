@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 
 from service import db, errors
 from service.api import internal, seller
@@ -50,12 +52,21 @@ def create_app(
         lifespan=lifespan,
     )
     errors.install(app)
-    app.include_router(internal.router)
-    app.include_router(seller.router)
+    for router in (internal.router, seller.router):
+        summaries_from_docstrings(router.routes)
+        app.include_router(router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:
-        """The process is alive."""
+        """Answers while the process is alive."""
         return {"status": "ok"}
 
+    summaries_from_docstrings(app.routes)
     return app
+
+
+def summaries_from_docstrings(routes: Sequence[BaseRoute]) -> None:
+    """A route's one-line docstring is its OpenAPI summary (not its function's name)."""
+    for route in routes:
+        if isinstance(route, APIRoute) and route.description:
+            route.summary, route.description = route.description.strip(), ""

@@ -9,6 +9,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from service import linking, pages
 from service.api.deps import RuntimeDep
+from service.errors import responses
 
 router = APIRouter(tags=["seller pages"])
 
@@ -27,7 +28,12 @@ def _binder(plain: str | None, secure: str | None, https: bool) -> str | None:
     response_class=RedirectResponse,
     response_model=None,
     status_code=302,
-    responses={302: {"description": "To Mercado Pago's consent page"}, 404: HTML, 410: HTML},
+    responses={
+        **responses(),
+        302: {"description": "To Mercado Pago's consent page; sets the browser-binding cookie"},
+        404: {**HTML, "description": "An HTML page: unknown link"},
+        410: {**HTML, "description": "An HTML page: expired or used link"},
+    },
 )
 async def open_link(
     token: Annotated[str, Path(max_length=64)],
@@ -60,7 +66,13 @@ async def open_link(
     "/oauth/callback",
     response_class=HTMLResponse,
     response_model=None,
-    responses={303: {"description": "To the platform's return_url with `status`"}},
+    responses={
+        **responses(),
+        200: {**HTML, "description": "An HTML page telling the seller how linking ended"},
+        303: {"description": "To the link's return_url with `status` and `seller_id` added"},
+        400: {**HTML, "description": "An HTML page: unknown, expired or malformed callback"},
+        403: {**HTML, "description": "An HTML page: finished in another browser"},
+    },
 )
 async def oauth_callback(
     rt: RuntimeDep,
