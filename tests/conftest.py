@@ -174,10 +174,18 @@ def sockets() -> tuple[socket.socket, socket.socket]:
 
 
 @pytest.fixture
-def settings(sockets: tuple[socket.socket, socket.socket]) -> Settings:
+def settings_overrides() -> dict[str, Any]:
+    """Parametrize this to change a test's broker settings."""
+    return {}
+
+
+@pytest.fixture
+def settings(
+    sockets: tuple[socket.socket, socket.socket], settings_overrides: dict[str, Any]
+) -> Settings:
     broker_sock, sim_sock = sockets
     broker, sim = _url(broker_sock), _url(sim_sock)
-    return Settings(
+    base = Settings(
         _env_file=None,
         broker_env="dev",
         broker_public_url=broker,
@@ -190,6 +198,7 @@ def settings(sockets: tuple[socket.socket, socket.socket]) -> Settings:
         broker_encryption_keys=SecretStr(generate_key_spec("k1")),
         broker_return_url_allowlist=["https://platform.example/sellers/"],
     )
+    return base.model_copy(update=settings_overrides)
 
 
 @pytest.fixture

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 
 import asyncpg
+import pytest
 
+from service import pkce
 from service.linking import Outcome
 from tests.conftest import (
     SIM_EXPIRES_IN,
@@ -133,3 +136,90 @@ async def test_two_tabs_of_one_browser_both_stay_usable(broker: Broker) -> None:
         ok_first = await browser.callback(await browser.consent(first, "allow", 2))
     assert ok_first.status_code == ok_second.status_code == 200
     assert str(Outcome.LINKED) in ok_first.text
+
+
+@pytest.mark.parametrize("settings_overrides", [{"mp_pkce_method": "plain"}])
+async def test_plain_pkce_is_used_only_when_configured_and_still_links(broker: Broker) -> None:
+    async with SellerBrowser() as browser:
+        authorization_url = await browser.open_link(await broker.start_link(SELLER))
+        params = query_of(authorization_url)
+        assert params["code_challenge_method"] == "plain"
+        assert pkce.is_valid_verifier(params["code_challenge"])
+        page = await browser.callback(await browser.consent(authorization_url, "allow", 5))
+    assert page.status_code == 200
+
+
+@pytest.mark.parametrize("settings_overrides", [{"mp_pkce_method": "off"}])
+async def test_pkce_off_sends_no_challenge(broker: Broker, sql: asyncpg.Connection) -> None:
+    async with SellerBrowser() as browser:
+        params = query_of(await browser.open_link(await broker.start_link(SELLER)))
+    assert "code_challenge" not in params
+    assert "code_challenge_method" not in params
+    assert await sql.fetchval("SELECT code_verifier FROM link_attempts") is None
+
+
+async def test_the_binding_cookie_is_httponly_lax_and_short_lived(broker: Broker) -> None:
+    async with SellerBrowser() as browser:
+        reply = await browser.http.get(await broker.start_link(SELLER))
+    cookie = reply.headers["set-cookie"]
+    assert cookie.startswith("mpb_link=")
+    assert "HttpOnly" in cookie
+    assert "SameSite=lax" in cookie
+    assert f"Max-Age={broker.settings.broker_attempt_ttl_seconds}" in cookie
+    assert "Path=/" in cookie
+    assert reply.headers["referrer-policy"] == "no-referrer"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"broker_public_url": "https://broker.example"}])
+async def test_behind_https_the_cookie_is_secure_and_host_prefixed(broker: Broker) -> None:
+    link_url = await broker.start_link(SELLER)
+    assert link_url.startswith("https://broker.example/link/")
+    async with SellerBrowser() as browser:
+        reply = await browser.http.get(link_url.replace("https://broker.example", broker.url))
+    cookie = reply.headers["set-cookie"]
+    assert cookie.startswith("__Host-mpb_link=")
+    assert "Secure" in cookie
+    assert "Domain" not in cookie
+
+
+async def test_the_attempt_is_consumed_and_committed_before_mercado_pago_answers(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+) -> None:
+    await simulator.faults(after_rotate="hold")
+    async with SellerBrowser() as browser:
+        callback = await browser.consent(
+            await browser.open_link(await broker.start_link(SELLER)), "allow", 5
+        )
+        pending = asyncio.create_task(browser.callback(callback))
+        for _ in range(200):  # bounded: at most ~10 s
+            if [e for e in await simulator.log() if e["outcome"] == "held"]:
+                break
+            await asyncio.sleep(0.05)
+        # Mercado Pago holds its reply: the attempt is already consumed, seen from outside.
+        row = await sql.fetchrow("SELECT consumed_at, outcome FROM link_attempts")
+        assert row["consumed_at"] is not None
+        assert row["outcome"] == "exchanging"
+        (await simulator.http.post("/_control/release")).raise_for_status()
+        page = await pending
+    assert page.status_code == 200
+    assert await sql.fetchval("SELECT outcome FROM link_attempts") == "linked"
+
+
+async def test_a_failure_also_returns_to_the_return_url_with_its_status(broker: Broker) -> None:
+    return_url = "https://platform.example/sellers/42"
+    async with SellerBrowser() as browser:
+        reply = await browser.link(
+            await broker.start_link(SELLER, return_url=return_url), decision="deny"
+        )
+    assert reply.status_code == 303
+    assert query_of(reply.headers["location"])["status"] == "denied"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"broker_allow_account_change": True}])
+async def test_an_account_change_is_allowed_when_configured(broker: Broker) -> None:
+    async with SellerBrowser() as browser:
+        await browser.link(await broker.start_link(SELLER), user_id=1001)
+        page = await browser.link(await broker.start_link(SELLER), user_id=2002)
+    assert page.status_code == 200
+    token = (await broker.http.get(f"/sellers/{SELLER}/token")).json()
+    assert token["mp_user_id"] == 2002

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import re
 import signal
@@ -12,8 +14,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import asyncpg
 import httpx
-import pytest
 
 from service.config import Settings
 from tests.conftest import (
@@ -163,18 +165,51 @@ async def test_a_served_broker_logs_no_secret_through_links_replays_and_failures
     assert "APP_USR-" not in logged
 
 
-@pytest.mark.parametrize("command", [["openapi", "--output", "-"]])
-async def test_the_cli_answers_without_a_database(command: list[str]) -> None:
+async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "service",
-        *command,
+        *args,
         cwd=ROOT,
-        env=base_env(),
+        env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    assert b'"openapi"' in out
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_api_keys_create_prints_the_secret_once_and_stores_its_digest(
+    database_url: str, sql: asyncpg.Connection
+) -> None:
+    env = base_env(DATABASE_URL=database_url)
+    code, out, _ = await run_cli(
+        "api-keys",
+        "create",
+        "billing",
+        "--scopes",
+        "tokens:read",
+        "--namespace",
+        "billing/",
+        env=env,
+    )
+    assert code == 0
+    secret = out.strip()
+    assert re.fullmatch(r"mpb_[0-9a-f]{8}_[A-Za-z0-9_-]{43}", secret)
+    row = await sql.fetchrow("SELECT * FROM api_keys WHERE name = 'billing'")
+    assert row["digest"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert row["scopes"] == ["tokens:read"]
+    assert row["namespace"] == "billing/"
+
+    code, _, err = await run_cli("api-keys", "create", "bad", "--scopes", "root", env=env)
+    assert code != 0
+    assert "unknown scopes: root" in err
+    assert await sql.fetchval("SELECT count(*) FROM api_keys WHERE name = 'bad'") == 0
+
+
+async def test_the_openapi_command_needs_no_database() -> None:
+    code, out, err = await run_cli("openapi", "--output", "-", env=base_env())
+    assert code == 0, err
+    assert json.loads(out)["info"]["title"] == "Mercado Pago token broker"
