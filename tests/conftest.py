@@ -318,11 +318,16 @@ class SellerBrowser:
     async def callback(self, callback_url: str) -> httpx.Response:
         return await self.http.get(callback_url)
 
+    async def authorize(
+        self, link_url: str, user_id: int = 241983636, decision: str = "allow"
+    ) -> str:
+        """Open the link and answer the consent page; returns the callback URL, not yet opened."""
+        return await self.consent(await self.open_link(link_url), decision, user_id)
+
     async def link(
         self, link_url: str, user_id: int = 241983636, decision: str = "allow"
     ) -> httpx.Response:
-        authorization_url = await self.open_link(link_url)
-        return await self.callback(await self.consent(authorization_url, decision, user_id))
+        return await self.callback(await self.authorize(link_url, user_id, decision))
 
 
 def query_of(url: str) -> dict[str, str]:

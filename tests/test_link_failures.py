@@ -33,9 +33,7 @@ async def test_a_replayed_callback_shows_the_recorded_outcome_without_a_second_e
     broker: Broker, simulator: Simulator
 ) -> None:
     async with SellerBrowser() as browser:
-        callback = await browser.consent(
-            await browser.open_link(await broker.start_link(SELLER)), "allow", 9
-        )
+        callback = await browser.authorize(await broker.start_link(SELLER), 9)
         first = await browser.callback(callback)
         again = await browser.callback(callback)
     assert first.status_code == again.status_code == 200
@@ -47,9 +45,7 @@ async def test_a_callback_from_another_browser_is_refused_before_any_upstream_ca
     broker: Broker, simulator: Simulator, sql: asyncpg.Connection
 ) -> None:
     async with SellerBrowser() as seller, SellerBrowser() as stranger:
-        callback = await seller.consent(
-            await seller.open_link(await broker.start_link(SELLER)), "allow", 9
-        )
+        callback = await seller.authorize(await broker.start_link(SELLER), 9)
         page = await stranger.callback(callback)
     assert page.status_code == 403
     assert "same browser" in page.text
@@ -62,9 +58,7 @@ async def test_an_unknown_state_is_refused_before_any_upstream_call(
     broker: Broker, simulator: Simulator
 ) -> None:
     async with SellerBrowser() as browser:
-        callback = await browser.consent(
-            await browser.open_link(await broker.start_link(SELLER)), "allow", 9
-        )
+        callback = await browser.authorize(await broker.start_link(SELLER), 9)
         forged = callback.replace(query_of(callback)["state"], "A" * 43)
         page = await browser.callback(forged)
     assert page.status_code == 400
@@ -83,9 +77,7 @@ async def test_an_expired_attempt_is_refused_before_any_upstream_call(
     broker: Broker, simulator: Simulator, clock: FakeClock
 ) -> None:
     async with SellerBrowser() as browser:
-        callback = await browser.consent(
-            await browser.open_link(await broker.start_link(SELLER)), "allow", 9
-        )
+        callback = await browser.authorize(await broker.start_link(SELLER), 9)
         clock.advance(seconds=broker.settings.broker_attempt_ttl_seconds + 1)
         page = await browser.callback(callback)
     assert page.status_code == 400
@@ -117,12 +109,8 @@ async def test_a_code_stolen_into_another_attempt_fails_pkce(
     """An attacker who intercepts the seller's code and replays it through their own attempt
     (their own state and cookie) sends the wrong verifier: Mercado Pago refuses it."""
     async with SellerBrowser() as seller, SellerBrowser() as attacker:
-        victim_callback = await seller.consent(
-            await seller.open_link(await broker.start_link(SELLER)), "allow", 9
-        )
-        attacker_callback = await attacker.consent(
-            await attacker.open_link(await broker.start_link("attacker-seller")), "allow", 66
-        )
+        victim_callback = await seller.authorize(await broker.start_link(SELLER), 9)
+        attacker_callback = await attacker.authorize(await broker.start_link("attacker-seller"), 66)
         stolen_code = query_of(victim_callback)["code"]
         own_code = query_of(attacker_callback)["code"]
         page = await attacker.callback(attacker_callback.replace(own_code, stolen_code))
@@ -137,9 +125,7 @@ async def test_a_wrong_verifier_is_refused_by_mercado_pago_and_nothing_is_stored
 ) -> None:
     keyring = Keyring.parse(broker.settings.broker_encryption_keys.get_secret_value())  # type: ignore[union-attr]
     async with SellerBrowser() as browser:
-        callback = await browser.consent(
-            await browser.open_link(await broker.start_link(SELLER)), "allow", 9
-        )
+        callback = await browser.authorize(await broker.start_link(SELLER), 9)
         attempt_id, client_id = await sql.fetchrow("SELECT id, client_id FROM link_attempts")
         other = keyring.seal(
             "B" * 43, context("link_attempts", attempt_id, "code_verifier", client_id)

@@ -187,9 +187,7 @@ async def test_the_attempt_is_consumed_and_committed_before_mercado_pago_answers
 ) -> None:
     await simulator.faults(after_rotate="hold")
     async with SellerBrowser() as browser:
-        callback = await browser.consent(
-            await browser.open_link(await broker.start_link(SELLER)), "allow", 5
-        )
+        callback = await browser.authorize(await broker.start_link(SELLER), 5)
         pending = asyncio.create_task(browser.callback(callback))
         for _ in range(200):  # bounded: at most ~10 s
             if [e for e in await simulator.log() if e["outcome"] == "held"]:
