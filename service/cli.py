@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from alembic import command
 from alembic.config import Config
 from pydantic import ValidationError
 
-from alembic import command
 from service import apikeys, db, demo, logs
 from service.config import Settings, get_settings
 from service.db import transaction
@@ -75,6 +75,9 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
     simulated = settings.uses_simulator
     if simulated:
         settings = demo.with_simulator(settings)
+    if not settings.production:
+        # The all-in-one dev command refreshes too; production runs `broker refresher`.
+        settings = settings.model_copy(update={"broker_serve_refresher": True})
     url = db.database_url(settings)
     migrate(url)
     if not settings.production:
@@ -96,6 +99,51 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
         settings = demo.with_simulator(settings)  # expects `broker simulator` alongside
     url = db.database_url(settings)
     asyncio.run(_serve(settings, url, simulated=False))
+
+
+async def _refresher(settings: Settings, url: str) -> None:
+    from service.refresh import Refresher
+    from service.runtime import Runtime
+
+    runtime = Runtime.build(settings, url, application_name="broker-refresher")
+    refresher = Refresher(runtime)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await refresher.run(stop)
+    finally:
+        await runtime.close()  # waits for refreshes in flight to store their pairs
+
+
+def cmd_refresher(settings: Settings, args: argparse.Namespace) -> None:
+    if settings.uses_simulator:
+        settings = demo.with_simulator(settings)
+    asyncio.run(_refresher(settings, db.database_url(settings)))
+
+
+async def _breakers(settings: Settings, close: bool, client_id: str | None) -> None:
+    from service import breaker
+
+    engine = db.make_engine(db.database_url(settings), "broker-cli", pool_size=1)
+    sessions = db.make_sessionmaker(engine)
+    try:
+        if close:
+            print(f"closed {await breaker.close(sessions, client_id)} breaker(s)")
+            return
+        async with sessions() as session:
+            rows = await breaker.open_breakers(session)
+        for row in rows:
+            print(f"{row.client_id}\topen\t{row.reason}\tsince {row.tripped_at:%Y-%m-%d %H:%M:%S}Z")
+        if not rows:
+            print("no open breaker: refreshing runs for every application")
+    finally:
+        await engine.dispose()
+
+
+def cmd_breaker(settings: Settings, args: argparse.Namespace) -> None:
+    asyncio.run(_breakers(settings, args.action == "close", getattr(args, "client_id", None)))
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
@@ -150,6 +198,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="serve the API")
     sub.add_parser("migrate", help="apply the Alembic migrations")
     sub.add_parser("simulator", help="run the Mercado Pago simulator (dev only)")
+    sub.add_parser("refresher", help="run the background refresher")
+    breakers = sub.add_parser("breaker", help="per-application refresh breakers").add_subparsers(
+        dest="action", required=True
+    )
+    breakers.add_parser("list", help="show open breakers")
+    close = breakers.add_parser("close", help="resume refreshing (one application, or all)")
+    close.add_argument("client_id", nargs="?")
     keys = sub.add_parser("api-keys", help="manage API keys").add_subparsers(
         dest="action", required=True
     )
@@ -167,6 +222,8 @@ COMMANDS = {
     "serve": cmd_serve,
     "migrate": cmd_migrate,
     "simulator": cmd_simulator,
+    "refresher": cmd_refresher,
+    "breaker": cmd_breaker,
     "api-keys": cmd_api_keys_create,
     "openapi": cmd_openapi,
 }

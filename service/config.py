@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # Values people paste from examples; never acceptable in production.
 PLACEHOLDERS = {"", "changeme", "change-me", "secret", "xxx", "todo", "placeholder", "example"}
 
+LEASE_MARGIN_SECONDS = 5
+
 KEY_SPEC = re.compile(r"^[A-Za-z0-9_-]{1,16}:[A-Za-z0-9_-]{43}=?$")
 
 
@@ -36,6 +38,7 @@ class Settings(BaseSettings):
     mp_auth_url: str = "https://auth.mercadopago.com/authorization"
     mp_token_url: str = "https://api.mercadopago.com/oauth/token"
     mp_pkce_method: Literal["S256", "plain", "off"] = "S256"
+    mp_api_url: str = "https://api.mercadopago.com"
     mp_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
 
     broker_encryption_keys: SecretStr | None = None
@@ -44,6 +47,23 @@ class Settings(BaseSettings):
     broker_return_url_allowlist: Annotated[list[str], NoDecode] = []
     broker_allow_account_change: bool = False
     broker_simulator_port: int = 8001
+    # Refresh policy (README: "Refresh policy").
+    broker_refresh_fraction: float = Field(default=5 / 6, ge=0.5, le=0.95)
+    broker_refresh_jitter_fraction: float = Field(default=0.02, ge=0, le=0.1)
+    broker_refresh_floor_seconds: int = Field(default=300, ge=1)
+    broker_refresh_concurrency: int = Field(default=8, ge=1, le=256)
+    broker_refresh_rate_per_second: float = Field(default=10.0, gt=0)
+    broker_refresh_batch_size: int = Field(default=50, ge=1, le=1000)
+    broker_refresh_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    broker_serve_refresher: bool = False
+    broker_lease_seconds: int = Field(default=60, ge=5)
+    broker_min_ttl_max_seconds: int = Field(default=30 * 24 * 3600, ge=0)
+    broker_on_read_cooldown_seconds: int = Field(default=30, ge=0)
+    broker_backoff_base_seconds: int = Field(default=30, ge=1)
+    broker_backoff_max_seconds: int = Field(default=3600, ge=1)
+    broker_breaker_invalid_grant_threshold: int = Field(default=20, ge=1)
+    broker_breaker_window_seconds: int = Field(default=60, ge=1)
+    broker_breaker_probe_seconds: int = Field(default=300, ge=1)
     broker_log_format: Literal["auto", "json", "text"] = "auto"
     broker_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -81,6 +101,16 @@ class Settings(BaseSettings):
         if value and not value.startswith("postgresql+asyncpg://"):
             raise ValueError("DATABASE_URL must be a postgresql+asyncpg:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_the_request(self) -> Settings:
+        # A worker never sends unless its lease outlives the whole request plus a margin.
+        if self.broker_lease_seconds < self.mp_timeout_seconds + LEASE_MARGIN_SECONDS + 1:
+            raise ValueError(
+                "BROKER_LEASE_SECONDS must exceed MP_TIMEOUT_SECONDS by more than "
+                f"{LEASE_MARGIN_SECONDS} s"
+            )
+        return self
 
     @model_validator(mode="after")
     def _production_needs_everything(self) -> Settings:

@@ -56,8 +56,8 @@ class RelinkRequired(BrokerError):
     code, status, title = "relink_required", 409, "The seller must link their account again"
 
 
-class TokenExpired(BrokerError):
-    code, status, title = "token_expired", 409, "The seller's access token has lapsed"
+class UpstreamUnavailable(BrokerError):
+    code, status, title = "upstream_unavailable", 503, "Mercado Pago cannot refresh the token now"
 
 
 class Problem(BaseModel):

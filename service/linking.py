@@ -377,7 +377,7 @@ async def _upsert_seller(
     seller.refresh_token = seal("refresh_token", tokens.refresh_token)
     seller.scope, seller.public_key, seller.live_mode = tokens.scope, tokens.public_key, live_mode
     seller.expires_at = sent_at + timedelta(seconds=tokens.expires_in)
-    seller.next_refresh_at = next_refresh_at(sent_at, tokens.expires_in)
+    seller.next_refresh_at = next_refresh_at(sent_at, tokens.expires_in, rt.settings)
     seller.last_refreshed_at = None
     seller.refresh_failures, seller.last_refresh_error = 0, None
     seller.lease_owner = seller.lease_until = None

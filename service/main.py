@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute
 from service import db, errors
 from service.api import internal, seller
 from service.config import Settings, get_settings
+from service.refresh import Refresher
 from service.runtime import Clock, Runtime, utcnow
 
 DESCRIPTION = """
@@ -39,10 +40,18 @@ def create_app(
         if url is None:
             url = await asyncio.to_thread(db.database_url, settings)
         runtime = Runtime.build(settings, url, clock=clock, transport=transport)
-        app.state.runtime = runtime
+        refresher = Refresher(runtime)
+        app.state.runtime, app.state.refresher = runtime, refresher
+        stop = asyncio.Event()
+        background = (
+            asyncio.create_task(refresher.run(stop)) if settings.broker_serve_refresher else None
+        )
         try:
             yield
         finally:
+            stop.set()  # no new claims; close() then waits for refreshes in flight to store
+            if background is not None:
+                await background
             await runtime.close()
 
     app = FastAPI(

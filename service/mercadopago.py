@@ -8,8 +8,9 @@ Exceptions, the way callers see them:
     ├── ApplicationError      the application itself is refused: invalid_client,
     │                         unauthorized_client, invalid_scope, ... Every seller is affected.
     └── TransientUpstreamError  5xx, 429 local_rate_limited, a timeout or a broken connection.
-                              After a request was sent its outcome is UNKNOWN: the token may
-                              have been rotated already.
+                              `not_sent` is True only when the request surely did not reach
+                              Mercado Pago (connection refused, 429); otherwise its outcome is
+                              UNKNOWN: the refresh token may have been rotated already.
 
 Token requests are never retried here: a code and a refresh token are single-use, so a retry
 after a lost reply burns them (the official SDKs retry, which is exactly that bug).
@@ -53,7 +54,9 @@ class ApplicationError(MercadoPagoError):
 
 
 class TransientUpstreamError(MercadoPagoError):
-    pass
+    def __init__(self, error: str, status: int | None = None, *, not_sent: bool = False) -> None:
+        super().__init__(error, status)
+        self.not_sent = not_sent
 
 
 @dataclass(frozen=True, repr=False)
@@ -105,7 +108,10 @@ def classify_error(status: int, body: Any) -> MercadoPagoError:
     error = ""
     if isinstance(body, dict):
         error = str(body.get("error") or body.get("errorKey") or "")
-    if status == 429 or status >= 500 or (not error and status not in (400, 401, 403)):
+    if status == 429:
+        # Rate-limited before anything was processed: safe to send again.
+        return TransientUpstreamError(error or "local_rate_limited", status, not_sent=True)
+    if status >= 500 or (not error and status not in (400, 401, 403)):
         return TransientUpstreamError(error or "upstream_unavailable", status)
     if error == "invalid_grant":
         return PermanentGrantError(error, status)
@@ -186,6 +192,9 @@ class MercadoPagoClient:
                 reply = await self.http.post(
                     app.token_url, data=form, headers={"Accept": "application/json"}
                 )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # No connection, so nothing was sent.
+            raise TransientUpstreamError(type(exc).__name__, not_sent=True) from None
         except (TimeoutError, httpx.HTTPError) as exc:
             raise TransientUpstreamError(type(exc).__name__) from None
         try:
@@ -195,3 +204,22 @@ class MercadoPagoClient:
         if reply.status_code != 200:
             raise classify_error(reply.status_code, body)
         return parse_token_reply(body), sent_at
+
+    async def token_works(self, api_url: str, access_token: str) -> bool:
+        """Whether Mercado Pago still accepts an access token (`GET /users/me`)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                reply = await self.http.get(
+                    f"{api_url.rstrip('/')}/users/me",
+                    headers={
+                        "Authorization": f"Bearer {access_token}",
+                        "Accept": "application/json",
+                    },
+                )
+        except (TimeoutError, httpx.HTTPError) as exc:
+            raise TransientUpstreamError(type(exc).__name__) from None
+        if reply.status_code == 200:
+            return True
+        if reply.status_code in (401, 403):
+            return False
+        raise TransientUpstreamError("upstream_unavailable", reply.status_code)

@@ -110,6 +110,11 @@ class Seller(Base):
     last_refresh_error: Mapped[str | None] = mapped_column(String(64))
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    # The last refresh attempt, recorded before it is sent: a later invalid_grant for the same
+    # refresh token after an unknown outcome means the rotation was lost, not revoked.
+    attempt_fingerprint: Mapped[str | None] = mapped_column(String(16))
+    attempt_sent_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    attempt_outcome: Mapped[str | None] = mapped_column(String(16))
     # The rotation counter: bumped by every new token pair, guards every token write.
     version: Mapped[int] = mapped_column(BigInteger, server_default=text("1"))
     linked_at: Mapped[datetime] = mapped_column(Timestamp)
@@ -123,3 +128,18 @@ class Seller(Base):
             postgresql_where=text("status = 'linked'"),
         ),
     )
+
+
+class AppBreaker(Base):
+    """An open circuit breaker: refreshing for this application is paused on every process.
+
+    No row means closed. After `probe_after`, one refresh goes through as a probe; its success
+    closes the breaker (`broker refresher resume` does too).
+    """
+
+    __tablename__ = "app_breakers"
+
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64))
+    tripped_at: Mapped[datetime] = mapped_column(Timestamp)
+    probe_after: Mapped[datetime] = mapped_column(Timestamp)

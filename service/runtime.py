@@ -72,8 +72,9 @@ class Runtime:
         url: str,
         clock: Clock = utcnow,
         transport: httpx.AsyncBaseTransport | None = None,
+        application_name: str = "broker-api",
     ) -> Runtime:
-        engine = db.make_engine(url, "broker-api")
+        engine = db.make_engine(url, application_name)
         http = httpx.AsyncClient(transport=transport, follow_redirects=False)
         return cls(
             settings=settings,
@@ -86,16 +87,20 @@ class Runtime:
             clock=clock,
         )
 
-    async def owned(self, work: Coroutine[Any, Any, T]) -> T:
+    def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run `work` as a task of the process, not of the caller.
 
         A token exchange or refresh must reach its database write even when the HTTP client
-        that asked disconnects or times out: cancelling the caller leaves the task running.
+        that asked disconnects or times out; shutdown waits for these tasks.
         """
         task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return await asyncio.shield(task)
+        return task
+
+    async def owned(self, work: Coroutine[Any, Any, T]) -> T:
+        """`spawn` and wait: cancelling the caller leaves the work running."""
+        return await asyncio.shield(self.spawn(work))
 
     async def close(self, grace_seconds: float = 15.0) -> None:
         # Shutdown waits for in-flight exchanges to store what Mercado Pago already answered.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,3 +71,39 @@ class TokenResponse(BaseModel):
     mp_user_id: int
     live_mode: bool
     scope: str | None
+
+
+class SellerStatus(BaseModel):
+    """What the broker knows about a seller's link; never a secret."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "seller_id": "billing/seller-42",
+                    "status": "relink_required",
+                    "status_reason": "revoked",
+                    "mp_user_id": 123456789,
+                    "live_mode": True,
+                    "expires_at": "2027-05-27T12:00:00Z",
+                    "last_refreshed_at": None,
+                    "last_refresh_error": "invalid_grant",
+                    "refresh_failures": 1,
+                }
+            ]
+        }
+    )
+
+    seller_id: str
+    status: str
+    status_reason: str | None
+    mp_user_id: int
+    live_mode: bool
+    expires_at: datetime
+    last_refreshed_at: datetime | None
+    last_refresh_error: str | None
+    refresh_failures: int
+
+    @classmethod
+    def of(cls, seller: Any) -> SellerStatus:
+        return cls.model_validate(seller, from_attributes=True)

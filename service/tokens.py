@@ -1,31 +1,138 @@
-"""Serving a seller's access token to internal callers."""
+"""Serving a seller's access token to internal callers, refreshing it on read when needed."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import update
+
+from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
 from service.db import transaction
-from service.errors import RelinkRequired, SellerNotFound, TokenExpired
+from service.errors import RelinkRequired, SellerNotFound, UpstreamUnavailable
+from service.mercadopago import TransientUpstreamError
 from service.models import Seller
+from service.refresh import Outcome, Refresher
 from service.runtime import Runtime
 from service.schemas import TokenResponse
 
+log = logging.getLogger("broker.tokens")
 
-async def read_token(rt: Runtime, seller_id: str) -> TokenResponse:
-    async with transaction(rt.sessions) as session:
+# Response header set when the token served is valid but its seller needs attention.
+WARNING_HEADER = "Broker-Token-Warning"
+POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class Served:
+    token: TokenResponse
+    warning: str | None  # "refresh-failing" | "relink-required"
+
+
+async def _load(rt: Runtime, seller_id: str) -> Seller:
+    async with rt.sessions() as session:
         seller = await session.get(Seller, seller_id)
     if seller is None or seller.status == "unlinked" or seller.access_token is None:
         raise SellerNotFound(f"No linked seller {seller_id!r}.")
-    if seller.status == "relink_required":
-        raise RelinkRequired("Send the seller a new link (POST /link/start).")
-    if seller.expires_at <= rt.clock():
-        raise TokenExpired("The token lapsed; the seller must link again.")
+    return seller
+
+
+def _serve(rt: Runtime, seller: Seller, warning: str | None = None) -> Served:
+    assert seller.access_token is not None
     access_token = rt.keyring.open(
-        seller.access_token, context("sellers", seller_id, "access_token", seller.client_id)
+        seller.access_token, context("sellers", seller.seller_id, "access_token", seller.client_id)
     )
-    return TokenResponse(
+    token = TokenResponse(
         access_token=access_token,
         expires_at=seller.expires_at,
         mp_user_id=seller.mp_user_id,
         live_mode=seller.live_mode,
         scope=seller.scope,
     )
+    return Served(token, warning)
+
+
+async def read_token(rt: Runtime, refresher: Refresher, seller_id: str, min_ttl: int) -> Served:
+    """The seller's token, refreshed first when less than `min_ttl` seconds remain."""
+    first = await _load(rt, seller_id)
+    wanted = timedelta(seconds=max(min_ttl, 1))
+    seller = first
+    if first.status == "linked" and first.expires_at - rt.clock() < wanted:
+        outcome = await refresher.refresh(seller_id, on_read=True)
+        if outcome == Outcome.BUSY:
+            seller = await _wait_for_other_refresh(rt, first)
+        else:
+            seller = await _load(rt, seller_id)
+        now = rt.clock()
+        if (
+            seller.version != first.version
+            and seller.status == "linked"
+            and seller.expires_at > now
+        ):
+            return _serve(rt, seller)  # a fresh pair, even if it cannot meet min_ttl
+    now = rt.clock()
+    if seller.expires_at - now >= wanted:
+        warning = (
+            "relink-required"
+            if seller.status == "relink_required"
+            else "refresh-failing"
+            if seller.refresh_failures
+            else None
+        )
+        return _serve(rt, seller, warning)
+    cooldown = timedelta(seconds=rt.settings.broker_on_read_cooldown_seconds)
+    refreshed_lately = (
+        seller.last_refreshed_at is not None and seller.last_refreshed_at > now - cooldown
+    )
+    if seller.status == "linked" and refreshed_lately and seller.expires_at > now:
+        return _serve(rt, seller)  # the pair another caller just got; no second refresh
+    if seller.status == "relink_required":
+        raise RelinkRequired(f"Send the seller a new link (reason: {seller.status_reason}).")
+    retry_after = cooldown.total_seconds()
+    if seller.attempt_sent_at is not None:
+        retry_after = (seller.attempt_sent_at + cooldown - now).total_seconds()
+    raise UpstreamUnavailable(
+        "The token cannot be refreshed right now.",
+        headers={"Retry-After": str(max(1, int(retry_after) + 1))},
+    )
+
+
+async def _wait_for_other_refresh(rt: Runtime, before: Seller) -> Seller:
+    """Another process holds the lease: wait (bounded) until it stores or lets go."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + rt.mercadopago.timeout + LEASE_MARGIN_SECONDS
+    while True:
+        seller = await _load(rt, before.seller_id)
+        lease_held = seller.lease_until is not None and seller.lease_until >= rt.clock()
+        if seller.version != before.version or not lease_held or loop.time() >= give_up:
+            return seller
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def report_invalid(rt: Runtime, seller_id: str) -> Seller:
+    """A caller says Mercado Pago refused the token: check it, and mark the seller if revoked."""
+    seller = await _load(rt, seller_id)
+    access_token = _serve(rt, seller).token.access_token
+    try:
+        works = await rt.mercadopago.token_works(rt.settings.mp_api_url, access_token)
+    except TransientUpstreamError:
+        raise UpstreamUnavailable("Mercado Pago could not confirm the token now.") from None
+    if works:
+        return seller
+    async with transaction(rt.sessions) as session:
+        # Only the token we checked: a refresh that landed meanwhile made it moot.
+        await session.execute(
+            update(Seller)
+            .where(Seller.seller_id == seller_id, Seller.version == seller.version)
+            .values(
+                status="relink_required",
+                status_reason="revoked",
+                next_refresh_at=None,
+                updated_at=rt.clock(),
+            )
+        )
+    log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
+    return await _load(rt, seller_id)

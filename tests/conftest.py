@@ -29,6 +29,7 @@ from service.cli import QuietServer, migrate
 from service.config import Settings
 from service.crypto import generate_key_spec
 from service.main import create_app
+from service.refresh import Refresher
 from service.simulator import SimulatorClient, SimulatorConfig, create_simulator_app
 
 CLIENT_ID = "7000000000000001"
@@ -194,6 +195,7 @@ def settings(
         mp_redirect_uri=f"{broker}/oauth/callback",
         mp_auth_url=f"{sim}/authorization",
         mp_token_url=f"{sim}/oauth/token",
+        mp_api_url=sim,
         mp_timeout_seconds=2.0,
         broker_encryption_keys=SecretStr(generate_key_spec("k1")),
         broker_return_url_allowlist=["https://platform.example/sellers/"],
@@ -231,6 +233,17 @@ class Simulator:
         entries: list[dict[str, Any]] = reply.json()
         return entries
 
+    async def release(self) -> None:
+        (await self.http.post("/_control/release")).raise_for_status()
+
+    async def wait_until_held(self, count: int = 1) -> None:
+        """Bounded wait until `count` token replies are held by the simulator."""
+        for _ in range(400):
+            if sum(1 for e in await self.log() if e["outcome"] == "held") >= count:
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError(f"the simulator never held {count} replies")
+
     async def token_requests(self, grant_type: str = "authorization_code") -> int:
         return sum(1 for entry in await self.log() if entry["grant_type"] == grant_type)
 
@@ -241,6 +254,15 @@ class Broker:
     http: httpx.AsyncClient  # authenticated internal caller
     api_key: str
     settings: Settings
+    app: FastAPI
+
+    @property
+    def refresher(self) -> Refresher:
+        refresher: Refresher = self.app.state.refresher
+        return refresher
+
+    async def token(self, seller_id: str, **params: Any) -> httpx.Response:
+        return await self.http.get(f"/sellers/{seller_id}/token", params=params)
 
     async def start_link(self, seller_id: str, **body: Any) -> str:
         reply = await self.http.post("/link/start", json={"seller_id": seller_id, **body})
@@ -280,7 +302,7 @@ async def broker(
         Loopback(app, sockets[0]) as server,
         httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as http,
     ):
-        yield Broker(server.url, http, key, settings)
+        yield Broker(server.url, http, key, settings, app)
 
 
 # -- the seller's browser --------------------------------------------------------------------

@@ -86,16 +86,6 @@ async def test_a_sandbox_link_stores_test_credentials(broker: Broker) -> None:
     assert token["live_mode"] is False
 
 
-async def test_a_lapsed_token_answers_a_clear_error(broker: Broker, clock: FakeClock) -> None:
-    async with SellerBrowser() as browser:
-        await browser.link(await broker.start_link(SELLER))
-    clock.advance(seconds=SIM_EXPIRES_IN + 1)
-    reply = await broker.http.get(f"/sellers/{SELLER}/token")
-    assert reply.status_code == 409
-    assert reply.headers["content-type"] == "application/problem+json"
-    assert reply.json()["code"] == "token_expired"
-
-
 async def test_the_seller_comes_back_to_the_return_url_with_a_status(broker: Broker) -> None:
     return_url = "https://platform.example/sellers/42?tab=payments"
     async with SellerBrowser() as browser:

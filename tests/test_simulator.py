@@ -733,6 +733,88 @@ async def test_fault_plan_refuses_unknown_fields(client: httpx.AsyncClient) -> N
     assert reply.status_code == 422
 
 
+@pytest.mark.parametrize(
+    ("status", "error"), [(400, "invalid_client"), (401, "invalid_client"), (400, "invalid_grant")]
+)
+async def test_status_fault_can_carry_a_chosen_mercado_pago_error_code(
+    client: httpx.AsyncClient, status: int, error: str
+) -> None:
+    tokens = await linked_seller(client)
+    await set_faults(client, status=status, error=error, count=1)
+
+    faulted = await refresh(client, tokens["refresh_token"])
+
+    assert_mp_error(faulted, error, status=status)
+    assert (await log(client))[-1]["outcome"] == f"fault:{status}"
+    assert (await refresh(client, tokens["refresh_token"])).status_code == 200
+
+
+async def test_a_chosen_fault_error_code_goes_under_error_key_when_asked(
+    client: httpx.AsyncClient,
+) -> None:
+    await set_faults(client, status=400, error="invalid_grant", error_field="errorKey")
+
+    body = (await exchange(client, "any")).json()
+
+    assert body["errorKey"] == "invalid_grant"
+    assert "error" not in body
+
+
+async def test_fault_plan_refuses_an_error_code_without_a_status(
+    client: httpx.AsyncClient,
+) -> None:
+    reply = await client.post("/_control/faults", json={"error": "invalid_grant"})
+
+    assert reply.status_code == 422
+
+
+async def test_omitting_the_refresh_token_issues_access_tokens_and_keeps_it_valid(
+    client: httpx.AsyncClient,
+) -> None:
+    tokens = await linked_seller(client)
+    before = (await client.get("/_control/grants")).json()[str(USER_ID)]
+    # count only limits status, rate_limited and after_rotate faults: both refreshes omit.
+    await set_faults(client, omit_refresh_token=True, count=1)
+
+    first = await refresh(client, tokens["refresh_token"])
+    second = await refresh(client, tokens["refresh_token"])
+
+    for reply in (first, second):
+        assert reply.status_code == 200
+        assert "refresh_token" not in reply.json()
+        assert ACCESS_TOKEN.fullmatch(reply.json()["access_token"])
+        assert (await me(client, reply.json()["access_token"])).status_code == 200
+    assert first.json()["access_token"] != second.json()["access_token"]
+    after = (await client.get("/_control/grants")).json()[str(USER_ID)]
+    assert after["refresh_token_fingerprint"] == before["refresh_token_fingerprint"]
+    assert after["refreshes"] == 2
+    await set_faults(client)
+    rotated = await refresh(client, tokens["refresh_token"])
+    assert REFRESH_TOKEN.fullmatch(rotated.json()["refresh_token"])
+    assert_mp_error(await refresh(client, tokens["refresh_token"]), "invalid_grant")
+
+
+async def test_omitting_the_refresh_token_leaves_code_exchanges_alone(
+    client: httpx.AsyncClient,
+) -> None:
+    await set_faults(client, omit_refresh_token=True)
+
+    tokens = await linked_seller(client)
+
+    assert REFRESH_TOKEN.fullmatch(tokens["refresh_token"])
+
+
+async def test_a_minimal_refresh_reply_can_omit_the_refresh_token_too(
+    client: httpx.AsyncClient,
+) -> None:
+    tokens = await linked_seller(client)
+    await set_faults(client, omit_refresh_token=True, minimal_refresh_reply=True)
+
+    body = (await refresh(client, tokens["refresh_token"])).json()
+
+    assert set(body) == {"access_token", "token_type", "expires_in", "scope"}
+
+
 # -- control API observability ----------------------------------------------------------------
 
 
@@ -788,3 +870,56 @@ async def test_issue_refuses_an_unknown_client(client: httpx.AsyncClient) -> Non
     reply = await client.post("/_control/issue", json={"client_id": "999", "user_id": 1})
 
     assert reply.status_code == 404
+
+
+# -- control API configuration ----------------------------------------------------------------
+
+
+async def set_expires_in(client: httpx.AsyncClient, expires_in: int) -> None:
+    reply = await client.post("/_control/config", json={"expires_in": expires_in})
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == {"expires_in": expires_in}
+
+
+async def test_config_sets_the_lifetime_of_tokens_issued_from_then_on(
+    client: httpx.AsyncClient,
+) -> None:
+    earlier = await linked_seller(client)
+    await set_expires_in(client, 3600)
+
+    exchanged = await linked_seller(client)
+    refreshed = (await refresh(client, exchanged["refresh_token"])).json()
+    issue = {"client_id": CLIENT_ID, "user_id": 99}
+    issued = (await client.post("/_control/issue", json=issue)).json()
+    await client.post("/_control/clock", json={"advance_seconds": 3600})
+
+    assert earlier["expires_in"] == 15552000
+    for tokens in (exchanged, refreshed, issued):
+        assert tokens["expires_in"] == 3600
+        assert (await me(client, tokens["access_token"])).status_code == 401
+    assert (await me(client, earlier["access_token"])).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"expires_in": 0}, id="zero"),
+        pytest.param({"expires_in": -1}, id="negative"),
+        pytest.param({}, id="missing"),
+        pytest.param({"expires_in": 60, "expires": 60}, id="unknown field"),
+    ],
+)
+async def test_config_refuses_bad_lifetimes_and_unknown_fields(
+    client: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    reply = await client.post("/_control/config", json=body)
+
+    assert reply.status_code == 422
+
+
+async def test_reset_restores_the_configured_token_lifetime(client: httpx.AsyncClient) -> None:
+    await set_expires_in(client, 60)
+
+    await client.post("/_control/reset")
+
+    assert (await linked_seller(client))["expires_in"] == 15552000

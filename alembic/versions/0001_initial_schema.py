@@ -2,15 +2,14 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 16:41:14.929424
+Create Date: 2026-11-28 17:03:41.398879
 """
 
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
-
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -35,6 +34,14 @@ def upgrade() -> None:
         sa.UniqueConstraint("prefix", name=op.f("uq_api_keys_prefix")),
     )
     op.create_table(
+        "app_breakers",
+        sa.Column("client_id", sa.String(length=64), nullable=False),
+        sa.Column("reason", sa.String(length=64), nullable=False),
+        sa.Column("tripped_at", postgresql.TIMESTAMP(timezone=True), nullable=False),
+        sa.Column("probe_after", postgresql.TIMESTAMP(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("client_id", name=op.f("pk_app_breakers")),
+    )
+    op.create_table(
         "sellers",
         sa.Column("seller_id", sa.String(length=128), nullable=False),
         sa.Column("client_id", sa.String(length=64), nullable=False),
@@ -53,6 +60,9 @@ def upgrade() -> None:
         sa.Column("last_refresh_error", sa.String(length=64), nullable=True),
         sa.Column("lease_owner", sa.String(length=64), nullable=True),
         sa.Column("lease_until", postgresql.TIMESTAMP(timezone=True), nullable=True),
+        sa.Column("attempt_fingerprint", sa.String(length=16), nullable=True),
+        sa.Column("attempt_sent_at", postgresql.TIMESTAMP(timezone=True), nullable=True),
+        sa.Column("attempt_outcome", sa.String(length=16), nullable=True),
         sa.Column("version", sa.BigInteger(), server_default=sa.text("1"), nullable=False),
         sa.Column("linked_at", postgresql.TIMESTAMP(timezone=True), nullable=False),
         sa.Column("updated_at", postgresql.TIMESTAMP(timezone=True), nullable=False),
@@ -126,4 +136,5 @@ def downgrade() -> None:
         postgresql_where=sa.text("status = 'linked'"),
     )
     op.drop_table("sellers")
+    op.drop_table("app_breakers")
     op.drop_table("api_keys")

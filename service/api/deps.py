@@ -8,6 +8,7 @@ from fastapi import Depends, Header, Request
 
 from service import apikeys
 from service.models import ApiKey
+from service.refresh import Refresher
 from service.runtime import Runtime
 
 
@@ -17,6 +18,14 @@ def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_refresher(request: Request) -> Refresher:
+    refresher: Refresher = request.app.state.refresher
+    return refresher
+
+
+RefresherDep = Annotated[Refresher, Depends(get_refresher)]
 
 
 async def api_key(

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from service import apikeys, linking, tokens
-from service.api.deps import ApiKeyDep, RuntimeDep
+from service.api.deps import ApiKeyDep, RefresherDep, RuntimeDep
 from service.errors import (
     Forbidden,
+    InvalidRequest,
     LiveModeMismatch,
     RelinkRequired,
     SellerNotFound,
-    TokenExpired,
     Unauthorized,
+    UpstreamUnavailable,
     responses,
 )
 from service.schemas import (
@@ -22,6 +23,7 @@ from service.schemas import (
     SELLER_ID_PATTERN,
     LinkStartRequest,
     LinkStartResponse,
+    SellerStatus,
     TokenResponse,
 )
 
@@ -58,14 +60,56 @@ async def start_link(body: LinkStartRequest, rt: RuntimeDep, key: ApiKeyDep) -> 
     "/sellers/{seller_id:path}/token",
     tags=["tokens"],
     response_model=TokenResponse,
-    responses=responses(Unauthorized, Forbidden, SellerNotFound, RelinkRequired, TokenExpired),
+    responses={
+        200: {
+            "description": "A valid access token. `Broker-Token-Warning: refresh-failing` or "
+            "`relink-required` says it is still valid but the seller needs attention.",
+            "headers": {
+                tokens.WARNING_HEADER: {
+                    "description": "`refresh-failing` or `relink-required`",
+                    "schema": {"type": "string"},
+                }
+            },
+        },
+        **responses(Unauthorized, Forbidden, SellerNotFound, RelinkRequired, UpstreamUnavailable),
+    },
 )
 async def get_token(
-    seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep, response: Response
+    seller_id: SellerId,
+    rt: RuntimeDep,
+    refresher: RefresherDep,
+    key: ApiKeyDep,
+    response: Response,
+    min_ttl: Annotated[
+        int,
+        Query(
+            ge=0,
+            description="Refresh first when fewer seconds than this remain. At most "
+            "`BROKER_MIN_TTL_MAX_SECONDS` (30 days by default); more is a 422.",
+        ),
+    ] = 0,
 ) -> TokenResponse:
     """Get a valid access token to call Mercado Pago for this seller."""
     apikeys.authorize(key, "tokens:read", seller_id)
-    token = await tokens.read_token(rt, seller_id)
+    if min_ttl > rt.settings.broker_min_ttl_max_seconds:
+        # Refused rather than lowered: the caller would believe it got what it asked for.
+        raise InvalidRequest(f"min_ttl is at most {rt.settings.broker_min_ttl_max_seconds}.")
+    served = await tokens.read_token(rt, refresher, seller_id, min_ttl)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Pragma"] = "no-cache"
-    return token
+    if served.warning:
+        response.headers[tokens.WARNING_HEADER] = served.warning
+    return served.token
+
+
+@router.post(
+    "/sellers/{seller_id:path}/token/invalid",
+    tags=["tokens"],
+    response_model=SellerStatus,
+    responses=responses(Unauthorized, Forbidden, SellerNotFound, UpstreamUnavailable),
+)
+async def report_invalid_token(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
+    """Report that Mercado Pago refused the token; the broker checks it and marks revocations."""
+    apikeys.authorize(key, "tokens:read", seller_id)
+    seller = await tokens.report_invalid(rt, seller_id)
+    return SellerStatus.of(seller)

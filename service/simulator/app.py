@@ -23,7 +23,19 @@ Simplified or chosen where Mercado Pago is silent:
   (use `POST /_control/revoke` to kill a seller's grants).
 - Sandbox (`test_token=true`) grants get `TEST-` access tokens and a `TEST-` public key.
 
-Fault injection (`POST /_control/faults`) only touches `/oauth/token`. With
+Control API (`/_control/*`, tests only): `reset` forgets codes, grants, faults, the log,
+the clock offset and any `config` change; `clock` moves time forward; `faults` replaces
+the fault plan; `release` sends held replies; `revoke` unlinks a seller; `issue` seeds a
+grant without the browser; `config` with `{"expires_in": N}` (N >= 1) sets the lifetime
+of tokens issued from then on by code exchanges, refreshes and `issue` (tokens already
+out keep theirs); `log` and `grants` observe.
+
+Fault injection (`POST /_control/faults`) only touches `/oauth/token`. A `status` fault
+answers without processing the request; its body carries `error` (e.g. `invalid_client`,
+`invalid_grant`; it requires `status`) or, by default, a code derived from the status
+(`internal_server_error`), under `error_field`. With `omit_refresh_token` (not limited
+by `count`) refresh replies carry no `refresh_token` and nothing rotates: the refresh
+token presented stays valid and only a new access token is issued. With
 `after_rotate="drop"` the grant is processed fully (the old refresh token is dead, the
 new pair exists server-side) and then the reply is replaced by a 502 with an HTML body,
 as a proxy in front of Mercado Pago would send when the upstream connection breaks. A
@@ -163,7 +175,8 @@ async def token(request: Request, sim: Sim) -> Response:
         entry.outcome = f"fault:{fault_status}"
         if plan.rate_limited:
             return _error(sim, "local_rate_limited", "local_rate_limited", 429)
-        return _error(sim, _status_code_name(fault_status), "upstream failure", fault_status)
+        code = plan.error or _status_code_name(fault_status)
+        return _error(sim, code, "upstream failure", fault_status)
 
     try:
         if parse_error is not None:
@@ -262,8 +275,10 @@ def _token_body(sim: Simulator, issued: IssuedTokens, minimal: bool = False) -> 
         "public_key": issued.grant.public_key,
         "live_mode": issued.grant.live_mode,
     }
+    if issued.refresh_token is None:
+        del body["refresh_token"]
     if minimal and sim.faults.minimal_refresh_reply:
-        return {name: body[name] for name in _MINIMAL_REFRESH_FIELDS}
+        return {name: body[name] for name in _MINIMAL_REFRESH_FIELDS if name in body}
     return body
 
 
@@ -289,9 +304,14 @@ class Issue(_Strict):
     test: bool = False
 
 
+class Config(_Strict):
+    expires_in: int = Field(ge=1)
+
+
 @control.post("/reset")
 async def reset(sim: Sim) -> dict[str, bool]:
-    """Forget codes, grants, faults, the log and the clock offset; release held replies."""
+    """Forget codes, grants, faults, the log, the clock offset and any `config` change;
+    release held replies."""
     sim.reset()
     return {"reset": True}
 
@@ -308,6 +328,13 @@ async def set_faults(plan: FaultPlan, sim: Sim) -> FaultPlan:
     """Replace the fault plan of /oauth/token (omitted fields take their defaults)."""
     sim.set_faults(plan)
     return plan
+
+
+@control.post("/config")
+async def configure(body: Config, sim: Sim) -> dict[str, int]:
+    """Set the lifetime (expires_in) of tokens issued from now on."""
+    sim.expires_in = body.expires_in
+    return {"expires_in": sim.expires_in}
 
 
 @control.post("/release")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCOPE = "offline_access read write"
 DEFAULT_USER_ID = 241983636
@@ -63,6 +63,7 @@ class FaultPlan(BaseModel):
 
     latency_ms: int = Field(default=0, ge=0)
     status: int | None = Field(default=None, ge=400, le=599)
+    error: str | None = Field(default=None, min_length=1)  # code in a status fault's body
     count: int | None = Field(default=None, ge=0)
     rate_limited: bool = False
     invalid_client_status: Literal[400, 401] = 400
@@ -70,6 +71,14 @@ class FaultPlan(BaseModel):
     token_type: Literal["bearer", "Bearer"] = "bearer"
     minimal_refresh_reply: bool = False
     after_rotate: Literal["drop", "hold"] | None = None
+    omit_refresh_token: bool = False  # refresh replies lack it; the used one stays valid
+
+    @model_validator(mode="after")
+    def _error_needs_status(self) -> FaultPlan:
+        # Refused rather than ignored, like unknown fields: a test that sets it means it.
+        if self.error is not None and self.status is None:
+            raise ValueError("error only applies to a status fault: set status too")
+        return self
 
 
 class AuthorizationError(Exception):
@@ -129,7 +138,7 @@ class AccessToken:
 class IssuedTokens:
     grant: Grant
     access_token: str
-    refresh_token: str
+    refresh_token: str | None  # None when the grant's refresh token was not rotated
     expires_in: int
 
 
@@ -176,6 +185,7 @@ class Simulator:
 
     def reset(self) -> None:
         self.clock_offset = 0.0
+        self.expires_in = self.config.expires_in  # for tokens issued from now on
         self.codes: dict[str, AuthorizationCode] = {}
         self.grants: list[Grant] = []
         self.refresh_tokens: dict[str, Grant] = {}
@@ -318,10 +328,13 @@ class Simulator:
         grant = self.refresh_tokens.get(refresh_token)
         if grant is None or grant.client_id != client.client_id or grant.revoked:
             raise TokenError("invalid_grant", "invalid refresh_token")
+        grant.refreshes += 1
+        if self.faults.omit_refresh_token:
+            # A reply without a refresh_token leaves the presented one as the live one.
+            return self._issue(grant, rotate=False)
         # Single use: the presented token dies now. Earlier access tokens stay valid
         # until their own expiry, as with Mercado Pago.
         del self.refresh_tokens[refresh_token]
-        grant.refreshes += 1
         return self._issue(grant)
 
     # -- grants and tokens ---------------------------------------------------------------
@@ -340,14 +353,17 @@ class Simulator:
         self.grants.append(grant)
         return grant
 
-    def _issue(self, grant: Grant) -> IssuedTokens:
+    def _issue(self, grant: Grant, rotate: bool = True) -> IssuedTokens:
+        """A new access token, and unless `rotate` is false a new refresh token."""
         now = self.now()
         prefix = "APP_USR" if grant.live_mode else "TEST"
         stamp = time.strftime("%m%d%H", time.gmtime(now))
         access = f"{prefix}-{grant.client_id}-{stamp}-{secrets.token_hex(16)}-{grant.user_id}"
-        refresh = f"TG-{secrets.token_hex(12)}-{grant.user_id}"
-        expires_in = self.config.expires_in
+        expires_in = self.expires_in
         self.access_tokens[access] = AccessToken(grant, expires_at=now + expires_in)
+        if not rotate:
+            return IssuedTokens(grant, access, None, expires_in)
+        refresh = f"TG-{secrets.token_hex(12)}-{grant.user_id}"
         grant.refresh_token = refresh
         self.refresh_tokens[refresh] = grant
         return IssuedTokens(grant, access, refresh, expires_in)

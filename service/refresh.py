@@ -1,0 +1,447 @@
+"""The refresh engine: exactly one refresh per rotation, whoever asks and on any replica.
+
+Mercado Pago refresh tokens are single-use, so every refresh follows the same steps, whether
+the background loop or a token read (`min_ttl`) started it:
+
+1. Claim: one conditional UPDATE takes the seller's lease (owner + expiry). Inside a process a
+   single-flight map joins callers for the same seller on top of that.
+2. Record the attempt (fingerprint of the refresh token, `sent_at`) and commit, then send one
+   POST under a deadline shorter than the lease. Never retried at the HTTP layer; only a
+   request that surely did not leave (connection refused, 429) is sent again at once.
+3. Store at once, guarded by the rotation `version` read at claim time (not by the lease), and
+   retried until it lands: a late success always wins, even over a `relink_required` set
+   meanwhile (that is a `recovered`).
+4. `invalid_grant`: if `version` moved it was a race; otherwise `relink_required`, reason
+   `rotation_lost` when the previous attempt with this same token had an unknown outcome, else
+   `revoked`.
+5. Application-wide errors, and bursts of `invalid_grant`, trip the breaker (`breaker.py`).
+6. Transient errors: release the lease, back off `next_refresh_at`.
+
+Every refresh runs as a task of the process: a caller that disconnects or times out cannot
+cancel it between Mercado Pago's reply and the write; shutdown waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import DBAPIError
+
+from service import breaker, policy
+from service.config import LEASE_MARGIN_SECONDS
+from service.crypto import context
+from service.db import transaction
+from service.mercadopago import (
+    ApplicationError,
+    MercadoPagoError,
+    PermanentGrantError,
+    TokenSet,
+    TransientUpstreamError,
+)
+from service.models import AppBreaker, Seller
+from service.runtime import Runtime
+
+log = logging.getLogger("broker.refresh")
+
+NOT_SENT_RETRIES = 2  # extra sends when the request surely never reached Mercado Pago
+
+
+class Outcome(StrEnum):
+    REFRESHED = "refreshed"
+    RECOVERED = "recovered"  # a late success over a relink_required set meanwhile
+    RACED = "raced"  # someone else rotated first; nothing to do
+    BUSY = "busy"  # another process holds the lease
+    SKIPPED = "skipped"  # not linked, not due, in cooldown, or another application's seller
+    PAUSED = "paused"  # the application's breaker is open
+    RELINK_REQUIRED = "relink_required"
+    TRANSIENT = "transient"
+    APPLICATION_ERROR = "application_error"
+
+
+@dataclass(frozen=True)
+class Claim:
+    seller_id: str
+    client_id: str
+    version: int
+    refresh_token: str
+    lease_until: datetime
+    previous_unknown: bool  # the last attempt used this same token and its outcome is unknown
+
+
+def fingerprint(refresh_token: str) -> str:
+    return hashlib.sha256(refresh_token.encode()).hexdigest()[:16]
+
+
+def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
+    log.log(level, name, extra={"fields": fields})
+
+
+class RateLimiter:
+    """A token bucket: at most `rate` sends per second from this process, bursts of one second."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.updated = asyncio.get_running_loop().time()
+        self.lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        async with self.lock:
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            if self.tokens < 1:
+                await asyncio.sleep((1 - self.tokens) / self.rate)
+                self.updated = loop.time()
+                self.tokens = 1
+            self.tokens -= 1
+
+
+class Refresher:
+    """One per process: refreshes on demand (`refresh`) and in the background (`run`)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.settings = rt.settings
+        self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.inflight: dict[str, asyncio.Task[Outcome]] = {}
+        self.joined = 0  # callers that joined a refresh already in flight (single-flight)
+        self.rate = RateLimiter(self.settings.broker_refresh_rate_per_second)
+        self.burst = breaker.Burst(
+            self.settings.broker_breaker_invalid_grant_threshold,
+            self.settings.broker_breaker_window_seconds,
+        )
+
+    # -- entry points ----------------------------------------------------------------------
+
+    async def refresh(self, seller_id: str, *, on_read: bool = False) -> Outcome:
+        """Refresh one seller now, joining a refresh of it already in flight in this process."""
+        task = self.inflight.get(seller_id)
+        if task is None:
+            task = self._start(seller_id, self._claim_one(seller_id, on_read))
+        else:
+            self.joined += 1
+        return await asyncio.shield(task)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The background loop: claim due sellers into free slots until `stop` is set."""
+        active: set[asyncio.Task[Outcome]] = set()
+        cap = self.settings.broker_refresh_concurrency
+        _event("refresher.started", owner=self.owner, concurrency=cap)
+        while not stop.is_set():
+            free = cap - len(active)
+            claims: Sequence[Claim] = []
+            if free > 0:
+                try:
+                    claims = await self._claim_due(
+                        min(free, self.settings.broker_refresh_batch_size)
+                    )
+                except (DBAPIError, OSError) as exc:
+                    _event("refresher.claim_failed", logging.WARNING, error=type(exc).__name__)
+            for claim in claims:
+                if claim.seller_id in self.inflight:
+                    continue  # already being refreshed here (its lease had lapsed)
+                task = self._start(claim.seller_id, self._refresh_claimed(claim))
+                active.add(task)
+                task.add_done_callback(active.discard)
+            if claims and len(claims) == free:
+                # Full batch: more may be due. Wait only for a slot to free up.
+                await asyncio.wait(active, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait())}
+            try:
+                await asyncio.wait(
+                    waits | active,
+                    timeout=self.settings.broker_refresh_poll_seconds,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+        _event("refresher.stopping", owner=self.owner, in_flight=len(active))
+
+    def _start(self, seller_id: str, work: Any) -> asyncio.Task[Outcome]:
+        task: asyncio.Task[Outcome] = self.rt.spawn(work)
+        self.inflight[seller_id] = task
+        task.add_done_callback(lambda _: self.inflight.pop(seller_id, None))
+        return task
+
+    # -- 1. claim ----------------------------------------------------------------------------
+
+    def _lease_free(self, now: datetime) -> Any:
+        return or_(Seller.lease_until.is_(None), Seller.lease_until < now)
+
+    async def _claim_one(self, seller_id: str, on_read: bool) -> Outcome:
+        now = self.rt.clock()
+        conditions = [
+            Seller.seller_id == seller_id,
+            Seller.status == "linked",
+            Seller.client_id == self.rt.oauth.client_id,
+            self._lease_free(now),
+        ]
+        if on_read:
+            # At most one on-read refresh per seller per cooldown window.
+            cooldown = now - timedelta(seconds=self.settings.broker_on_read_cooldown_seconds)
+            conditions.append(
+                or_(Seller.attempt_sent_at.is_(None), Seller.attempt_sent_at < cooldown)
+            )
+        claims = await self._claim(conditions, now)
+        if not claims:
+            async with self.rt.sessions() as session:
+                lease_until = await session.scalar(
+                    select(Seller.lease_until).where(Seller.seller_id == seller_id)
+                )
+            return Outcome.BUSY if lease_until and lease_until >= now else Outcome.SKIPPED
+        return await self._refresh_claimed(claims[0])
+
+    async def _claim_due(self, limit: int) -> Sequence[Claim]:
+        now = self.rt.clock()
+        paused = select(AppBreaker.client_id).where(AppBreaker.probe_after > now)
+        # SKIP LOCKED: concurrent refreshers each take different due rows, never wait on them.
+        due = (
+            select(Seller.seller_id)
+            .where(
+                Seller.status == "linked",
+                Seller.next_refresh_at <= now,
+                Seller.client_id == self.rt.oauth.client_id,
+                Seller.client_id.not_in(paused),
+                self._lease_free(now),
+            )
+            .order_by(Seller.next_refresh_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return await self._claim([Seller.seller_id.in_(due.scalar_subquery())], now)
+
+    async def _claim(self, conditions: list[Any], now: datetime) -> list[Claim]:
+        lease_until = now + timedelta(seconds=self.settings.broker_lease_seconds)
+        async with transaction(self.rt.sessions) as session:
+            rows = (
+                await session.execute(
+                    update(Seller)
+                    .where(*conditions)
+                    .values(lease_owner=self.owner, lease_until=lease_until)
+                    .returning(
+                        Seller.seller_id,
+                        Seller.client_id,
+                        Seller.version,
+                        Seller.refresh_token,
+                        Seller.attempt_fingerprint,
+                        Seller.attempt_outcome,
+                    )
+                )
+            ).all()
+        claims = []
+        for row in rows:
+            assert row.refresh_token is not None
+            token = self.rt.keyring.open(
+                row.refresh_token, context("sellers", row.seller_id, "refresh_token", row.client_id)
+            )
+            claims.append(
+                Claim(
+                    seller_id=row.seller_id,
+                    client_id=row.client_id,
+                    version=row.version,
+                    refresh_token=token,
+                    lease_until=lease_until,
+                    previous_unknown=row.attempt_fingerprint == fingerprint(token)
+                    and row.attempt_outcome in ("sent", "unknown"),
+                )
+            )
+        return claims
+
+    # -- 2. record and send ------------------------------------------------------------------
+
+    async def _refresh_claimed(self, claim: Claim) -> Outcome:
+        gate = await breaker.gate(
+            self.rt.sessions,
+            claim.client_id,
+            self.rt.clock(),
+            self.settings.broker_breaker_probe_seconds,
+        )
+        if gate == breaker.Gate.OPEN:
+            await self._release(claim)
+            return Outcome.PAUSED
+        await self._record_attempt(claim)
+        try:
+            tokens, sent_at = await self._send(claim)
+        except PermanentGrantError as exc:
+            return await self._on_invalid_grant(claim, exc)
+        except ApplicationError as exc:
+            await self._on_application_error(claim, exc)
+            return Outcome.APPLICATION_ERROR
+        except TransientUpstreamError as exc:
+            await self._on_transient(claim, exc)
+            return Outcome.TRANSIENT
+        outcome = await self._store(claim, tokens, sent_at)
+        if gate == breaker.Gate.PROBE:
+            await breaker.close(self.rt.sessions, claim.client_id)
+        return outcome
+
+    async def _record_attempt(self, claim: Claim) -> None:
+        """Durably note what is about to be sent, so a crash after sending stays explicable."""
+        async with transaction(self.rt.sessions) as session:
+            await session.execute(
+                update(Seller)
+                .where(Seller.seller_id == claim.seller_id, Seller.lease_owner == self.owner)
+                .values(
+                    attempt_fingerprint=fingerprint(claim.refresh_token),
+                    attempt_sent_at=self.rt.clock(),
+                    attempt_outcome="sent",
+                )
+            )
+
+    async def _send(self, claim: Claim) -> tuple[TokenSet, datetime]:
+        deadline = self.rt.mercadopago.timeout + LEASE_MARGIN_SECONDS
+        for attempt in range(NOT_SENT_RETRIES + 1):
+            await self.rate.wait()
+            if (claim.lease_until - self.rt.clock()).total_seconds() < deadline:
+                # Not enough lease left to finish: another worker could claim mid-flight.
+                raise TransientUpstreamError("lease_too_short", not_sent=True)
+            try:
+                return await self.rt.mercadopago.refresh(self.rt.oauth, claim.refresh_token)
+            except TransientUpstreamError as exc:
+                if not exc.not_sent or attempt == NOT_SENT_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
+
+    # -- 3. store ----------------------------------------------------------------------------
+
+    async def _store(self, claim: Claim, tokens: TokenSet, sent_at: datetime) -> Outcome:
+        """Write the new pair at once, retried until it lands: it exists nowhere else."""
+        delay = 0.05
+        while True:
+            try:
+                return await self._store_once(claim, tokens, sent_at)
+            except (DBAPIError, OSError) as exc:
+                _event(
+                    "refresh.store_retry",
+                    logging.ERROR,
+                    seller_id=claim.seller_id,
+                    error=type(exc).__name__,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _store_once(self, claim: Claim, tokens: TokenSet, sent_at: datetime) -> Outcome:
+        now = self.rt.clock()
+
+        def ctx(column: str) -> str:
+            return context("sellers", claim.seller_id, column, claim.client_id)
+
+        async with transaction(self.rt.sessions) as session:
+            seller = await session.get(Seller, claim.seller_id, with_for_update=True)
+            if seller is None or seller.version != claim.version:
+                # A relink stored a newer pair meanwhile; ours is older and not needed.
+                _event("refresh.superseded", logging.WARNING, seller_id=claim.seller_id)
+                return Outcome.RACED
+            recovered = seller.status == "relink_required"
+            seller.access_token = self.rt.keyring.seal(tokens.access_token, ctx("access_token"))
+            if tokens.refresh_token is not None:  # a reply without one keeps the old one
+                seller.refresh_token = self.rt.keyring.seal(
+                    tokens.refresh_token, ctx("refresh_token")
+                )
+            seller.expires_at = sent_at + timedelta(seconds=tokens.expires_in)
+            seller.next_refresh_at = policy.next_refresh_at(
+                sent_at, tokens.expires_in, self.settings
+            )
+            seller.scope = tokens.scope or seller.scope
+            seller.public_key = tokens.public_key or seller.public_key
+            if tokens.live_mode is not None:
+                seller.live_mode = tokens.live_mode
+            seller.status, seller.status_reason = "linked", None
+            seller.last_refreshed_at = now
+            seller.refresh_failures, seller.last_refresh_error = 0, None
+            seller.attempt_outcome = "ok"
+            seller.lease_owner = seller.lease_until = None
+            seller.version = claim.version + 1
+            seller.updated_at = now
+        outcome = Outcome.RECOVERED if recovered else Outcome.REFRESHED
+        _event(f"refresh.{outcome}", seller_id=claim.seller_id, version=claim.version + 1)
+        return outcome
+
+    # -- 4-6. failures -------------------------------------------------------------------------
+
+    async def _on_invalid_grant(self, claim: Claim, exc: MercadoPagoError) -> Outcome:
+        now = self.rt.clock()
+        reason = "rotation_lost" if claim.previous_unknown else "revoked"
+        async with transaction(self.rt.sessions) as session:
+            seller = await session.get(Seller, claim.seller_id, with_for_update=True)
+            if seller is None or seller.version != claim.version:
+                _event("refresh.raced", seller_id=claim.seller_id)
+                return Outcome.RACED  # someone rotated first: a race, not a revocation
+            seller.status, seller.status_reason = "relink_required", reason
+            seller.attempt_outcome = "invalid_grant"
+            seller.last_refresh_error = exc.error
+            seller.refresh_failures += 1
+            seller.next_refresh_at = None
+            seller.updated_at = now
+            if seller.lease_owner == self.owner:
+                seller.lease_owner = seller.lease_until = None
+        _event("refresh.relink_required", logging.WARNING, seller_id=claim.seller_id, reason=reason)
+        if self.burst.add(claim.client_id, now):
+            await breaker.trip(
+                self.rt.sessions,
+                claim.client_id,
+                "invalid_grant_burst",
+                now,
+                self.settings.broker_breaker_probe_seconds,
+            )
+        return Outcome.RELINK_REQUIRED
+
+    async def _on_application_error(self, claim: Claim, exc: MercadoPagoError) -> None:
+        now = self.rt.clock()
+        await breaker.trip(
+            self.rt.sessions,
+            claim.client_id,
+            exc.error,
+            now,
+            self.settings.broker_breaker_probe_seconds,
+        )
+        # The seller's grant is not at fault: its status stays, it stays due.
+        await self._release(claim, attempt_outcome="rejected", error=exc.error)
+
+    async def _on_transient(self, claim: Claim, exc: TransientUpstreamError) -> None:
+        async with transaction(self.rt.sessions) as session:
+            seller = await session.get(Seller, claim.seller_id, with_for_update=True)
+            if seller is None or seller.lease_owner != self.owner:
+                return
+            seller.refresh_failures += 1
+            seller.last_refresh_error = exc.error
+            seller.attempt_outcome = "not_sent" if exc.not_sent else "unknown"
+            seller.next_refresh_at = self.rt.clock() + policy.backoff(
+                seller.refresh_failures, self.settings
+            )
+            seller.lease_owner = seller.lease_until = None
+        _event(
+            "refresh.transient_failure",
+            logging.WARNING,
+            seller_id=claim.seller_id,
+            error=exc.error,
+            outcome_unknown=not exc.not_sent,
+        )
+
+    async def _release(
+        self, claim: Claim, attempt_outcome: str | None = None, error: str | None = None
+    ) -> None:
+        values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+        if attempt_outcome:
+            values |= {"attempt_outcome": attempt_outcome, "last_refresh_error": error}
+        async with transaction(self.rt.sessions) as session:
+            await session.execute(
+                update(Seller)
+                .where(Seller.seller_id == claim.seller_id, Seller.lease_owner == self.owner)
+                .values(**values)
+            )

@@ -1,0 +1,438 @@
+"""The refresh engine, in one broker process: fake clock, real PostgreSQL, simulator over HTTP.
+Fault points are driven through the simulator's control API, never by sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import asyncpg
+import httpx
+import pytest
+
+from service.crypto import Keyring, context
+from service.refresh import Outcome, Refresher
+from tests.conftest import SIM_EXPIRES_IN, Broker, FakeClock, SellerBrowser, Simulator
+
+SELLER = "seller-1"
+MONTH = 30 * 24 * 3600
+
+
+async def link(broker: Broker, seller_id: str = SELLER, user_id: int = 4242) -> str:
+    async with SellerBrowser() as browser:
+        page = await browser.link(await broker.start_link(seller_id), user_id=user_id)
+    assert page.status_code == 200, page.text
+    reply = await broker.token(seller_id)
+    token: str = reply.json()["access_token"]
+    return token
+
+
+async def stored_refresh_token(broker: Broker, sql: asyncpg.Connection, seller_id: str) -> str:
+    row = await sql.fetchrow(
+        "SELECT refresh_token, client_id FROM sellers WHERE seller_id = $1", seller_id
+    )
+    keys = broker.settings.broker_encryption_keys
+    assert keys is not None
+    ring = Keyring.parse(keys.get_secret_value())
+    return ring.open(
+        row["refresh_token"], context("sellers", seller_id, "refresh_token", row["client_id"])
+    )
+
+
+async def seller_row(sql: asyncpg.Connection, seller_id: str = SELLER) -> asyncpg.Record:
+    return await sql.fetchrow("SELECT * FROM sellers WHERE seller_id = $1", seller_id)
+
+
+async def wait_for(sql: asyncpg.Connection, query: str, expected: object, *args: object) -> None:
+    """Bounded wait (5 s) for a database condition reached by background work."""
+    for _ in range(200):
+        if await sql.fetchval(query, *args) == expected:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"{query} never became {expected!r}")
+
+
+# -- on-read refresh --------------------------------------------------------------------------
+
+
+async def test_a_read_with_min_ttl_refreshes_first_and_rotates_the_pair(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    first = await link(broker)
+    old_refresh = await stored_refresh_token(broker, sql, SELLER)
+    clock.advance(days=160)  # 22 days left, less than the 30 asked for
+    reply = await broker.token(SELLER, min_ttl=MONTH)
+    assert reply.status_code == 200
+    assert reply.json()["access_token"] != first
+    assert "broker-token-warning" not in reply.headers
+    assert await simulator.token_requests("refresh_token") == 1
+    row = await seller_row(sql)
+    assert row["version"] == 2
+    assert row["attempt_outcome"] == "ok"
+    assert row["last_refreshed_at"] == clock.now
+    assert await stored_refresh_token(broker, sql, SELLER) != old_refresh
+    # expires_at counts from when the refresh was sent, with the reply's expires_in.
+    assert row["expires_at"] == clock.now + timedelta(seconds=SIM_EXPIRES_IN)
+
+
+async def test_a_token_with_enough_time_left_is_served_without_refreshing(
+    broker: Broker, simulator: Simulator
+) -> None:
+    first = await link(broker)
+    reply = await broker.token(SELLER, min_ttl=MONTH)
+    assert reply.json()["access_token"] == first
+    assert await simulator.token_requests("refresh_token") == 0
+
+
+async def test_min_ttl_above_the_documented_cap_is_refused(broker: Broker) -> None:
+    await link(broker)
+    reply = await broker.token(SELLER, min_ttl=broker.settings.broker_min_ttl_max_seconds + 1)
+    assert reply.status_code == 422
+    assert reply.json()["code"] == "invalid_request"
+
+
+async def test_a_lapsed_token_is_refreshed_on_read(
+    broker: Broker, simulator: Simulator, clock: FakeClock
+) -> None:
+    first = await link(broker)
+    clock.advance(seconds=SIM_EXPIRES_IN + 1)
+    reply = await broker.token(SELLER)
+    assert reply.status_code == 200
+    assert reply.json()["access_token"] != first
+
+
+async def test_concurrent_reads_in_one_process_share_one_refresh(
+    broker: Broker, simulator: Simulator, clock: FakeClock
+) -> None:
+    await link(broker)
+    clock.advance(days=160)
+    await simulator.faults(latency_ms=200)
+    replies = await asyncio.gather(*(broker.token(SELLER, min_ttl=MONTH) for _ in range(20)))
+    assert {r.status_code for r in replies} == {200}
+    assert len({r.json()["access_token"] for r in replies}) == 1
+    assert await simulator.token_requests("refresh_token") == 1
+
+
+@pytest.mark.parametrize("settings_overrides", [{"broker_on_read_cooldown_seconds": 60}])
+async def test_a_fresh_token_is_served_even_when_it_cannot_meet_min_ttl(
+    broker: Broker, simulator: Simulator
+) -> None:
+    await (await simulator.http.post("/_control/config", json={"expires_in": 3600})).aread()
+    await link(broker)
+    # Every token lives one hour; two hours are asked for: one refresh, then the fresh token.
+    first = await broker.token(SELLER, min_ttl=7200)
+    second = await broker.token(SELLER, min_ttl=7200)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["access_token"] == second.json()["access_token"]
+    assert await simulator.token_requests("refresh_token") == 1
+
+
+# -- exactly once ------------------------------------------------------------------------------
+
+
+async def test_a_lease_that_lapses_while_the_reply_is_held_still_stores_the_late_success(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    clock.advance(days=160)
+    await simulator.faults(after_rotate="hold", count=1)
+    first_reader = asyncio.create_task(broker.token(SELLER, min_ttl=MONTH))
+    await simulator.wait_until_held()
+    clock.advance(seconds=broker.settings.broker_lease_seconds + 1)  # the lease has lapsed
+    second_reader = asyncio.create_task(broker.token(SELLER, min_ttl=MONTH))
+    for _ in range(200):  # bounded: until the second reader joined the refresh in flight
+        if broker.refresher.joined:
+            break
+        await asyncio.sleep(0.025)
+    assert broker.refresher.joined == 1
+    await simulator.release()
+    replies = await asyncio.gather(first_reader, second_reader)
+    assert {r.status_code for r in replies} == {200}
+    assert len({r.json()["access_token"] for r in replies}) == 1
+    assert await simulator.token_requests("refresh_token") == 1  # never sent twice
+    row = await seller_row(sql)
+    assert (row["status"], row["version"]) == ("linked", 2)
+    log = await simulator.log()
+    assert "invalid_grant" not in [e["outcome"] for e in log]
+
+
+async def test_a_late_success_recovers_a_seller_marked_relink_required_meanwhile(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    clock.advance(days=160)
+    await simulator.faults(after_rotate="hold")
+    reader = asyncio.create_task(broker.token(SELLER, min_ttl=MONTH))
+    await simulator.wait_until_held()
+    # Another replica, its lease lapsed, got invalid_grant and marked the seller.
+    await sql.execute(
+        "UPDATE sellers SET status = 'relink_required', status_reason = 'rotation_lost'"
+    )
+    await simulator.release()
+    assert (await reader).status_code == 200
+    row = await seller_row(sql)
+    assert (row["status"], row["status_reason"], row["version"]) == ("linked", None, 2)
+
+
+async def test_invalid_grant_after_someone_else_rotated_is_a_race_not_a_revocation(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    clock.advance(days=160)
+    other_replica = Refresher(broker.app.state.runtime)
+    claims = await other_replica._claim_due(10)  # it read version 1 and the current token
+    assert len(claims) == 1
+    await sql.execute("UPDATE sellers SET lease_until = NULL")  # its lease lapsed
+    assert (await broker.token(SELLER, min_ttl=MONTH)).status_code == 200  # we rotate first
+    outcome = await other_replica._refresh_claimed(claims[0])  # its old token: invalid_grant
+    assert outcome == Outcome.RACED
+    row = await seller_row(sql)
+    assert (row["status"], row["version"]) == ("linked", 2)
+
+
+async def test_a_client_disconnecting_mid_refresh_does_not_lose_the_new_pair(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    clock.advance(days=160)
+    await simulator.faults(after_rotate="hold")
+    impatient = asyncio.create_task(broker.token(SELLER, min_ttl=MONTH))
+    await simulator.wait_until_held()
+    impatient.cancel()  # the caller goes away while Mercado Pago already rotated the token
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+    await simulator.release()
+    await wait_for(sql, "SELECT version FROM sellers", 2)
+    reply = await broker.token(SELLER, min_ttl=MONTH)
+    assert reply.status_code == 200
+    assert await simulator.token_requests("refresh_token") == 1
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 401])
+async def test_invalid_client_trips_the_breaker_and_no_seller_changes_status(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection, status: int
+) -> None:
+    await link(broker)
+    await link(broker, "seller-2", user_id=4343)
+    clock.advance(days=160)
+    await simulator.faults(status=status, error="invalid_client", count=1)
+    reply = await broker.token(SELLER, min_ttl=MONTH)
+    assert reply.status_code == 503
+    assert await sql.fetchval("SELECT reason FROM app_breakers") == "invalid_client"
+    assert {r["status"] for r in await sql.fetch("SELECT status FROM sellers")} == {"linked"}
+    # Paused everywhere: the background loop claims nothing for this application.
+    assert await broker.refresher._claim_due(10) == []
+    # After the probe delay one refresh goes through; its success closes the breaker.
+    clock.advance(seconds=broker.settings.broker_breaker_probe_seconds + 1)
+    claims = await broker.refresher._claim_due(10)
+    outcomes = [await broker.refresher._refresh_claimed(c) for c in claims]
+    assert Outcome.REFRESHED in outcomes
+    assert await sql.fetchval("SELECT count(*) FROM app_breakers") == 0
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"broker_breaker_invalid_grant_threshold": 3, "broker_refresh_concurrency": 1}],
+)
+async def test_a_burst_of_invalid_grant_pauses_refreshing_before_it_relinks_everyone(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    for n in range(6):
+        await link(broker, f"seller-{n}", user_id=9000 + n)
+        await simulator.http.post("/_control/revoke", json={"user_id": 9000 + n})
+    clock.advance(days=160)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(broker.refresher.run(stop))
+    await wait_for(sql, "SELECT count(*) FROM app_breakers", 1)
+    stop.set()
+    await loop
+    statuses = [r["status"] for r in await sql.fetch("SELECT status FROM sellers")]
+    assert statuses.count("relink_required") == 3
+    assert statuses.count("linked") == 3
+    assert await sql.fetchval("SELECT reason FROM app_breakers") == "invalid_grant_burst"
+
+
+async def test_a_revoked_grant_becomes_relink_required_revoked(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker, user_id=777)
+    await simulator.http.post("/_control/revoke", json={"user_id": 777})
+    clock.advance(days=160)
+    reply = await broker.token(SELLER, min_ttl=MONTH)
+    assert reply.status_code == 409
+    assert reply.json()["code"] == "relink_required"
+    row = await seller_row(sql)
+    assert (row["status"], row["status_reason"]) == ("relink_required", "revoked")
+    assert row["next_refresh_at"] is None
+    # Reads stay useful while the current token is valid, with a warning.
+    still = await broker.token(SELLER)
+    assert still.status_code == 200
+    assert still.headers["broker-token-warning"] == "relink-required"
+
+
+async def test_a_lost_reply_after_rotation_ends_as_rotation_lost_never_silently(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    clock.advance(days=160)
+    await simulator.faults(after_rotate="drop", count=1)
+    lost = await broker.token(SELLER, min_ttl=MONTH)
+    assert lost.status_code == 503
+    assert int(lost.headers["retry-after"]) >= 1
+    row = await seller_row(sql)
+    assert (row["status"], row["attempt_outcome"]) == ("linked", "unknown")
+    assert row["next_refresh_at"] > clock.now  # backed off
+    # The next attempt tells: the token was rotated and the reply lost.
+    clock.advance(seconds=broker.settings.broker_on_read_cooldown_seconds + 1)
+    assert (await broker.token(SELLER, min_ttl=MONTH)).status_code == 409
+    row = await seller_row(sql)
+    assert (row["status"], row["status_reason"]) == ("relink_required", "rotation_lost")
+
+
+async def test_a_transient_failure_backs_off_and_the_valid_token_is_still_served(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    first = await link(broker)
+    clock.advance(days=160)
+    await simulator.faults(status=500, count=1)
+    assert await broker.refresher.refresh(SELLER) == Outcome.TRANSIENT
+    row = await seller_row(sql)
+    assert row["refresh_failures"] == 1
+    assert row["last_refresh_error"] == "server_error" or row["last_refresh_error"]
+    base = broker.settings.broker_backoff_base_seconds
+    assert row["next_refresh_at"] >= clock.now + timedelta(seconds=base)
+    assert row["lease_owner"] is None
+    served = await broker.token(SELLER)
+    assert served.status_code == 200
+    assert served.json()["access_token"] == first
+    assert served.headers["broker-token-warning"] == "refresh-failing"
+
+
+async def test_a_rate_limited_refresh_is_sent_again_at_once(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    clock.advance(days=160)
+    await simulator.faults(rate_limited=True, count=1)
+    assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
+    outcomes = [e["outcome"] for e in await simulator.log() if e["grant_type"] == "refresh_token"]
+    assert outcomes == ["fault:429", "ok"]
+
+
+async def test_a_reply_without_refresh_token_keeps_the_old_one(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    old = await stored_refresh_token(broker, sql, SELLER)
+    clock.advance(days=160)
+    await simulator.faults(omit_refresh_token=True)
+    assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
+    assert await stored_refresh_token(broker, sql, SELLER) == old
+    assert (await seller_row(sql))["version"] == 2
+
+
+async def test_a_minimal_refresh_reply_keeps_the_stored_account_fields(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker, user_id=5150)
+    before = await seller_row(sql)
+    clock.advance(days=160)
+    await simulator.faults(minimal_refresh_reply=True)
+    assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
+    after = await seller_row(sql)
+    assert after["version"] == 2
+    assert (after["mp_user_id"], after["public_key"], after["live_mode"]) == (
+        5150,
+        before["public_key"],
+        before["live_mode"],
+    )
+
+
+# -- the background refresher -------------------------------------------------------------------
+
+
+async def test_the_background_refresher_refreshes_each_due_seller_once(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    for n in range(5):
+        await link(broker, f"seller-{n}", user_id=100 + n)
+    await link(broker, "not-due", user_id=200)
+    await sql.execute(
+        "UPDATE sellers SET next_refresh_at = $1 WHERE seller_id = 'not-due'",
+        clock.now + timedelta(days=400),
+    )
+    clock.advance(days=160)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(broker.refresher.run(stop))
+    await wait_for(sql, "SELECT count(*) FROM sellers WHERE version = 2", 5)
+    stop.set()
+    await loop
+    assert await simulator.token_requests("refresh_token") == 5
+    assert await sql.fetchval("SELECT version FROM sellers WHERE seller_id = 'not-due'") == 1
+    assert await sql.fetchval("SELECT min(next_refresh_at) FROM sellers") > clock.now
+
+
+@pytest.mark.parametrize("settings_overrides", [{"broker_refresh_concurrency": 2}])
+async def test_the_refresher_never_holds_more_sellers_than_free_slots(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    for n in range(5):
+        await link(broker, f"seller-{n}", user_id=100 + n)
+    clock.advance(days=160)
+    await simulator.faults(after_rotate="hold")
+    stop = asyncio.Event()
+    loop = asyncio.create_task(broker.refresher.run(stop))
+    await simulator.wait_until_held(2)
+    assert await sql.fetchval("SELECT count(*) FROM sellers WHERE lease_owner IS NOT NULL") == 2
+    await simulator.faults()
+    await simulator.release()
+    await wait_for(sql, "SELECT count(*) FROM sellers WHERE version = 2", 5)
+    stop.set()
+    await loop
+    assert await simulator.token_requests("refresh_token") == 5
+
+
+async def test_the_due_query_is_served_by_the_partial_index(sql: asyncpg.Connection) -> None:
+    await sql.execute("SET enable_seqscan = off")
+    plan = "\n".join(
+        r[0]
+        for r in await sql.fetch(
+            "EXPLAIN SELECT seller_id FROM sellers WHERE status = 'linked' "
+            "AND next_refresh_at <= now() ORDER BY next_refresh_at LIMIT 10"
+        )
+    )
+    assert "ix_sellers_next_refresh_at_linked" in plan
+
+
+# -- revocation reports -----------------------------------------------------------------------
+
+
+async def test_a_reported_invalid_token_that_still_works_changes_nothing(
+    broker: Broker, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    reply = await broker.http.post(f"/sellers/{SELLER}/token/invalid")
+    assert reply.status_code == 200
+    assert reply.json()["status"] == "linked"
+    assert (await seller_row(sql))["status"] == "linked"
+
+
+async def test_a_reported_invalid_token_that_mercado_pago_refuses_marks_the_seller(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+) -> None:
+    await link(broker, user_id=31337)
+    await simulator.http.post("/_control/revoke", json={"user_id": 31337})
+    reply = await broker.http.post(f"/sellers/{SELLER}/token/invalid")
+    assert reply.status_code == 200
+    body = reply.json()
+    assert (body["status"], body["status_reason"]) == ("relink_required", "revoked")
+    assert "access_token" not in reply.text
+
+
+async def test_reporting_needs_an_api_key(broker: Broker) -> None:
+    async with httpx.AsyncClient(base_url=broker.url) as anonymous:
+        reply = await anonymous.post(f"/sellers/{SELLER}/token/invalid")
+    assert reply.status_code == 401
