@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import os
 import re
-import signal
 import socket
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -20,58 +14,12 @@ import httpx
 from service.config import Settings
 from tests.conftest import (
     CLIENT_SECRET,
-    ROOT,
     SellerBrowser,
     Simulator,
     create_api_key,
     query_of,
 )
-
-
-@asynccontextmanager
-async def broker_process(
-    args: list[str], env: dict[str, str], health_url: str, output: Path
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Start `python -m service ARGS`, wait (bounded) until it answers, stop it with SIGINT."""
-    with output.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service", *args, cwd=ROOT, env=env, stdout=sink, stderr=sink
-        )
-        try:
-            async with httpx.AsyncClient() as http:
-                for _ in range(300):  # 30 s at most
-                    if process.returncode is not None:
-                        raise AssertionError(f"the broker exited: see {output}")
-                    try:
-                        if (await http.get(health_url)).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)
-                else:
-                    raise AssertionError(f"the broker did not start: see {output}")
-            yield process
-        finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGINT)
-                try:
-                    await asyncio.wait_for(process.wait(), 30)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MP_", "BROKER_"))}
-    env.pop("DATABASE_URL", None)
-    return env | extra
+from tests.processes import base_env, broker_process, env_for, free_port, run_cli
 
 
 async def test_make_run_demo_prints_what_a_newcomer_needs_and_the_printed_curl_works(
@@ -117,19 +65,7 @@ async def test_a_served_broker_logs_no_secret_through_links_replays_and_failures
     sockets[0].close()  # the process binds this port itself
     keys = settings.broker_encryption_keys
     assert keys is not None
-    env = base_env(
-        DATABASE_URL=database_url,
-        BROKER_PORT=str(port),
-        BROKER_PUBLIC_URL=settings.broker_public_url,
-        MP_CLIENT_ID=settings.mp_client_id or "",
-        MP_CLIENT_SECRET=CLIENT_SECRET,
-        MP_REDIRECT_URI=settings.mp_redirect_uri or "",
-        MP_AUTH_URL=settings.mp_auth_url,
-        MP_TOKEN_URL=settings.mp_token_url,
-        BROKER_ENCRYPTION_KEYS=keys.get_secret_value(),
-        BROKER_LOG_FORMAT="json",
-        BROKER_LOG_LEVEL="DEBUG",
-    )
+    env = env_for(settings, database_url, BROKER_PORT=str(port), BROKER_LOG_LEVEL="DEBUG")
     api_key = await create_api_key(database_url)
     base = settings.broker_public_url
     output = tmp_path / "serve.log"
@@ -163,22 +99,6 @@ async def test_a_served_broker_logs_no_secret_through_links_replays_and_failures
     assert leaked == []
     assert "TG-" not in logged
     assert "APP_USR-" not in logged
-
-
-async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        *args,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_api_keys_create_prints_the_secret_once_and_stores_its_digest(

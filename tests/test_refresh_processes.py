@@ -1,0 +1,214 @@
+"""Exactly once across processes: several brokers and refreshers on one database, the
+simulator over real HTTP, every wait bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import socket
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from service.config import Settings
+from service.crypto import Keyring, context
+from tests.conftest import Simulator, create_api_key
+from tests.processes import broker_process, env_for, free_port
+
+SIMULATED_LIFETIME = 3600
+
+
+async def seed_sellers(
+    sql: asyncpg.Connection,
+    simulator: Simulator,
+    settings: Settings,
+    count: int,
+    *,
+    expires_in: int,
+    due: bool,
+) -> list[str]:
+    """Linked sellers whose grants exist in the simulator (issued directly, no browser)."""
+    keys = settings.broker_encryption_keys
+    assert keys is not None
+    ring = Keyring.parse(keys.get_secret_value())
+    client_id = settings.mp_client_id or ""
+    now = datetime.now(UTC)
+    rows = []
+    for n in range(count):
+        reply = await simulator.http.post(
+            "/_control/issue", json={"client_id": client_id, "user_id": 10_000 + n}
+        )
+        grant = reply.json()
+        seller_id = f"seller-{n:05d}"
+
+        def seal(column: str, value: str, seller_id: str = seller_id) -> str:
+            return ring.seal(value, context("sellers", seller_id, column, client_id))
+
+        rows.append(
+            (
+                seller_id,
+                client_id,
+                grant["user_id"],
+                seal("access_token", grant["access_token"]),
+                seal("refresh_token", grant["refresh_token"]),
+                now + timedelta(seconds=expires_in),
+                now - timedelta(seconds=1) if due else now + timedelta(days=1),
+                now,
+            )
+        )
+    await sql.executemany(
+        "INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token, "
+        "refresh_token, scope, live_mode, expires_at, next_refresh_at, version, linked_at, "
+        "updated_at) VALUES ($1, $2, $3, 'linked', $4, $5, 'offline_access read write', true, "
+        "$6, $7, 1, $8, $8)",
+        rows,
+    )
+    return [row[0] for row in rows]
+
+
+async def test_fifty_reads_through_three_brokers_make_exactly_one_refresh(
+    settings: Settings,
+    sockets: tuple[socket.socket, socket.socket],
+    simulator: Simulator,
+    database_url: str,
+    sql: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    await simulator.http.post("/_control/config", json={"expires_in": SIMULATED_LIFETIME})
+    [seller] = await seed_sellers(
+        sql, simulator, settings, 1, expires_in=SIMULATED_LIFETIME, due=False
+    )
+    await simulator.faults(latency_ms=300)  # the refresh is in flight while reads pile up
+    api_key = await create_api_key(database_url)
+    sockets[0].close()
+    ports = [free_port() for _ in range(3)]
+    async with (
+        broker_process(
+            ["serve"],
+            env_for(settings, database_url, BROKER_PORT=str(ports[0])),
+            f"http://127.0.0.1:{ports[0]}/healthz",
+            tmp_path / "a.log",
+        ),
+        broker_process(
+            ["serve"],
+            env_for(settings, database_url, BROKER_PORT=str(ports[1])),
+            f"http://127.0.0.1:{ports[1]}/healthz",
+            tmp_path / "b.log",
+        ),
+        broker_process(
+            ["serve"],
+            env_for(settings, database_url, BROKER_PORT=str(ports[2])),
+            f"http://127.0.0.1:{ports[2]}/healthz",
+            tmp_path / "c.log",
+        ),
+        httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http,
+    ):
+        # Every token lives an hour; two hours are asked for: each read wants a refresh.
+        replies = await asyncio.gather(
+            *(
+                http.get(
+                    f"http://127.0.0.1:{ports[n % 3]}/sellers/{seller}/token",
+                    params={"min_ttl": 7200},
+                )
+                for n in range(50)
+            )
+        )
+    assert [r.status_code for r in replies] == [200] * 50
+    assert len({r.json()["access_token"] for r in replies}) == 1
+    assert await simulator.token_requests("refresh_token") == 1
+    assert await sql.fetchval("SELECT version FROM sellers") == 2
+
+
+async def test_two_refreshers_and_on_read_refreshes_refresh_a_thousand_sellers_once_each(
+    settings: Settings,
+    sockets: tuple[socket.socket, socket.socket],
+    simulator: Simulator,
+    database_url: str,
+    sql: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    sellers = await seed_sellers(sql, simulator, settings, 1000, expires_in=3600, due=True)
+    api_key = await create_api_key(database_url)
+    sockets[0].close()
+    port = free_port()
+    fast = {"BROKER_REFRESH_RATE_PER_SECOND": "1000", "BROKER_REFRESH_CONCURRENCY": "16"}
+    async with (
+        broker_process(
+            ["refresher"],
+            env_for(settings, database_url, **fast),
+            None,
+            tmp_path / "r1.log",
+        ),
+        broker_process(
+            ["refresher"],
+            env_for(settings, database_url, **fast),
+            None,
+            tmp_path / "r2.log",
+        ),
+        broker_process(
+            ["serve"],
+            env_for(settings, database_url, BROKER_PORT=str(port), **fast),
+            f"http://127.0.0.1:{port}/healthz",
+            tmp_path / "api.log",
+        ),
+        httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http,
+    ):
+        picked = random.sample(sellers, 200)
+        for start in range(0, len(picked), 50):  # on-read refreshes racing the refreshers
+            replies = await asyncio.gather(
+                *(
+                    http.get(
+                        f"http://127.0.0.1:{port}/sellers/{seller}/token",
+                        params={"min_ttl": 7200},
+                    )
+                    for seller in picked[start : start + 50]
+                )
+            )
+            assert {r.status_code for r in replies} == {200}
+        for _ in range(1200):  # at most 120 s
+            if await sql.fetchval("SELECT count(*) FROM sellers WHERE version = 2") == 1000:
+                break
+            await asyncio.sleep(0.1)
+    assert await sql.fetchval("SELECT count(*) FROM sellers WHERE version = 2") == 1000
+    assert await sql.fetchval("SELECT count(*) FROM sellers WHERE status <> 'linked'") == 0
+    grants = (await simulator.http.get("/_control/grants")).json()
+    assert sorted(g["refreshes"] for g in grants.values()) == [1] * 1000
+    outcomes = [e["outcome"] for e in await simulator.log() if e["grant_type"] == "refresh_token"]
+    assert outcomes == ["ok"] * 1000
+
+
+async def test_sigterm_waits_for_the_refresh_in_flight_to_store_its_pair(
+    settings: Settings,
+    sockets: tuple[socket.socket, socket.socket],
+    simulator: Simulator,
+    database_url: str,
+    sql: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    [seller] = await seed_sellers(sql, simulator, settings, 1, expires_in=3600, due=False)
+    await simulator.faults(after_rotate="hold")
+    api_key = await create_api_key(database_url)
+    sockets[0].close()
+    port = free_port()
+    async with (
+        broker_process(
+            ["serve"],
+            env_for(settings, database_url, BROKER_PORT=str(port)),
+            f"http://127.0.0.1:{port}/healthz",
+            tmp_path / "api.log",
+        ) as process,
+        httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http,
+    ):
+        read = asyncio.create_task(
+            http.get(f"http://127.0.0.1:{port}/sellers/{seller}/token", params={"min_ttl": 7200})
+        )
+        await simulator.wait_until_held()
+        process.send_signal(signal.SIGTERM)  # Mercado Pago has rotated; the reply is coming
+        await simulator.release()
+        reply = await read
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    assert reply.status_code == 200
+    assert await sql.fetchval("SELECT version FROM sellers") == 2
