@@ -18,7 +18,9 @@ def compose() -> dict[str, Any]:
 
 def test_compose_runs_migrations_before_the_api_against_a_shared_postgres() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "migrate", "broker"}
+    assert set(services) == {"postgres", "migrate", "broker", "refresher"}
+    assert services["refresher"]["command"] == ["broker", "refresher"]
+    assert services["refresher"]["environment"] == services["broker"]["environment"]
     assert services["migrate"]["command"] == ["broker", "migrate"]
     assert services["broker"]["depends_on"]["migrate"]["condition"] == (
         "service_completed_successfully"

@@ -133,3 +133,18 @@ async def test_the_openapi_command_needs_no_database() -> None:
     code, out, err = await run_cli("openapi", "--output", "-", env=base_env())
     assert code == 0, err
     assert json.loads(out)["info"]["title"] == "Mercado Pago token broker"
+
+
+async def test_breakers_are_listed_and_closed_from_the_command_line(
+    database_url: str, sql: asyncpg.Connection
+) -> None:
+    env = base_env(DATABASE_URL=database_url)
+    await sql.execute(
+        "INSERT INTO app_breakers VALUES ('app-1', 'invalid_client', now(), now() + interval '5m')"
+    )
+    code, out, _ = await run_cli("breaker", "list", env=env)
+    assert code == 0
+    assert "app-1\topen\tinvalid_client" in out
+    code, out, _ = await run_cli("breaker", "close", "app-1", env=env)
+    assert (code, out.strip()) == (0, "closed 1 breaker(s)")
+    assert await sql.fetchval("SELECT count(*) FROM app_breakers") == 0

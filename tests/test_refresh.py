@@ -436,3 +436,37 @@ async def test_reporting_needs_an_api_key(broker: Broker) -> None:
     async with httpx.AsyncClient(base_url=broker.url) as anonymous:
         reply = await anonymous.post(f"/sellers/{SELLER}/token/invalid")
     assert reply.status_code == 401
+
+
+@pytest.mark.parametrize("settings_overrides", [{"mp_token_url": "http://127.0.0.1:9/oauth/token"}])
+async def test_a_refresh_that_could_not_connect_is_known_not_sent(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await sql.execute(
+        "INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token, "
+        "refresh_token, live_mode, expires_at, linked_at, updated_at) "
+        "VALUES ($1, $2, 1, 'linked', 'x', $3, true, $4, $4, $4)",
+        SELLER,
+        broker.settings.mp_client_id,
+        Keyring.parse(broker.settings.broker_encryption_keys.get_secret_value()).seal(  # type: ignore[union-attr]
+            "TG-abc-1",
+            context("sellers", SELLER, "refresh_token", broker.settings.mp_client_id or ""),
+        ),
+        clock.now,
+    )
+    assert await broker.refresher.refresh(SELLER) == Outcome.TRANSIENT
+    row = await seller_row(sql)
+    assert (row["attempt_outcome"], row["last_refresh_error"]) == ("not_sent", "ConnectError")
+
+
+async def test_an_admin_sees_a_sellers_status_and_never_a_secret(
+    broker: Broker, simulator: Simulator, clock: FakeClock
+) -> None:
+    token = await link(broker, user_id=8080)
+    reply = await broker.http.get(f"/sellers/{SELLER}")
+    assert reply.status_code == 200
+    body = reply.json()
+    assert (body["status"], body["mp_user_id"], body["refresh_failures"]) == ("linked", 8080, 0)
+    assert token not in reply.text
+    assert "TG-" not in reply.text
+    assert (await broker.http.get("/sellers/nobody")).json()["code"] == "seller_not_found"

@@ -18,6 +18,7 @@ from service.errors import (
     UpstreamUnavailable,
     responses,
 )
+from service.models import Seller
 from service.schemas import (
     SELLER_ID_MAX,
     SELLER_ID_PATTERN,
@@ -112,4 +113,20 @@ async def report_invalid_token(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyD
     """Report that Mercado Pago refused the token; the broker checks it and marks revocations."""
     apikeys.authorize(key, "tokens:read", seller_id)
     seller = await tokens.report_invalid(rt, seller_id)
+    return SellerStatus.of(seller)
+
+
+@router.get(
+    "/sellers/{seller_id:path}",
+    tags=["sellers"],
+    response_model=SellerStatus,
+    responses=responses(Unauthorized, Forbidden, SellerNotFound),
+)
+async def get_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
+    """Show a seller's link status, token expiry and last refresh; never a secret."""
+    apikeys.authorize(key, "sellers:admin", seller_id)
+    async with rt.sessions() as session:
+        seller = await session.get(Seller, seller_id)
+    if seller is None:
+        raise SellerNotFound(f"No seller {seller_id!r}.")
     return SellerStatus.of(seller)
