@@ -6,6 +6,7 @@ Every error carries a stable `code` that callers can switch on; `title` is fixed
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +16,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
+
+log = logging.getLogger("broker.errors")
 
 
 class BrokerError(Exception):
@@ -130,6 +133,12 @@ def install(app: FastAPI) -> None:
         headers = dict(exc.headers) if exc.headers else None
         return problem_response(exc.status_code, code, title, title, headers)
 
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        # Only the type reaches the log: messages of database or HTTP errors can hold values.
+        log.error("request.failed", extra={"fields": {"error": type(exc).__name__}})
+        return problem_response(500, "internal_error", BrokerError.title, BrokerError.title)
+
     app.add_exception_handler(BrokerError, broker_error)
+    app.add_exception_handler(Exception, unexpected_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -148,8 +148,8 @@ class Refresher:
                     claims = await self._claim_due(
                         min(free, self.settings.broker_refresh_batch_size)
                     )
-                except (DBAPIError, OSError) as exc:
-                    _event("refresher.claim_failed", logging.WARNING, error=type(exc).__name__)
+                except Exception as exc:  # the loop must outlive a database blip or a bad row
+                    _event("refresher.claim_failed", logging.ERROR, error=type(exc).__name__)
             for claim in claims:
                 if claim.seller_id in self.inflight:
                     continue  # already being refreshed here (its lease had lapsed)
@@ -175,7 +175,16 @@ class Refresher:
     def _start(self, seller_id: str, work: Any) -> asyncio.Task[Outcome]:
         task: asyncio.Task[Outcome] = self.rt.spawn(work)
         self.inflight[seller_id] = task
-        task.add_done_callback(lambda _: self.inflight.pop(seller_id, None))
+
+        def done(task: asyncio.Task[Outcome]) -> None:
+            self.inflight.pop(seller_id, None)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                # The lease lapses by itself; say what broke (the type only: no secrets).
+                _event(
+                    "refresh.crashed", logging.ERROR, seller_id=seller_id, error=type(exc).__name__
+                )
+
+        task.add_done_callback(done)
         return task
 
     # -- 1. claim ----------------------------------------------------------------------------

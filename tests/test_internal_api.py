@@ -127,3 +127,18 @@ def test_allowlisted_return_urls_are_accepted(url: str) -> None:
 def test_an_empty_allowlist_accepts_no_return_url() -> None:
     with pytest.raises(Exception, match="allowlist"):
         check_return_url("https://platform.example/sellers/", [])
+
+
+async def test_an_unexpected_failure_is_a_problem_without_details(
+    broker: Broker, sql: asyncpg.Connection
+) -> None:
+    await sql.execute(
+        "INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token, "
+        "refresh_token, live_mode, expires_at, linked_at, updated_at) VALUES "
+        "('broken', 'x', 1, 'linked', 'v1.gone.AAAA.BBBB', 'x', true, now() + interval '9d', "
+        "now(), now())"
+    )
+    reply = await broker.http.get("/sellers/broken/token")
+    assert_problem(reply, 500, "internal_error")
+    assert "gone" not in reply.text
+    assert "Traceback" not in reply.text
