@@ -8,7 +8,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -103,4 +103,16 @@ def env_for(settings: Settings, database_url: str, **extra: str) -> dict[str, st
         BROKER_ENCRYPTION_KEYS=keys.get_secret_value(),
         BROKER_LOG_FORMAT="json",
         **extra,
+    )
+
+
+def api_process(
+    settings: Settings, database_url: str, port: int, output: Path, **env: str
+) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    """`broker serve` on `port`, configured like `settings`."""
+    return broker_process(
+        ["serve"],
+        env_for(settings, database_url, BROKER_PORT=str(port), **env),
+        f"http://127.0.0.1:{port}/healthz",
+        output,
     )

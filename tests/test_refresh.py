@@ -52,6 +52,18 @@ async def wait_for(sql: asyncpg.Connection, query: str, expected: object, *args:
     raise AssertionError(f"{query} never became {expected!r}")
 
 
+async def start_held_refresh(
+    broker: Broker, simulator: Simulator, clock: FakeClock, **faults: object
+) -> asyncio.Task[httpx.Response]:
+    """Link, let the token come due, and start a read whose refresh Mercado Pago holds."""
+    await link(broker)
+    clock.advance(days=160)
+    await simulator.faults(after_rotate="hold", **faults)
+    reader = asyncio.create_task(broker.token(SELLER, min_ttl=MONTH))
+    await simulator.wait_until_held()
+    return reader
+
+
 # -- on-read refresh --------------------------------------------------------------------------
 
 
@@ -133,11 +145,7 @@ async def test_a_fresh_token_is_served_even_when_it_cannot_meet_min_ttl(
 async def test_a_lease_that_lapses_while_the_reply_is_held_still_stores_the_late_success(
     broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
 ) -> None:
-    await link(broker)
-    clock.advance(days=160)
-    await simulator.faults(after_rotate="hold", count=1)
-    first_reader = asyncio.create_task(broker.token(SELLER, min_ttl=MONTH))
-    await simulator.wait_until_held()
+    first_reader = await start_held_refresh(broker, simulator, clock, count=1)
     clock.advance(seconds=broker.settings.broker_lease_seconds + 1)  # the lease has lapsed
     second_reader = asyncio.create_task(broker.token(SELLER, min_ttl=MONTH))
     for _ in range(200):  # bounded: until the second reader joined the refresh in flight
@@ -159,11 +167,7 @@ async def test_a_lease_that_lapses_while_the_reply_is_held_still_stores_the_late
 async def test_a_late_success_recovers_a_seller_marked_relink_required_meanwhile(
     broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
 ) -> None:
-    await link(broker)
-    clock.advance(days=160)
-    await simulator.faults(after_rotate="hold")
-    reader = asyncio.create_task(broker.token(SELLER, min_ttl=MONTH))
-    await simulator.wait_until_held()
+    reader = await start_held_refresh(broker, simulator, clock)
     # Another replica, its lease lapsed, got invalid_grant and marked the seller.
     await sql.execute(
         "UPDATE sellers SET status = 'relink_required', status_reason = 'rotation_lost'"
@@ -193,11 +197,7 @@ async def test_invalid_grant_after_someone_else_rotated_is_a_race_not_a_revocati
 async def test_a_client_disconnecting_mid_refresh_does_not_lose_the_new_pair(
     broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
 ) -> None:
-    await link(broker)
-    clock.advance(days=160)
-    await simulator.faults(after_rotate="hold")
-    impatient = asyncio.create_task(broker.token(SELLER, min_ttl=MONTH))
-    await simulator.wait_until_held()
+    impatient = await start_held_refresh(broker, simulator, clock)
     impatient.cancel()  # the caller goes away while Mercado Pago already rotated the token
     with pytest.raises(asyncio.CancelledError):
         await impatient

@@ -16,7 +16,7 @@ import httpx
 from service.config import Settings
 from service.crypto import Keyring, context
 from tests.conftest import Simulator, create_api_key
-from tests.processes import broker_process, env_for, free_port
+from tests.processes import api_process, broker_process, env_for, free_port
 
 SIMULATED_LIFETIME = 3600
 
@@ -86,24 +86,9 @@ async def test_fifty_reads_through_three_brokers_make_exactly_one_refresh(
     sockets[0].close()
     ports = [free_port() for _ in range(3)]
     async with (
-        broker_process(
-            ["serve"],
-            env_for(settings, database_url, BROKER_PORT=str(ports[0])),
-            f"http://127.0.0.1:{ports[0]}/healthz",
-            tmp_path / "a.log",
-        ),
-        broker_process(
-            ["serve"],
-            env_for(settings, database_url, BROKER_PORT=str(ports[1])),
-            f"http://127.0.0.1:{ports[1]}/healthz",
-            tmp_path / "b.log",
-        ),
-        broker_process(
-            ["serve"],
-            env_for(settings, database_url, BROKER_PORT=str(ports[2])),
-            f"http://127.0.0.1:{ports[2]}/healthz",
-            tmp_path / "c.log",
-        ),
+        api_process(settings, database_url, ports[0], tmp_path / "a.log"),
+        api_process(settings, database_url, ports[1], tmp_path / "b.log"),
+        api_process(settings, database_url, ports[2], tmp_path / "c.log"),
         httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http,
     ):
         # Every token lives an hour; two hours are asked for: each read wants a refresh.
@@ -148,12 +133,7 @@ async def test_two_refreshers_and_on_read_refreshes_refresh_a_thousand_sellers_o
             None,
             tmp_path / "r2.log",
         ),
-        broker_process(
-            ["serve"],
-            env_for(settings, database_url, BROKER_PORT=str(port), **fast),
-            f"http://127.0.0.1:{port}/healthz",
-            tmp_path / "api.log",
-        ),
+        api_process(settings, database_url, port, tmp_path / "api.log", **fast),
         httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http,
     ):
         picked = random.sample(sellers, 200)
@@ -194,12 +174,7 @@ async def test_sigterm_waits_for_the_refresh_in_flight_to_store_its_pair(
     sockets[0].close()
     port = free_port()
     async with (
-        broker_process(
-            ["serve"],
-            env_for(settings, database_url, BROKER_PORT=str(port)),
-            f"http://127.0.0.1:{port}/healthz",
-            tmp_path / "api.log",
-        ) as process,
+        api_process(settings, database_url, port, tmp_path / "api.log") as process,
         httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http,
     ):
         read = asyncio.create_task(
