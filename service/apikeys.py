@@ -78,3 +78,18 @@ def authorize(key: ApiKey, scope: str, seller_id: str | None = None) -> None:
         raise Forbidden(f"This key lacks the `{scope}` scope.")
     if seller_id is not None and key.namespace and not seller_id.startswith(key.namespace):
         raise Forbidden("This seller is outside the key's namespace.")
+
+
+async def list_keys(session: AsyncSession) -> list[ApiKey]:
+    return list(await session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+
+async def revoke(session: AsyncSession, name: str, now: datetime) -> bool:
+    """Revoke by name (or public prefix). Every replica looks keys up per request: it is at once."""
+    key = await session.scalar(
+        select(ApiKey).where((ApiKey.name == name) | (ApiKey.prefix == name)).with_for_update()
+    )
+    if key is None or key.revoked_at is not None:
+        return False
+    key.revoked_at = now
+    return True

@@ -7,8 +7,8 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import uvicorn
 from alembic import command
 from alembic.config import Config
 from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import apikeys, db, demo, logs
 from service.config import Settings, get_settings
@@ -81,17 +82,14 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
     url = db.database_url(settings)
     migrate(url)
     if not settings.production:
-        key = asyncio.run(_dev_key(settings, url))
+        key = asyncio.run(_dev_key(settings))
         print(demo.banner(settings, key, simulated), flush=True)
     asyncio.run(_serve(settings, url, simulated))
 
 
-async def _dev_key(settings: Settings, url: str) -> str:
-    engine = db.make_engine(url, "broker-cli", pool_size=1)
-    try:
-        return await demo.dev_api_key(db.make_sessionmaker(engine), settings.broker_data_dir)
-    finally:
-        await engine.dispose()
+async def _dev_key(settings: Settings) -> str:
+    async with _sessions(settings) as sessions:
+        return await demo.dev_api_key(sessions, settings.broker_data_dir)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
@@ -126,20 +124,16 @@ def cmd_refresher(settings: Settings, args: argparse.Namespace) -> None:
 async def _breakers(settings: Settings, close: bool, client_id: str | None) -> None:
     from service import breaker
 
-    engine = db.make_engine(db.database_url(settings), "broker-cli", pool_size=1)
-    sessions = db.make_sessionmaker(engine)
-    try:
+    async with _sessions(settings) as sessions:
         if close:
             print(f"closed {await breaker.close(sessions, client_id)} breaker(s)")
             return
         async with sessions() as session:
             rows = await breaker.open_breakers(session)
-        for row in rows:
-            print(f"{row.client_id}\topen\t{row.reason}\tsince {row.tripped_at:%Y-%m-%d %H:%M:%S}Z")
-        if not rows:
-            print("no open breaker: refreshing runs for every application")
-    finally:
-        await engine.dispose()
+    for row in rows:
+        print(f"{row.client_id}\topen\t{row.reason}\tsince {row.tripped_at:%Y-%m-%d %H:%M:%S}Z")
+    if not rows:
+        print("no open breaker: refreshing runs for every application")
 
 
 def cmd_breaker(settings: Settings, args: argparse.Namespace) -> None:
@@ -161,24 +155,44 @@ def cmd_simulator(settings: Settings, args: argparse.Namespace) -> None:
     uvicorn.run(app, host=settings.broker_host, port=settings.broker_simulator_port)
 
 
-async def _create_key(settings: Settings, name: str, scopes: Sequence[str], ns: str | None) -> str:
+@asynccontextmanager
+async def _sessions(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """A small engine for one command."""
     engine = db.make_engine(db.database_url(settings), "broker-cli", pool_size=1)
     try:
-        async with transaction(db.make_sessionmaker(engine)) as session:
-            _, secret = await apikeys.create(session, name, utcnow(), tuple(scopes), ns)
-        return secret
+        yield db.make_sessionmaker(engine)
     finally:
         await engine.dispose()
 
 
-def cmd_api_keys_create(settings: Settings, args: argparse.Namespace) -> None:
-    scopes = args.scopes.split(",") if args.scopes else list(apikeys.SCOPES)
+async def _api_keys(settings: Settings, args: argparse.Namespace) -> None:
+    lines = []
+    async with _sessions(settings) as sessions, transaction(sessions) as session:
+        if args.action == "create":
+            scopes = tuple(args.scopes.split(",")) if args.scopes else apikeys.SCOPES
+            _, secret = await apikeys.create(session, args.name, utcnow(), scopes, args.namespace)
+            lines.append(secret)
+        elif args.action == "revoke":
+            if not await apikeys.revoke(session, args.name, utcnow()):
+                sys.exit(f"no active key named {args.name!r}")
+            lines.append(f"revoked {args.name}")
+        else:
+            for key in await apikeys.list_keys(session):
+                state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+                granted = ",".join(key.scopes)
+                lines.append(
+                    f"{key.name}\tmpb_{key.prefix}_…\t{granted}\t{key.namespace or '*'}\t{state}"
+                )
+    print("\n".join(lines))  # after the commit: a printed key exists
+    if args.action == "create":
+        print("Store it now: only its digest is kept.", file=sys.stderr)
+
+
+def cmd_api_keys(settings: Settings, args: argparse.Namespace) -> None:
     try:
-        secret = asyncio.run(_create_key(settings, args.name, scopes, args.namespace))
+        asyncio.run(_api_keys(settings, args))
     except ValueError as exc:
         sys.exit(str(exc))
-    print(secret)
-    print("Store it now: only its digest is kept.", file=sys.stderr)
 
 
 def cmd_openapi(settings: Settings, args: argparse.Namespace) -> None:
@@ -212,6 +226,9 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--scopes", help=f"comma-separated, of {', '.join(apikeys.SCOPES)}")
     create.add_argument("--namespace", help="limit the key to seller ids with this prefix")
+    keys.add_parser("list", help="list keys (never their secrets)")
+    revoke = keys.add_parser("revoke", help="revoke a key by name or prefix")
+    revoke.add_argument("name")
     spec = sub.add_parser("openapi", help="write the OpenAPI document")
     spec.add_argument("--output", default="openapi/openapi.json")
     return p
@@ -224,7 +241,7 @@ COMMANDS = {
     "simulator": cmd_simulator,
     "refresher": cmd_refresher,
     "breaker": cmd_breaker,
-    "api-keys": cmd_api_keys_create,
+    "api-keys": cmd_api_keys,
     "openapi": cmd_openapi,
 }
 

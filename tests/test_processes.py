@@ -14,6 +14,7 @@ import httpx
 from service.config import Settings
 from tests.conftest import (
     CLIENT_SECRET,
+    Broker,
     SellerBrowser,
     Simulator,
     create_api_key,
@@ -148,3 +149,21 @@ async def test_breakers_are_listed_and_closed_from_the_command_line(
     code, out, _ = await run_cli("breaker", "close", "app-1", env=env)
     assert (code, out.strip()) == (0, "closed 1 breaker(s)")
     assert await sql.fetchval("SELECT count(*) FROM app_breakers") == 0
+
+
+async def test_api_keys_are_listed_without_secrets_and_revoked_at_once(
+    broker: Broker, database_url: str
+) -> None:
+    env = base_env(DATABASE_URL=database_url)
+    assert (await broker.http.get("/sellers/x/token")).status_code == 404  # the key works
+    code, out, _ = await run_cli("api-keys", "list", env=env)
+    assert code == 0
+    assert broker.api_key.split("_", 2)[2] not in out
+    name = out.split("\t", 1)[0]
+    assert "active" in out
+    code, out, _ = await run_cli("api-keys", "revoke", name, env=env)
+    assert (code, out.strip()) == (0, f"revoked {name}")
+    assert (await broker.http.get("/sellers/x/token")).status_code == 401
+    code, _, err = await run_cli("api-keys", "revoke", name, env=env)
+    assert code != 0
+    assert "no active key" in err
