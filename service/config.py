@@ -125,7 +125,8 @@ class Settings(BaseSettings):
                 missing.append(name.upper())
         for name in ("mp_client_secret", "broker_encryption_keys"):
             secret: SecretStr | None = getattr(self, name)
-            if secret is None or secret.get_secret_value().strip().lower() in PLACEHOLDERS:
+            values = secret.get_secret_value().split(",") if secret else [""]
+            if any(value.strip().lower() in PLACEHOLDERS for value in values):
                 missing.append(name.upper())
         if not self.broker_public_url.startswith("https://"):
             missing.append("BROKER_PUBLIC_URL (https)")
@@ -136,6 +137,15 @@ class Settings(BaseSettings):
     @property
     def production(self) -> bool:
         return self.broker_env == "production"
+
+    @property
+    def mp_client_secrets(self) -> tuple[str, ...]:
+        """MP_CLIENT_SECRET is an ordered list while the application's secret is renewed."""
+        if self.mp_client_secret is None:
+            return ()
+        return tuple(
+            s.strip() for s in self.mp_client_secret.get_secret_value().split(",") if s.strip()
+        )
 
     @property
     def uses_simulator(self) -> bool:

@@ -49,7 +49,7 @@ def simulator_config(settings: Settings) -> SimulatorConfig:
         clients=[
             SimulatorClient(
                 client_id=settings.mp_client_id,
-                client_secret=settings.mp_client_secret.get_secret_value(),
+                client_secret=settings.mp_client_secrets[0],
                 redirect_uris=(settings.mp_redirect_uri,),
             )
         ]

@@ -125,7 +125,7 @@ class OAuthApp:
     """One Mercado Pago application (they are per country); the broker may serve several."""
 
     client_id: str
-    client_secret: str
+    client_secrets: tuple[str, ...]  # in order; more than one while the secret is renewed
     redirect_uri: str
     auth_url: str
     token_url: str
@@ -155,6 +155,7 @@ class MercadoPagoClient:
         self.http = http
         self.timeout = timeout
         self.clock = clock
+        self.working_secret: dict[str, int] = {}  # client_id -> index of the secret that worked
 
     async def exchange_code(
         self, app: OAuthApp, code: str, code_verifier: str | None, test: bool
@@ -162,7 +163,6 @@ class MercadoPagoClient:
         """Exchange an authorization code. Returns the tokens and when the request left."""
         form = {
             "client_id": app.client_id,
-            "client_secret": app.client_secret,
             "grant_type": "authorization_code",
             "code": code,
             "redirect_uri": app.redirect_uri,
@@ -176,7 +176,6 @@ class MercadoPagoClient:
     async def refresh(self, app: OAuthApp, refresh_token: str) -> tuple[TokenSet, datetime]:
         form = {
             "client_id": app.client_id,
-            "client_secret": app.client_secret,
             "grant_type": "refresh_token",
             "refresh_token": refresh_token,
         }
@@ -185,6 +184,26 @@ class MercadoPagoClient:
     async def _token_request(
         self, app: OAuthApp, form: dict[str, str]
     ) -> tuple[TokenSet, datetime]:
+        """Authenticate with the secret that worked last; on `invalid_client`, try the next.
+
+        `invalid_client` means Mercado Pago refused us before looking at the grant, so the
+        code or refresh token is not spent and sending it again with another secret is safe.
+        """
+        secrets = app.client_secrets
+        start = self.working_secret.get(app.client_id, 0) % len(secrets)
+        order = [*range(start, len(secrets)), *range(start)]
+        for position, index in enumerate(order):
+            try:
+                result = await self._post(app, form | {"client_secret": secrets[index]})
+            except ApplicationError as exc:
+                if exc.error != "invalid_client" or position == len(order) - 1:
+                    raise
+                continue
+            self.working_secret[app.client_id] = index
+            return result
+        raise AssertionError("unreachable")
+
+    async def _post(self, app: OAuthApp, form: dict[str, str]) -> tuple[TokenSet, datetime]:
         sent_at = self.clock()  # expires_at counts from when the request left, not the reply
         try:
             # One deadline for connect + send + read: a slow drip cannot stretch it.

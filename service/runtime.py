@@ -46,7 +46,7 @@ def oauth_app(settings: Settings) -> OAuthApp:
         raise RuntimeError("MP_CLIENT_ID, MP_CLIENT_SECRET and MP_REDIRECT_URI are needed")
     return OAuthApp(
         client_id=settings.mp_client_id,
-        client_secret=settings.mp_client_secret.get_secret_value(),
+        client_secrets=settings.mp_client_secrets,
         redirect_uri=settings.mp_redirect_uri,
         auth_url=settings.mp_auth_url,
         token_url=settings.mp_token_url,

@@ -22,7 +22,7 @@ from service.mercadopago import (
 )
 
 APP = OAuthApp(
-    "123", "s3cr3t-value", "https://b.example/oauth/callback", "https://a/x", "https://t/y"
+    "123", ("s3cr3t-value",), "https://b.example/oauth/callback", "https://a/x", "https://t/y"
 )
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 REPLY = {
@@ -134,3 +134,44 @@ def test_error_messages_hold_no_secret() -> None:
     error = classify_error(400, {"error": "invalid_grant", "message": "bad TG-secret"})
     assert "TG-secret" not in str(error)
     assert json.dumps(repr(parse_token_reply(REPLY))).count("TG-abc-42") == 0
+
+
+async def test_invalid_client_tries_the_next_secret_and_then_starts_with_it() -> None:
+    app = OAuthApp("123", ("old", "new"), "https://b/cb", "https://a/x", "https://t/y")
+    used: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        secret = dict(parse_qsl(request.content.decode()))["client_secret"]
+        used.append(secret)
+        if secret != "new":
+            return httpx.Response(401, json={"error": "invalid_client", "status": 401})
+        return httpx.Response(200, json=REPLY)
+
+    mp = client(handler)
+    await mp.refresh(app, "TG-1")
+    await mp.refresh(app, "TG-2")
+    assert used == ["old", "new", "new"]
+
+
+async def test_when_no_secret_works_invalid_client_is_raised() -> None:
+    app = OAuthApp("123", ("a", "b"), "https://b/cb", "https://a/x", "https://t/y")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": "invalid_client", "status": 400})
+
+    with pytest.raises(ApplicationError, match="invalid_client"):
+        await client(handler).refresh(app, "TG-1")
+
+
+async def test_invalid_grant_is_not_retried_with_another_secret() -> None:
+    app = OAuthApp("123", ("a", "b"), "https://b/cb", "https://a/x", "https://t/y")
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(400, json={"error": "invalid_grant", "status": 400})
+
+    with pytest.raises(PermanentGrantError):
+        await client(handler).refresh(app, "TG-1")
+    assert calls == 1

@@ -9,10 +9,18 @@ from datetime import timedelta
 import asyncpg
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from service.crypto import Keyring, context
 from service.refresh import Outcome, Refresher
-from tests.conftest import SIM_EXPIRES_IN, Broker, FakeClock, SellerBrowser, Simulator
+from tests.conftest import (
+    CLIENT_SECRET,
+    SIM_EXPIRES_IN,
+    Broker,
+    FakeClock,
+    SellerBrowser,
+    Simulator,
+)
 
 SELLER = "seller-1"
 MONTH = 30 * 24 * 3600
@@ -470,3 +478,21 @@ async def test_an_admin_sees_a_sellers_status_and_never_a_secret(
     assert token not in reply.text
     assert "TG-" not in reply.text
     assert (await broker.http.get("/sellers/nobody")).json()["code"] == "seller_not_found"
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{"mp_client_secret": SecretStr(f"retired-secret,{CLIENT_SECRET}")}]
+)
+async def test_a_renewed_client_secret_is_tried_before_the_breaker_trips(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)  # the exchange already needed the second secret
+    clock.advance(days=160)
+    assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
+    outcomes = [(e["grant_type"], e["outcome"]) for e in await simulator.log()]
+    assert outcomes == [
+        ("authorization_code", "invalid_client"),
+        ("authorization_code", "ok"),
+        ("refresh_token", "ok"),  # the secret that works is remembered
+    ]
+    assert await sql.fetchval("SELECT count(*) FROM app_breakers") == 0

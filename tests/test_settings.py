@@ -41,6 +41,7 @@ def test_production_without_database_url_is_fatal_never_an_embedded_database() -
     ("field", "value"),
     [
         ("mp_client_secret", SecretStr("changeme")),
+        ("mp_client_secret", SecretStr("a-real-client-secret-value,changeme")),
         ("mp_client_secret", None),
         ("mp_client_id", ""),
         ("mp_redirect_uri", None),
@@ -107,3 +108,8 @@ def test_the_cli_refuses_bad_production_settings_naming_them_only(
     message = str(exit_info.value.code)
     assert "DATABASE_URL" in message
     assert "MP_CLIENT_SECRET" in message
+
+
+def test_the_client_secret_is_an_ordered_list() -> None:
+    settings = make(mp_client_secret=SecretStr("new-secret-value, old-secret-value"))
+    assert settings.mp_client_secrets == ("new-secret-value", "old-secret-value")
