@@ -18,10 +18,11 @@ from alembic.config import Config
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service import apikeys, db, demo, logs
+from service import apikeys, db, demo, logs, rekey
 from service.config import Settings, get_settings
+from service.crypto import generate_key_spec
 from service.db import transaction
-from service.runtime import utcnow
+from service.runtime import load_keyring, utcnow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,6 +141,33 @@ def cmd_breaker(settings: Settings, args: argparse.Namespace) -> None:
     asyncio.run(_breakers(settings, args.action == "close", getattr(args, "client_id", None)))
 
 
+def _progress_bar(progress: rekey.Progress) -> None:
+    width = 30
+    filled = width * progress.done // max(progress.total, 1)
+    line = f"\r[{'#' * filled}{'.' * (width - filled)}] {progress.done}/{progress.total}"
+    if progress.skipped_leased:
+        line += f" ({progress.skipped_leased} under a refresh lease, for a later run)"
+    print(line, end="", file=sys.stderr, flush=True)
+
+
+async def _reencrypt(settings: Settings, batch_size: int) -> rekey.Progress:
+    keyring = load_keyring(settings)
+    async with _sessions(settings) as sessions:
+        return await rekey.reencrypt(sessions, keyring, utcnow, batch_size, _progress_bar)
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
+    if args.action == "generate":
+        print(generate_key_spec(args.key_id))
+        return
+    progress = asyncio.run(_reencrypt(settings, args.batch_size))
+    print(file=sys.stderr)
+    left = progress.total - progress.done
+    print(f"re-encrypted {progress.done} row(s) under the primary key; {left} left")
+    if left:
+        sys.exit(3)  # run again once the leased rows are free
+
+
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
     migrate(db.database_url(settings))
     print("schema is at head")
@@ -213,6 +241,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply the Alembic migrations")
     sub.add_parser("simulator", help="run the Mercado Pago simulator (dev only)")
     sub.add_parser("refresher", help="run the background refresher")
+    keys_cmd = sub.add_parser("keys", help="encryption keys").add_subparsers(
+        dest="action", required=True
+    )
+    generate = keys_cmd.add_parser("generate", help="print a new key_id:key entry")
+    generate.add_argument("key_id")
+    reencrypt = keys_cmd.add_parser("reencrypt", help="reseal every value under the primary key")
+    reencrypt.add_argument("--batch-size", type=int, default=200)
     breakers = sub.add_parser("breaker", help="per-application refresh breakers").add_subparsers(
         dest="action", required=True
     )
@@ -240,6 +275,7 @@ COMMANDS = {
     "migrate": cmd_migrate,
     "simulator": cmd_simulator,
     "refresher": cmd_refresher,
+    "keys": cmd_keys,
     "breaker": cmd_breaker,
     "api-keys": cmd_api_keys,
     "openapi": cmd_openapi,

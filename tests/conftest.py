@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from service import embedded
 from service.cli import QuietServer, migrate
 from service.config import Settings
-from service.crypto import generate_key_spec
+from service.crypto import Keyring, context, generate_key_spec
 from service.main import create_app
 from service.refresh import Refresher
 from service.simulator import SimulatorClient, SimulatorConfig, create_simulator_app
@@ -305,6 +305,55 @@ async def broker(
         httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as http,
     ):
         yield Broker(server.url, http, key, settings, app)
+
+
+async def seed_sellers(
+    sql: asyncpg.Connection,
+    simulator: Simulator,
+    settings: Settings,
+    count: int,
+    *,
+    expires_in: int,
+    due: bool,
+    keyring: Keyring | None = None,
+) -> list[str]:
+    """Linked sellers whose grants exist in the simulator (issued directly, no browser)."""
+    keys = settings.broker_encryption_keys
+    assert keys is not None
+    ring = keyring or Keyring.parse(keys.get_secret_value())
+    client_id = settings.mp_client_id or ""
+    now = datetime.now(UTC)
+    rows = []
+    for n in range(count):
+        reply = await simulator.http.post(
+            "/_control/issue", json={"client_id": client_id, "user_id": 10_000 + n}
+        )
+        grant = reply.json()
+        seller_id = f"seller-{n:05d}"
+
+        def seal(column: str, value: str, seller_id: str = seller_id) -> str:
+            return ring.seal(value, context("sellers", seller_id, column, client_id))
+
+        rows.append(
+            (
+                seller_id,
+                client_id,
+                grant["user_id"],
+                seal("access_token", grant["access_token"]),
+                seal("refresh_token", grant["refresh_token"]),
+                now + timedelta(seconds=expires_in),
+                now - timedelta(seconds=1) if due else now + timedelta(days=1),
+                now,
+            )
+        )
+    await sql.executemany(
+        "INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token, "
+        "refresh_token, scope, live_mode, expires_at, next_refresh_at, version, linked_at, "
+        "updated_at) VALUES ($1, $2, $3, 'linked', $4, $5, 'offline_access read write', true, "
+        "$6, $7, 1, $8, $8)",
+        rows,
+    )
+    return [row[0] for row in rows]
 
 
 # -- the seller's browser --------------------------------------------------------------------

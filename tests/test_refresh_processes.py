@@ -7,66 +7,16 @@ import asyncio
 import random
 import signal
 import socket
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import httpx
 
 from service.config import Settings
-from service.crypto import Keyring, context
-from tests.conftest import Simulator, create_api_key
+from tests.conftest import Simulator, create_api_key, seed_sellers
 from tests.processes import api_process, broker_process, env_for, free_port
 
 SIMULATED_LIFETIME = 3600
-
-
-async def seed_sellers(
-    sql: asyncpg.Connection,
-    simulator: Simulator,
-    settings: Settings,
-    count: int,
-    *,
-    expires_in: int,
-    due: bool,
-) -> list[str]:
-    """Linked sellers whose grants exist in the simulator (issued directly, no browser)."""
-    keys = settings.broker_encryption_keys
-    assert keys is not None
-    ring = Keyring.parse(keys.get_secret_value())
-    client_id = settings.mp_client_id or ""
-    now = datetime.now(UTC)
-    rows = []
-    for n in range(count):
-        reply = await simulator.http.post(
-            "/_control/issue", json={"client_id": client_id, "user_id": 10_000 + n}
-        )
-        grant = reply.json()
-        seller_id = f"seller-{n:05d}"
-
-        def seal(column: str, value: str, seller_id: str = seller_id) -> str:
-            return ring.seal(value, context("sellers", seller_id, column, client_id))
-
-        rows.append(
-            (
-                seller_id,
-                client_id,
-                grant["user_id"],
-                seal("access_token", grant["access_token"]),
-                seal("refresh_token", grant["refresh_token"]),
-                now + timedelta(seconds=expires_in),
-                now - timedelta(seconds=1) if due else now + timedelta(days=1),
-                now,
-            )
-        )
-    await sql.executemany(
-        "INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token, "
-        "refresh_token, scope, live_mode, expires_at, next_refresh_at, version, linked_at, "
-        "updated_at) VALUES ($1, $2, $3, 'linked', $4, $5, 'offline_access read write', true, "
-        "$6, $7, 1, $8, $8)",
-        rows,
-    )
-    return [row[0] for row in rows]
 
 
 async def test_fifty_reads_through_three_brokers_make_exactly_one_refresh(
