@@ -5,6 +5,7 @@ Every setting is documented in the README's table; the names are the environment
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -64,10 +65,17 @@ class Settings(BaseSettings):
     broker_breaker_invalid_grant_threshold: int = Field(default=20, ge=1)
     broker_breaker_window_seconds: int = Field(default=60, ge=1)
     broker_breaker_probe_seconds: int = Field(default=300, ge=1)
+    # Early refusals and rate limits (per replica: see service/limits.py).
+    broker_max_body_bytes: int = Field(default=16 * 1024, ge=1024)
+    broker_max_query_bytes: int = Field(default=4096, ge=256)
+    broker_max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    broker_trusted_proxies: Annotated[list[str], NoDecode] = []
+    broker_rate_limit_per_address_per_minute: int = Field(default=60, ge=1)
+    broker_rate_limit_per_key_per_second: int = Field(default=500, ge=1)
     broker_log_format: Literal["auto", "json", "text"] = "auto"
     broker_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("broker_return_url_allowlist", mode="before")
+    @field_validator("broker_return_url_allowlist", "broker_trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -81,6 +89,13 @@ class Settings(BaseSettings):
             parts = urlsplit(entry)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"allowlist entry is not an http(s) URL: {entry!r}")
+        return value
+
+    @field_validator("broker_trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)  # raises ValueError: a clear start-up error
         return value
 
     @field_validator("broker_encryption_keys")

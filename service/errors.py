@@ -63,6 +63,10 @@ class UpstreamUnavailable(BrokerError):
     code, status, title = "upstream_unavailable", 503, "Mercado Pago cannot refresh the token now"
 
 
+class RateLimited(BrokerError):
+    code, status, title = "rate_limited", 429, "Too many requests; try again later"
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details, plus the broker's stable `code`."""
 

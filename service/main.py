@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute
 from service import db, errors
 from service.api import internal, seller
 from service.config import Settings, get_settings
+from service.limits import RequestLimits
 from service.refresh import Refresher
 from service.runtime import Clock, Runtime, utcnow
 
@@ -61,6 +62,7 @@ def create_app(
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(RequestLimits, settings=settings)
     for router in (internal.router, seller.router):
         summaries_from_docstrings(router.routes)
         app.include_router(router)

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from service import db
 from service.config import Settings
 from service.crypto import Keyring, generate_key_spec
+from service.limits import Buckets
 from service.mercadopago import MercadoPagoClient, OAuthApp
 
 log = logging.getLogger("broker")
@@ -63,6 +64,7 @@ class Runtime:
     mercadopago: MercadoPagoClient
     http: httpx.AsyncClient
     clock: Clock
+    key_buckets: Buckets
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
@@ -85,6 +87,10 @@ class Runtime:
             mercadopago=MercadoPagoClient(http, settings.mp_timeout_seconds, clock),
             http=http,
             clock=clock,
+            key_buckets=Buckets(
+                settings.broker_rate_limit_per_key_per_second,
+                burst=settings.broker_rate_limit_per_key_per_second,
+            ),
         )
 
     def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
 from service import apikeys
+from service.errors import RateLimited
 from service.models import ApiKey
 from service.refresh import Refresher
 from service.runtime import Runtime
@@ -35,7 +37,11 @@ async def api_key(
     ] = None,
 ) -> ApiKey:
     async with rt.sessions() as session:
-        return await apikeys.authenticate(session, authorization)
+        key = await apikeys.authenticate(session, authorization)
+    wait = rt.key_buckets.take(key.id)
+    if wait:
+        raise RateLimited(headers={"Retry-After": str(math.ceil(wait))})
+    return key
 
 
 ApiKeyDep = Annotated[ApiKey, Depends(api_key)]
