@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     mp_token_url: str = "https://api.mercadopago.com/oauth/token"
     mp_pkce_method: Literal["S256", "plain", "off"] = "S256"
     mp_api_url: str = "https://api.mercadopago.com"
+    mp_webhook_secret: SecretStr | None = None  # comma-separated while it is renewed
+    broker_webhook_tolerance_seconds: int = Field(default=300, ge=10)
     mp_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
 
     broker_encryption_keys: SecretStr | None = None
@@ -161,6 +163,13 @@ class Settings(BaseSettings):
         return tuple(
             s.strip() for s in self.mp_client_secret.get_secret_value().split(",") if s.strip()
         )
+
+    @property
+    def mp_webhook_secrets(self) -> tuple[str, ...]:
+        if self.mp_webhook_secret is None:
+            return ()
+        values = self.mp_webhook_secret.get_secret_value().split(",")
+        return tuple(value.strip() for value in values if value.strip())
 
     @property
     def uses_simulator(self) -> bool:

@@ -39,6 +39,10 @@ class Unauthorized(BrokerError):
     code, status, title = "unauthorized", 401, "A valid API key is required"
 
 
+class InvalidSignature(BrokerError):
+    code, status, title = "invalid_signature", 401, "The notification's signature does not verify"
+
+
 class Forbidden(BrokerError):
     code, status, title = "forbidden", 403, "This API key may not do that"
 

@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
 from service import db, errors
-from service.api import internal, seller
+from service.api import internal, seller, webhooks
 from service.config import Settings, get_settings
 from service.limits import RequestLimits
 from service.refresh import Refresher
@@ -63,7 +63,7 @@ def create_app(
     )
     errors.install(app)
     app.add_middleware(RequestLimits, settings=settings)
-    for router in (internal.router, seller.router):
+    for router in (internal.router, seller.router, webhooks.router):
         summaries_from_docstrings(router.routes)
         app.include_router(router)
 

@@ -143,3 +143,12 @@ class AppBreaker(Base):
     reason: Mapped[str] = mapped_column(String(64))
     tripped_at: Mapped[datetime] = mapped_column(Timestamp)
     probe_after: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class WebhookReceipt(Base):
+    """Mercado Pago notifications already handled, by `x-request-id`: a replay does nothing."""
+
+    __tablename__ = "webhook_receipts"
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(Timestamp)

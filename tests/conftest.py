@@ -219,6 +219,7 @@ async def simulator(
         httpx.AsyncClient(base_url=server.url) as http,
     ):
         yield Simulator(server.url, http)
+        await http.post("/_control/release")  # a failed test must not leave a reply held
 
 
 @dataclass

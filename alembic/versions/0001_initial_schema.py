@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 17:03:41.398879
+Create Date: 2026-11-28 17:48:15.377977
 """
 
 from collections.abc import Sequence
@@ -76,6 +76,12 @@ def upgrade() -> None:
         postgresql_where=sa.text("status = 'linked'"),
     )
     op.create_table(
+        "webhook_receipts",
+        sa.Column("request_id", sa.String(length=128), nullable=False),
+        sa.Column("received_at", postgresql.TIMESTAMP(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("request_id", name=op.f("pk_webhook_receipts")),
+    )
+    op.create_table(
         "links",
         sa.Column("id_hash", sa.String(length=64), nullable=False),
         sa.Column("seller_id", sa.String(length=128), nullable=False),
@@ -130,6 +136,7 @@ def downgrade() -> None:
     op.drop_table("link_attempts")
     op.drop_index(op.f("ix_links_seller_id"), table_name="links")
     op.drop_table("links")
+    op.drop_table("webhook_receipts")
     op.drop_index(
         "ix_sellers_next_refresh_at_linked",
         table_name="sellers",

@@ -1,0 +1,136 @@
+"""Mercado Pago's own notifications: `mp-connect` / `application.deauthorized`.
+
+Mercado Pago signs a notification with `x-signature: ts=<unix>,v1=<hex>`, an HMAC-SHA256 keyed
+with the application's webhook secret over
+
+    id:<data.id>;request-id:<x-request-id>;ts:<ts>;
+
+where `data.id` comes from the query string (lower-cased when alphanumeric) and absent parts
+are left out. The signature does not cover the body, so a notification is only a hint: before
+unlinking, the seller's own token is tried on `GET /users/me`, and only a 401 unlinks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+
+from service.crypto import context
+from service.db import transaction
+from service.models import Seller, WebhookReceipt
+from service.runtime import Runtime
+from service.sellers import unlink
+
+log = logging.getLogger("broker.webhooks")
+
+
+def manifest(data_id: str | None, request_id: str | None, ts: str) -> str:
+    if data_id and data_id.isalnum():
+        data_id = data_id.lower()
+    parts = []
+    if data_id:
+        parts.append(f"id:{data_id};")
+    if request_id:
+        parts.append(f"request-id:{request_id};")
+    parts.append(f"ts:{ts};")
+    return "".join(parts)
+
+
+def signature(secret: str, data_id: str | None, request_id: str | None, ts: str) -> str:
+    message = manifest(data_id, request_id, ts).encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def verify(
+    header: str | None,
+    secrets: tuple[str, ...],
+    data_id: str | None,
+    request_id: str | None,
+    now: datetime,
+    tolerance_seconds: int,
+) -> bool:
+    """A valid, fresh signature by any of the configured secrets (two during a secret change)."""
+    fields = dict(part.strip().split("=", 1) for part in (header or "").split(",") if "=" in part)
+    ts, given = fields.get("ts", ""), fields.get("v1", "")
+    if not ts.isdigit() or not given or not secrets:
+        return False
+    # Mercado Pago's ts is in seconds or, in some reports, milliseconds: accept both.
+    seconds = int(ts) / 1000 if len(ts) > 11 else int(ts)
+    if abs(now.timestamp() - seconds) > tolerance_seconds:
+        return False  # stale: a captured notification cannot be replayed later
+    return any(
+        hmac.compare_digest(signature(secret, data_id, request_id, ts), given.lower())
+        for secret in secrets
+    )
+
+
+@dataclass(frozen=True)
+class Handled:
+    action: str  # "unlinked" | "ignored" | "duplicate" | "still_authorized"
+    sellers: int = 0
+
+
+async def handle(rt: Runtime, request_id: str | None, body: dict[str, Any]) -> Handled:
+    """Act on a verified notification: de-duplicated, checked, confirmed with Mercado Pago."""
+    request_id = (request_id or "")[:128] or None
+    if request_id:
+        async with rt.sessions() as session:
+            if await session.get(WebhookReceipt, request_id) is not None:
+                return Handled("duplicate")
+    handled = await _act(rt, body)
+    if request_id:
+        # Recorded once handled: a notification that failed half-way (Mercado Pago down) is
+        # retried by Mercado Pago and must not be dropped as a duplicate.
+        async with transaction(rt.sessions) as session:
+            await session.execute(
+                insert(WebhookReceipt)
+                .values(request_id=request_id, received_at=rt.clock())
+                .on_conflict_do_nothing()
+            )
+    log.info(
+        "webhook.handled", extra={"fields": {"action": handled.action, "request_id": request_id}}
+    )
+    return handled
+
+
+async def _act(rt: Runtime, body: dict[str, Any]) -> Handled:
+    if str(body.get("application_id", "")) != rt.oauth.client_id:
+        return Handled("ignored")  # another application's notification
+    if body.get("action") != "application.deauthorized":
+        return Handled("ignored")
+    try:
+        user_id = int(str((body.get("data") or {}).get("id") or body.get("user_id")))
+    except (TypeError, ValueError):
+        return Handled("ignored")
+    async with rt.sessions() as session:
+        sellers = list(
+            await session.scalars(
+                select(Seller).where(
+                    Seller.mp_user_id == user_id,
+                    Seller.client_id == rt.oauth.client_id,
+                    Seller.status != "unlinked",
+                )
+            )
+        )
+    unlinked = 0
+    for seller in sellers:
+        assert seller.access_token is not None
+        token = rt.keyring.open(
+            seller.access_token,
+            context("sellers", seller.seller_id, "access_token", seller.client_id),
+        )
+        if await rt.mercadopago.token_works(rt.settings.mp_api_url, token):
+            continue  # the hint was wrong (or forged): the token still works
+        if await unlink(rt, seller.seller_id, "deauthorized", expected_version=seller.version):
+            unlinked += 1
+    log.warning(
+        "webhook.deauthorized", extra={"fields": {"mp_user_id": user_id, "unlinked": unlinked}}
+    )
+    return Handled("unlinked" if unlinked else "still_authorized", unlinked)

@@ -1,0 +1,178 @@
+"""Mercado Pago's `mp-connect` notifications: verified, de-duplicated, confirmed, then acted on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from service.webhooks import manifest, signature, verify
+from tests.conftest import CLIENT_ID, Broker, FakeClock, SellerBrowser, Simulator
+
+NEW, OLD = "whsec-new-0123456789", "whsec-old-0123456789"
+SECRETS = pytest.mark.parametrize(
+    "settings_overrides", [{"mp_webhook_secret": SecretStr(f"{NEW},{OLD}")}]
+)
+SELLER, USER = "seller-1", 777
+
+
+def notification(user_id: int = USER, **changes: Any) -> dict[str, Any]:
+    body = {
+        "id": 12345,
+        "live_mode": True,
+        "type": "mp-connect",
+        "date_created": "2026-11-28T12:00:00Z",
+        "application_id": CLIENT_ID,
+        "user_id": user_id,
+        "version": 1,
+        "api_version": "v1",
+        "action": "application.deauthorized",
+        "data": {"id": str(user_id)},
+    }
+    return body | changes
+
+
+async def deliver(
+    broker: Broker,
+    body: dict[str, Any],
+    *,
+    secret: str = OLD,
+    request_id: str = "req-1",
+    ts: datetime | None = None,
+    signature_value: str | None = None,
+) -> httpx.Response:
+    stamp = str(int((ts or datetime.now(UTC)).timestamp()))
+    data_id = body["data"]["id"]
+    v1 = signature_value or signature(secret, data_id, request_id, stamp)
+    async with httpx.AsyncClient(base_url=broker.url) as mercadopago:
+        return await mercadopago.post(
+            "/webhooks/mercadopago",
+            params={"data.id": data_id, "type": "mp-connect"},
+            content=json.dumps(body),
+            headers={
+                "content-type": "application/json",
+                "x-signature": f"ts={stamp},v1={v1}",
+                "x-request-id": request_id,
+            },
+        )
+
+
+async def linked_seller(broker: Broker) -> None:
+    async with SellerBrowser() as browser:
+        await browser.link(await broker.start_link(SELLER), user_id=USER)
+
+
+# -- the signature ------------------------------------------------------------------------------
+
+
+def test_the_manifest_lowercases_alphanumeric_ids_and_leaves_out_absent_parts() -> None:
+    assert manifest("ABC123", "req-9", "1700000000") == "id:abc123;request-id:req-9;ts:1700000000;"
+    assert manifest("A-B", None, "1") == "id:A-B;ts:1;"
+    assert manifest(None, None, "1") == "ts:1;"
+
+
+def test_a_fresh_signature_by_either_secret_verifies_and_nothing_else_does() -> None:
+    now = datetime(2026, 11, 28, tzinfo=UTC)
+    ts = str(int(now.timestamp()))
+    good = signature(OLD, "777", "r", ts)
+    args = ("777", "r", now, 300)
+    assert verify(f"ts={ts},v1={good}", (NEW, OLD), *args)
+    assert verify(f"ts={ts}, v1={good.upper()}", (NEW, OLD), *args)
+    assert not verify(f"ts={ts},v1={good}", (NEW,), *args)  # the old secret retired
+    assert not verify(f"ts={ts},v1={good}", (NEW, OLD), "778", "r", now, 300)  # other seller
+    assert not verify(f"ts={int(ts) - 301},v1={good}", (NEW, OLD), *args)
+    assert not verify(None, (NEW, OLD), *args)
+    assert not verify(f"ts={ts},v1={good}", (), *args)  # no secret configured
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+@SECRETS
+async def test_a_verified_deauthorization_confirmed_by_mercado_pago_unlinks_the_seller(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+) -> None:
+    await linked_seller(broker)
+    await simulator.http.post("/_control/revoke", json={"user_id": USER})
+    reply = await deliver(broker, notification())
+    assert reply.status_code == 200
+    assert reply.json() == {"action": "unlinked"}
+    row = await sql.fetchrow("SELECT * FROM sellers")
+    assert (row["status"], row["status_reason"]) == ("unlinked", "deauthorized")
+    assert (row["access_token"], row["refresh_token"]) == (None, None)
+    assert (await broker.token(SELLER)).json()["code"] == "seller_not_found"
+    again = await deliver(broker, notification())  # Mercado Pago delivers it twice
+    assert again.json() == {"action": "duplicate"}
+
+
+@SECRETS
+async def test_a_deauthorization_the_token_contradicts_changes_nothing(
+    broker: Broker, sql: asyncpg.Connection
+) -> None:
+    await linked_seller(broker)
+    reply = await deliver(broker, notification(), secret=NEW)
+    assert reply.json() == {"action": "still_authorized"}
+    assert await sql.fetchval("SELECT status FROM sellers") == "linked"
+
+
+@SECRETS
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        {"signature_value": "0" * 64},
+        {"secret": "someone-elses-secret"},
+        {"ts": datetime(2020, 1, 1, tzinfo=UTC)},
+    ],
+)
+async def test_unsigned_forged_or_stale_notifications_change_nothing(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection, tamper: dict[str, Any]
+) -> None:
+    await linked_seller(broker)
+    await simulator.http.post("/_control/revoke", json={"user_id": USER})
+    reply = await deliver(broker, notification(), **tamper)
+    assert reply.status_code == 401
+    assert reply.json()["code"] == "invalid_signature"
+    assert await sql.fetchval("SELECT status FROM sellers") == "linked"
+    assert await sql.fetchval("SELECT count(*) FROM webhook_receipts") == 0
+
+
+@SECRETS
+async def test_another_applications_notification_is_ignored(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+) -> None:
+    await linked_seller(broker)
+    await simulator.http.post("/_control/revoke", json={"user_id": USER})
+    reply = await deliver(broker, notification(application_id="999"))
+    assert reply.json() == {"action": "ignored"}
+    assert await sql.fetchval("SELECT status FROM sellers") == "linked"
+
+
+async def test_without_a_configured_secret_nothing_is_accepted(
+    broker: Broker, sql: asyncpg.Connection
+) -> None:
+    await linked_seller(broker)
+    assert (await deliver(broker, notification())).status_code == 401
+
+
+@SECRETS
+async def test_a_refresh_in_flight_cannot_store_tokens_into_an_unlinked_seller(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await linked_seller(broker)
+    clock.advance(days=160)
+    await simulator.faults(after_rotate="hold")
+    read = asyncio.create_task(broker.token(SELLER, min_ttl=30 * 24 * 3600))
+    await simulator.wait_until_held()
+    await simulator.http.post("/_control/revoke", json={"user_id": USER})
+    unlinked = await deliver(broker, notification(), ts=clock.now)  # the broker's clock moved
+    assert unlinked.json() == {"action": "unlinked"}
+    await simulator.release()
+    assert (await read).status_code == 404
+    row = await sql.fetchrow("SELECT * FROM sellers")
+    assert (row["status"], row["access_token"], row["refresh_token"]) == ("unlinked", None, None)
