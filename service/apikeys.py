@@ -16,6 +16,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service import audit
 from service.errors import Forbidden, Unauthorized
 from service.models import ApiKey
 
@@ -56,6 +57,7 @@ async def create(
         created_at=now,
     )
     session.add(key)
+    audit.record(session, now, "cli", "key.created", detail=f"{name} {','.join(scopes)}")
     await session.flush()
     return key, secret
 
@@ -92,4 +94,5 @@ async def revoke(session: AsyncSession, name: str, now: datetime) -> bool:
     if key is None or key.revoked_at is not None:
         return False
     key.revoked_at = now
+    audit.record(session, now, "cli", "key.revoked", detail=key.name)
     return True

@@ -168,6 +168,33 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
         sys.exit(3)  # run again once the leased rows are free
 
 
+async def _audit(settings: Settings, args: argparse.Namespace) -> None:
+    from service import audit
+
+    async with _sessions(settings) as sessions:
+        if args.action == "prune":
+            events, attempts = await audit.prune(
+                sessions,
+                utcnow(),
+                settings.broker_audit_retention_days,
+                settings.broker_attempt_retention_days,
+            )
+            print(f"pruned {events} audit event(s), {attempts} link attempt(s)")
+            return
+        async with sessions() as session:
+            rows = await audit.query(session, args.seller, args.actor, None, args.limit)
+    for row in rows:
+        times = f" x{row.count}" if row.count > 1 else ""
+        print(
+            f"{row.at:%Y-%m-%d %H:%M:%S}\t{row.actor}\t{row.action}{times}\t"
+            f"{row.seller_id or '-'}\t{row.detail or ''}"
+        )
+
+
+def cmd_audit(settings: Settings, args: argparse.Namespace) -> None:
+    asyncio.run(_audit(settings, args))
+
+
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
     migrate(db.database_url(settings))
     print("schema is at head")
@@ -241,6 +268,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply the Alembic migrations")
     sub.add_parser("simulator", help="run the Mercado Pago simulator (dev only)")
     sub.add_parser("refresher", help="run the background refresher")
+    audit_cmd = sub.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="action", required=True
+    )
+    show = audit_cmd.add_parser("list", help="newest events first")
+    show.add_argument("--seller")
+    show.add_argument("--actor")
+    show.add_argument("--limit", type=int, default=50)
+    audit_cmd.add_parser("prune", help="enforce the retention settings now")
     keys_cmd = sub.add_parser("keys", help="encryption keys").add_subparsers(
         dest="action", required=True
     )
@@ -276,6 +311,7 @@ COMMANDS = {
     "simulator": cmd_simulator,
     "refresher": cmd_refresher,
     "keys": cmd_keys,
+    "audit": cmd_audit,
     "breaker": cmd_breaker,
     "api-keys": cmd_api_keys,
     "openapi": cmd_openapi,

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     broker_trusted_proxies: Annotated[list[str], NoDecode] = []
     broker_rate_limit_per_address_per_minute: int = Field(default=60, ge=1)
     broker_rate_limit_per_key_per_second: int = Field(default=500, ge=1)
+    # Audit trail and retention.
+    broker_audit_flush_seconds: float = Field(default=5.0, gt=0, le=300)
+    broker_audit_retention_days: int = Field(default=365, ge=1)
+    broker_attempt_retention_days: int = Field(default=30, ge=1)
     broker_log_format: Literal["auto", "json", "text"] = "auto"
     broker_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import pkce
+from service import audit, pkce
 from service.crypto import context
 from service.db import transaction
 from service.errors import InvalidRequest, LiveModeMismatch
@@ -145,6 +145,7 @@ async def start_link(
                 expires_at=expires_at,
             )
         )
+        audit.record(session, now, key.name, "link.created", seller_id, "test" if test else None)
     _event("link.created", seller_id=seller_id, test=test, api_key=key.name)
     return f"{rt.settings.broker_public_url.rstrip('/')}/link/{token}", expires_at
 
@@ -387,4 +388,7 @@ async def _upsert_seller(
     link = await session.get(Link, attempt.link_id_hash)
     if link is not None:
         link.completed_at = now  # a link links once; a forwarded copy is dead after that
+    audit.record(
+        session, now, "seller", f"seller.{outcome}", claimed.seller_id, f"mp_user_id={user_id}"
+    )
     return outcome

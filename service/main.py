@@ -44,15 +44,18 @@ def create_app(
         refresher = Refresher(runtime)
         app.state.runtime, app.state.refresher = runtime, refresher
         stop = asyncio.Event()
-        background = (
-            asyncio.create_task(refresher.run(stop)) if settings.broker_serve_refresher else None
-        )
+        background = [
+            asyncio.create_task(
+                runtime.reads.run(runtime.sessions, stop, settings.broker_audit_flush_seconds)
+            )
+        ]
+        if settings.broker_serve_refresher:
+            background.append(asyncio.create_task(refresher.run(stop)))
         try:
             yield
         finally:
             stop.set()  # no new claims; close() then waits for refreshes in flight to store
-            if background is not None:
-                await background
+            await asyncio.gather(*background)
             await runtime.close()
 
     app = FastAPI(

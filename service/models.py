@@ -152,3 +152,17 @@ class WebhookReceipt(Base):
 
     request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     received_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class AuditEvent(Base):
+    """Who did what to which seller. Token reads are aggregated: `count` per key, seller, minute."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+    actor: Mapped[str] = mapped_column(String(100))  # an API key's name, "seller", "system"
+    action: Mapped[str] = mapped_column(String(40))
+    seller_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    detail: Mapped[str | None] = mapped_column(String(200))
+    count: Mapped[int] = mapped_column(Integer, server_default=text("1"))

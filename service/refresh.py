@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError
 
-from service import breaker, policy
+from service import audit, breaker, policy
 from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
 from service.db import transaction
@@ -55,6 +55,7 @@ from service.runtime import Runtime
 log = logging.getLogger("broker.refresh")
 
 NOT_SENT_RETRIES = 2  # extra sends when the request surely never reached Mercado Pago
+PRUNE_EVERY_SECONDS = 3600
 
 
 class Outcome(StrEnum):
@@ -140,7 +141,12 @@ class Refresher:
         active: set[asyncio.Task[Outcome]] = set()
         cap = self.settings.broker_refresh_concurrency
         _event("refresher.started", owner=self.owner, concurrency=cap)
+        next_prune = 0.0
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
+            if loop.time() >= next_prune:  # retention, hourly, from whichever refresher runs
+                next_prune = loop.time() + PRUNE_EVERY_SECONDS
+                await self._prune()
             free = cap - len(active)
             claims: Sequence[Claim] = []
             if free > 0:
@@ -171,6 +177,20 @@ class Refresher:
                 for waiter in waits:
                     waiter.cancel()
         _event("refresher.stopping", owner=self.owner, in_flight=len(active))
+
+    async def _prune(self) -> None:
+        try:
+            events, attempts = await audit.prune(
+                self.rt.sessions,
+                self.rt.clock(),
+                self.settings.broker_audit_retention_days,
+                self.settings.broker_attempt_retention_days,
+            )
+        except Exception as exc:
+            _event("retention.failed", logging.ERROR, error=type(exc).__name__)
+            return
+        if events or attempts:
+            _event("retention.pruned", audit_events=events, link_attempts=attempts)
 
     def _start(self, seller_id: str, work: Any) -> asyncio.Task[Outcome]:
         task: asyncio.Task[Outcome] = self.rt.spawn(work)
@@ -377,7 +397,8 @@ class Refresher:
             seller.lease_owner = seller.lease_until = None
             seller.version = claim.version + 1
             seller.updated_at = now
-        outcome = Outcome.RECOVERED if recovered else Outcome.REFRESHED
+            outcome = Outcome.RECOVERED if recovered else Outcome.REFRESHED
+            audit.record(session, now, "system", f"seller.{outcome}", claim.seller_id)
         _event(f"refresh.{outcome}", seller_id=claim.seller_id, version=claim.version + 1)
         return outcome
 
@@ -399,6 +420,7 @@ class Refresher:
             seller.updated_at = now
             if seller.lease_owner == self.owner:
                 seller.lease_owner = seller.lease_until = None
+            audit.record(session, now, "system", "seller.relink_required", claim.seller_id, reason)
         _event("refresh.relink_required", logging.WARNING, seller_id=claim.seller_id, reason=reason)
         if self.burst.add(claim.client_id, now):
             await breaker.trip(

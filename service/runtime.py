@@ -14,6 +14,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service import db
+from service.audit import ReadCounter
 from service.config import Settings
 from service.crypto import Keyring, generate_key_spec
 from service.limits import Buckets
@@ -65,6 +66,7 @@ class Runtime:
     http: httpx.AsyncClient
     clock: Clock
     key_buckets: Buckets
+    reads: ReadCounter = field(default_factory=ReadCounter)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
@@ -112,5 +114,6 @@ class Runtime:
         # Shutdown waits for in-flight exchanges to store what Mercado Pago already answered.
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=grace_seconds)
+        await self.reads.flush(self.sessions)
         await self.http.aclose()
         await self.engine.dispose()

@@ -107,3 +107,15 @@ class SellerStatus(BaseModel):
     @classmethod
     def of(cls, seller: Any) -> SellerStatus:
         return cls.model_validate(seller, from_attributes=True)
+
+
+class AuditEntry(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    seller_id: str | None
+    detail: str | None
+    count: int

@@ -6,6 +6,7 @@ import logging
 
 from sqlalchemy import update
 
+from service import audit
 from service.db import transaction
 from service.models import Seller
 from service.runtime import Runtime
@@ -14,7 +15,11 @@ log = logging.getLogger("broker.sellers")
 
 
 async def unlink(
-    rt: Runtime, seller_id: str, reason: str, expected_version: int | None = None
+    rt: Runtime,
+    seller_id: str,
+    reason: str,
+    expected_version: int | None = None,
+    actor: str = "system",
 ) -> bool:
     """Destroy the stored tokens and keep the row, as `unlinked`, for its history.
 
@@ -40,7 +45,9 @@ async def unlink(
                 updated_at=rt.clock(),
             )
         )
-    done = bool(result.rowcount)  # type: ignore[attr-defined]
+        done = bool(result.rowcount)  # type: ignore[attr-defined]
+        if done:
+            audit.record(session, rt.clock(), actor, "seller.unlinked", seller_id, reason)
     if done:
         log.warning("seller.unlinked", extra={"fields": {"seller_id": seller_id, "reason": reason}})
     return done

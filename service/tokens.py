@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
+from service import audit
 from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
 from service.db import transaction
@@ -134,5 +135,6 @@ async def report_invalid(rt: Runtime, seller_id: str) -> Seller:
                 updated_at=rt.clock(),
             )
         )
+        audit.record(session, rt.clock(), "system", "seller.relink_required", seller_id, "revoked")
     log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
     return await _load(rt, seller_id)

@@ -164,6 +164,9 @@ async def test_api_keys_are_listed_without_secrets_and_revoked_at_once(
     code, out, _ = await run_cli("api-keys", "revoke", name, env=env)
     assert (code, out.strip()) == (0, f"revoked {name}")
     assert (await broker.http.get("/sellers/x/token")).status_code == 401
+    audit_out = (await run_cli("audit", "list", "--actor", "cli", env=env))[1]
+    assert "key.revoked" in audit_out
+    assert "key.created" in audit_out
     code, _, err = await run_cli("api-keys", "revoke", name, env=env)
     assert code != 0
     assert "no active key" in err

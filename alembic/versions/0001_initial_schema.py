@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 17:48:15.377977
+Create Date: 2026-11-28 18:12:36.542516
 """
 
 from collections.abc import Sequence
@@ -41,6 +41,19 @@ def upgrade() -> None:
         sa.Column("probe_after", postgresql.TIMESTAMP(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("client_id", name=op.f("pk_app_breakers")),
     )
+    op.create_table(
+        "audit_events",
+        sa.Column("id", sa.BigInteger(), autoincrement=True, nullable=False),
+        sa.Column("at", postgresql.TIMESTAMP(timezone=True), nullable=False),
+        sa.Column("actor", sa.String(length=100), nullable=False),
+        sa.Column("action", sa.String(length=40), nullable=False),
+        sa.Column("seller_id", sa.String(length=128), nullable=True),
+        sa.Column("detail", sa.String(length=200), nullable=True),
+        sa.Column("count", sa.Integer(), server_default=sa.text("1"), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_events")),
+    )
+    op.create_index(op.f("ix_audit_events_at"), "audit_events", ["at"], unique=False)
+    op.create_index(op.f("ix_audit_events_seller_id"), "audit_events", ["seller_id"], unique=False)
     op.create_table(
         "sellers",
         sa.Column("seller_id", sa.String(length=128), nullable=False),
@@ -143,5 +156,8 @@ def downgrade() -> None:
         postgresql_where=sa.text("status = 'linked'"),
     )
     op.drop_table("sellers")
+    op.drop_index(op.f("ix_audit_events_seller_id"), table_name="audit_events")
+    op.drop_index(op.f("ix_audit_events_at"), table_name="audit_events")
+    op.drop_table("audit_events")
     op.drop_table("app_breakers")
     op.drop_table("api_keys")

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 
-from service import apikeys, linking, tokens
+from service import apikeys, audit, linking, tokens
 from service.api.deps import ApiKeyDep, RefresherDep, RuntimeDep
 from service.errors import (
     Forbidden,
@@ -22,6 +22,7 @@ from service.models import Seller
 from service.schemas import (
     SELLER_ID_MAX,
     SELLER_ID_PATTERN,
+    AuditEntry,
     LinkStartRequest,
     LinkStartResponse,
     SellerStatus,
@@ -96,6 +97,7 @@ async def get_token(
         # Refused rather than lowered: the caller would believe it got what it asked for.
         raise InvalidRequest(f"min_ttl is at most {rt.settings.broker_min_ttl_max_seconds}.")
     served = await tokens.read_token(rt, refresher, seller_id, min_ttl)
+    rt.reads.add(key.name, seller_id, rt.clock())
     response.headers["Cache-Control"] = "no-store"
     response.headers["Pragma"] = "no-cache"
     if served.warning:
@@ -130,3 +132,28 @@ async def get_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> Sel
     if seller is None:
         raise SellerNotFound(f"No seller {seller_id!r}.")
     return SellerStatus.of(seller)
+
+
+@router.get(
+    "/audit",
+    tags=["sellers"],
+    response_model=list[AuditEntry],
+    responses=responses(Unauthorized, Forbidden),
+)
+async def read_audit(
+    rt: RuntimeDep,
+    key: ApiKeyDep,
+    seller_id: Annotated[str | None, Query(max_length=SELLER_ID_MAX)] = None,
+    actor: Annotated[str | None, Query(max_length=100)] = None,
+    before: Annotated[
+        int | None, Query(ge=1, description="Page: events older than this id")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[AuditEntry]:
+    """List audit events, newest first: links, refreshes, unlinks, key changes, token reads."""
+    apikeys.authorize(key, "sellers:admin", seller_id)
+    if key.namespace and seller_id is None:
+        raise Forbidden("A key limited to a namespace must name one of its sellers.")
+    async with rt.sessions() as session:
+        events = await audit.query(session, seller_id, actor, before, limit)
+    return [AuditEntry.model_validate(event) for event in events]

@@ -1,0 +1,88 @@
+"""The audit trail: who read which token, every link, refresh, unlink and key change."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import asyncpg
+import httpx
+
+from service import audit
+from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, create_api_key
+
+SELLER = "billing/seller-1"
+
+
+async def test_links_refreshes_and_token_reads_are_recorded_and_queryable(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    async with SellerBrowser() as browser:
+        await browser.link(await broker.start_link(SELLER), user_id=99)
+    for _ in range(5):
+        assert (await broker.token(SELLER)).status_code == 200
+    clock.advance(days=160)
+    assert (await broker.token(SELLER, min_ttl=30 * 24 * 3600)).status_code == 200
+    # Reads are counted in memory, not written one by one.
+    assert await sql.fetchval("SELECT count(*) FROM audit_events WHERE action = 'token.read'") == 0
+    runtime = broker.app.state.runtime
+    assert await runtime.reads.flush(runtime.sessions) == 2  # two minutes of reads
+    reply = await broker.http.get("/audit", params={"seller_id": SELLER})
+    assert reply.status_code == 200
+    events = [(e["action"], e["count"]) for e in reversed(reply.json())]
+    key_name = await sql.fetchval("SELECT name FROM api_keys")
+    assert events == [
+        ("link.created", 1),
+        ("seller.linked", 1),
+        ("seller.refreshed", 1),
+        ("token.read", 5),
+        ("token.read", 1),
+    ]
+    assert {e["actor"] for e in reply.json() if e["action"] in ("link.created", "token.read")} == {
+        key_name
+    }
+    assert "APP_USR-" not in reply.text
+
+
+async def test_a_namespaced_key_sees_only_its_sellers_audit(
+    broker: Broker, database_url: str
+) -> None:
+    from service import apikeys, db
+
+    engine = db.make_engine(database_url, "tests", pool_size=1)
+    async with db.transaction(db.make_sessionmaker(engine)) as session:
+        _, secret = await apikeys.create(
+            session,
+            "billing-admin",
+            broker.app.state.runtime.clock(),
+            ("sellers:admin",),
+            "billing/",
+        )
+    await engine.dispose()
+    async with httpx.AsyncClient(
+        base_url=broker.url, headers={"Authorization": f"Bearer {secret}"}
+    ) as billing:
+        assert (await billing.get("/audit")).status_code == 403
+        assert (await billing.get("/audit", params={"seller_id": "other/1"})).status_code == 403
+        assert (await billing.get("/audit", params={"seller_id": SELLER})).status_code == 200
+    reader = await create_api_key(database_url, scopes=("tokens:read",))
+    async with httpx.AsyncClient(
+        base_url=broker.url, headers={"Authorization": f"Bearer {reader}"}
+    ) as caller:
+        assert (await caller.get("/audit")).status_code == 403
+
+
+async def test_retention_prunes_old_events_and_old_link_attempts_only(
+    broker: Broker, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    async with SellerBrowser() as browser:
+        await browser.open_link(await broker.start_link(SELLER))
+    old = clock.now - timedelta(days=400)
+    await sql.execute(
+        "INSERT INTO audit_events (at, actor, action, count) VALUES ($1, 'x', 'token.read', 1)", old
+    )
+    await sql.execute("UPDATE link_attempts SET created_at = $1", clock.now - timedelta(days=31))
+    runtime = broker.app.state.runtime
+    events, attempts = await audit.prune(runtime.sessions, clock.now, 365, 30)
+    assert (events, attempts) == (1, 1)
+    kept = {r["action"] for r in await sql.fetch("SELECT action FROM audit_events")}
+    assert kept == {"key.created", "link.created"}
