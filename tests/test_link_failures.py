@@ -220,3 +220,25 @@ async def test_an_open_redirect_is_refused_and_nothing_is_stored(
     assert reply.status_code == 422
     assert reply.json()["code"] == "invalid_request"
     assert await sql.fetchval("SELECT count(*) FROM links") == 0
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/link/" + "x" * 200,
+        "/link/%00%01",
+        "/oauth/callback?state=" + "s" * 600 + "&code=c",
+        "/oauth/callback?state=%ff%fe&code=c",
+        "/oauth/callback?code=c",
+        "/oauth/callback?state=&code=",
+    ],
+)
+async def test_malformed_link_ids_and_states_are_refused_without_an_upstream_call(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection, path: str
+) -> None:
+    async with SellerBrowser() as browser:
+        reply = await browser.http.get(broker.url + path)
+    assert 400 <= reply.status_code < 500
+    assert "Traceback" not in reply.text
+    assert await simulator.token_requests() == 0
+    assert await sql.fetchval("SELECT count(*) FROM link_attempts") == 0

@@ -46,6 +46,7 @@ async def test_a_seller_links_and_the_platform_reads_a_token(
     reply = await broker.http.get(f"/sellers/{SELLER}/token")
     assert reply.status_code == 200
     assert reply.headers["cache-control"] == "no-store"
+    assert reply.headers["pragma"] == "no-cache"
     token = reply.json()
     assert token["access_token"].startswith(f"APP_USR-{broker.settings.mp_client_id}-")
     assert token["access_token"].endswith("-555")

@@ -55,7 +55,7 @@ async def test_make_run_demo_prints_what_a_newcomer_needs_and_the_printed_curl_w
     assert "Traceback" not in output.read_text()
 
 
-async def test_a_served_broker_logs_no_secret_through_links_replays_and_failures(
+async def test_a_served_broker_logs_no_secret_through_links_refreshes_and_failures(
     settings: Settings,
     sockets: tuple[socket.socket, socket.socket],
     simulator: Simulator,
@@ -75,10 +75,14 @@ async def test_a_served_broker_logs_no_secret_through_links_replays_and_failures
         httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {api_key}"}) as api,
         SellerBrowser() as browser,
     ):
+        await simulator.http.post("/_control/config", json={"expires_in": 3600})
         link = (await api.post("/link/start", json={"seller_id": "s-1"})).json()["link_url"]
         callback = await browser.consent(await browser.open_link(link), "allow", 31)
         assert (await browser.callback(callback)).status_code == 200
         assert (await browser.callback(callback)).status_code == 200  # a replay
+        first = (await api.get("/sellers/s-1/token")).json()["access_token"]
+        refreshed = await api.get("/sellers/s-1/token", params={"min_ttl": 7200})  # a refresh
+        assert refreshed.json()["access_token"] != first
         await simulator.faults(status=500, count=1)
         link2 = (await api.post("/link/start", json={"seller_id": "s-2"})).json()["link_url"]
         assert (await browser.link(link2)).status_code == 503
@@ -88,6 +92,7 @@ async def test_a_served_broker_logs_no_secret_through_links_replays_and_failures
     logged = output.read_text()
     assert '"event": "callback.outcome"' in logged  # the run was logged at all
     secrets = {
+        "first access token": first,
         "access token": token,
         "code": query_of(callback)["code"],
         "state": query_of(callback)["state"],
