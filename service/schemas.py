@@ -85,6 +85,7 @@ class SellerStatus(BaseModel):
                     "status_reason": "revoked",
                     "mp_user_id": 123456789,
                     "live_mode": True,
+                    "scope": "offline_access read write",
                     "expires_at": "2027-05-27T12:00:00Z",
                     "last_refreshed_at": None,
                     "last_refresh_error": "invalid_grant",
@@ -99,6 +100,7 @@ class SellerStatus(BaseModel):
     status_reason: str | None
     mp_user_id: int
     live_mode: bool
+    scope: str | None
     expires_at: datetime
     last_refreshed_at: datetime | None
     last_refresh_error: str | None
@@ -119,3 +121,10 @@ class AuditEntry(BaseModel):
     seller_id: str | None
     detail: str | None
     count: int
+
+
+class SellerPage(BaseModel):
+    items: list[SellerStatus]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Response
+from sqlalchemy import select
 
-from service import apikeys, audit, linking, tokens
+from service import apikeys, audit, linking, sellers, tokens
 from service.api.deps import ApiKeyDep, RefresherDep, RuntimeDep
 from service.errors import (
     Forbidden,
@@ -25,6 +27,7 @@ from service.schemas import (
     AuditEntry,
     LinkStartRequest,
     LinkStartResponse,
+    SellerPage,
     SellerStatus,
     TokenResponse,
 )
@@ -119,6 +122,40 @@ async def report_invalid_token(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyD
 
 
 @router.get(
+    "/sellers",
+    tags=["sellers"],
+    response_model=SellerPage,
+    responses=responses(Unauthorized, Forbidden),
+)
+async def list_sellers(
+    rt: RuntimeDep,
+    key: ApiKeyDep,
+    status: Annotated[Literal["linked", "relink_required", "unlinked"] | None, Query()] = None,
+    expiring_before: Annotated[datetime | None, Query()] = None,
+    cursor: Annotated[str | None, Query(max_length=SELLER_ID_MAX)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> SellerPage:
+    """List sellers by status or token expiry, in seller_id order, a page at a time."""
+    apikeys.authorize(key, "sellers:admin")
+    stmt = select(Seller).order_by(Seller.seller_id).limit(limit + 1)
+    if key.namespace:
+        stmt = stmt.where(Seller.seller_id.startswith(key.namespace, autoescape=True))
+    if status is not None:
+        stmt = stmt.where(Seller.status == status)
+    if expiring_before is not None:
+        stmt = stmt.where(Seller.expires_at < expiring_before)
+    if cursor is not None:
+        stmt = stmt.where(Seller.seller_id > cursor)
+    async with rt.sessions() as session:
+        sellers = list(await session.scalars(stmt))
+    page = sellers[:limit]
+    more = len(sellers) > limit
+    return SellerPage(
+        items=[SellerStatus.of(s) for s in page], next_cursor=page[-1].seller_id if more else None
+    )
+
+
+@router.get(
     "/sellers/{seller_id:path}",
     tags=["sellers"],
     response_model=SellerStatus,
@@ -157,3 +194,20 @@ async def read_audit(
     async with rt.sessions() as session:
         events = await audit.query(session, seller_id, actor, before, limit)
     return [AuditEntry.model_validate(event) for event in events]
+
+
+@router.delete(
+    "/sellers/{seller_id:path}",
+    tags=["sellers"],
+    response_model=SellerStatus,
+    responses=responses(Unauthorized, Forbidden, SellerNotFound),
+)
+async def unlink_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
+    """Unlink a seller: destroy its stored tokens, keep the row (as `unlinked`) for its history."""
+    apikeys.authorize(key, "sellers:admin", seller_id)
+    await sellers.unlink(rt, seller_id, "unlinked_by_platform", actor=key.name)
+    async with rt.sessions() as session:
+        seller = await session.get(Seller, seller_id)
+    if seller is None:
+        raise SellerNotFound(f"No seller {seller_id!r}.")
+    return SellerStatus.of(seller)
