@@ -16,9 +16,12 @@ async def test_sellers_are_listed_by_status_and_expiry_a_page_at_a_time(
     await sql.execute(
         "UPDATE sellers SET status = 'relink_required' WHERE seller_id = 'seller-00003'"
     )
-    seen, cursor = [], None
+    seen: list[str] = []
+    cursor: str | None = None
     for _ in range(5):  # bounded
-        params = {"limit": 2, "status": "linked"} | ({"cursor": cursor} if cursor else {})
+        params: dict[str, str | int] = {"limit": 2, "status": "linked"}
+        if cursor:
+            params["cursor"] = cursor
         page = (await broker.http.get("/sellers", params=params)).json()
         seen += [s["seller_id"] for s in page["items"]]
         cursor = page["next_cursor"]
