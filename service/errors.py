@@ -71,6 +71,32 @@ class RateLimited(BrokerError):
     code, status, title = "rate_limited", 429, "Too many requests; try again later"
 
 
+class MalformedBody(BrokerError):
+    code, status, title = "malformed_body", 400, "The request body cannot be read"
+
+
+class BodyTooLarge(BrokerError):
+    code, status, title = "body_too_large", 413, "The request body is too large"
+
+
+class UriTooLong(BrokerError):
+    code, status, title = "uri_too_long", 414, "The query string is too long"
+
+
+class HeadersTooLarge(BrokerError):
+    code, status, title = "headers_too_large", 431, "The request headers are too large"
+
+
+# What any route may answer before it runs (service/limits.py) or while reading a body.
+EARLY_REFUSALS: tuple[type[BrokerError], ...] = (
+    MalformedBody,
+    BodyTooLarge,
+    UriTooLong,
+    HeadersTooLarge,
+    RateLimited,
+)
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details, plus the broker's stable `code`."""
 
@@ -91,7 +117,7 @@ def problem_response(
 def responses(*errors: type[BrokerError]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` for a route: every error it can answer, with its `code`."""
     by_status: dict[int, list[type[BrokerError]]] = {}
-    documented: tuple[type[BrokerError], ...] = (InvalidRequest, *errors)
+    documented: tuple[type[BrokerError], ...] = (InvalidRequest, *EARLY_REFUSALS, *errors)
     for error in documented:
         by_status.setdefault(error.status, []).append(error)
     schema = Problem.model_json_schema()
@@ -136,17 +162,46 @@ def install(app: FastAPI) -> None:
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:  # FastAPI could not read the body (not UTF-8, say)
+            return problem_response(400, MalformedBody.code, MalformedBody.title, str(exc.detail))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         title = str(exc.detail)
         headers = dict(exc.headers) if exc.headers else None
         return problem_response(exc.status_code, code, title, title, headers)
 
-    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-        # Only the type reaches the log: messages of database or HTTP errors can hold values.
-        log.error("request.failed", extra={"fields": {"error": type(exc).__name__}})
-        return problem_response(500, "internal_error", BrokerError.title, BrokerError.title)
-
     app.add_exception_handler(BrokerError, broker_error)
-    app.add_exception_handler(Exception, unexpected_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+class CatchAll:
+    """Pure ASGI: an unexpected exception becomes a bare problem+json 500.
+
+    Starlette's own last-resort handler re-raises, and the server then logs a traceback whose
+    frames and messages (a database error quoting its parameters, say) could hold a secret. Here
+    only the exception's type is logged.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("request.failed", extra={"fields": {"error": type(exc).__name__}})
+            if not started:
+                failed = problem_response(
+                    500, BrokerError.code, BrokerError.title, BrokerError.title
+                )
+                await failed(scope, receive, send)

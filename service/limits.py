@@ -19,7 +19,13 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from service.config import Settings
-from service.errors import RateLimited, problem_response
+from service.errors import (
+    BodyTooLarge,
+    HeadersTooLarge,
+    RateLimited,
+    UriTooLong,
+    problem_response,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -100,13 +106,13 @@ class RequestLimits:
 
     def _refusal(self, scope: Scope) -> tuple[int, str, str, dict[str, str]] | None:
         if len(scope.get("query_string", b"")) > self.max_query:
-            return 414, "uri_too_long", "The query string is too long", {}
+            return UriTooLong.status, UriTooLong.code, UriTooLong.title, {}
         headers = scope.get("headers", [])
         if sum(len(n) + len(v) for n, v in headers) > self.max_headers:
-            return 431, "headers_too_large", "The request headers are too large", {}
+            return HeadersTooLarge.status, HeadersTooLarge.code, HeadersTooLarge.title, {}
         for name, value in headers:
             if name == b"content-length" and (not value.isdigit() or int(value) > self.max_body):
-                return 413, "body_too_large", "The request body is too large", {}
+                return BodyTooLarge.status, BodyTooLarge.code, BodyTooLarge.title, {}
         if scope["path"].startswith(SELLER_FACING):
             wait = self.addresses.take(client_address(scope, self.trusted))
             if wait:
@@ -128,10 +134,13 @@ class RequestLimits:
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
                     refused = True
-                    title = "The request body is too large"
-                    await problem_response(413, "body_too_large", title, title)(
-                        scope, receive, send
+                    too_large = problem_response(
+                        BodyTooLarge.status,
+                        BodyTooLarge.code,
+                        BodyTooLarge.title,
+                        BodyTooLarge.title,
                     )
+                    await too_large(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 

@@ -66,6 +66,7 @@ def create_app(
     )
     errors.install(app)
     app.add_middleware(RequestLimits, settings=settings)
+    app.add_middleware(errors.CatchAll)
     for router in (internal.router, seller.router, webhooks.router):
         summaries_from_docstrings(router.routes)
         app.include_router(router)

@@ -130,7 +130,7 @@ def test_an_empty_allowlist_accepts_no_return_url() -> None:
 
 
 async def test_an_unexpected_failure_is_a_problem_without_details(
-    broker: Broker, sql: asyncpg.Connection
+    broker: Broker, sql: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     await sql.execute(
         "INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token, "
@@ -142,3 +142,6 @@ async def test_an_unexpected_failure_is_a_problem_without_details(
     assert_problem(reply, 500, "internal_error")
     assert "gone" not in reply.text
     assert "Traceback" not in reply.text
+    # Logged as one line with the exception's type, never a traceback with its values.
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == ["request.failed"]
+    assert not [r for r in caplog.records if r.exc_info]

@@ -183,7 +183,7 @@ async def read_audit(
     seller_id: Annotated[str | None, Query(max_length=SELLER_ID_MAX)] = None,
     actor: Annotated[str | None, Query(max_length=100)] = None,
     before: Annotated[
-        int | None, Query(ge=1, description="Page: events older than this id")
+        int | None, Query(ge=1, le=2**63 - 1, description="Page: events older than this id")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[AuditEntry]:
