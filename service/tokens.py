@@ -125,7 +125,7 @@ async def report_invalid(rt: Runtime, seller_id: str) -> Seller:
         return seller
     async with transaction(rt.sessions) as session:
         # Only the token we checked: a refresh that landed meanwhile made it moot.
-        await session.execute(
+        marked = await session.execute(
             update(Seller)
             .where(Seller.seller_id == seller_id, Seller.version == seller.version)
             .values(
@@ -135,6 +135,9 @@ async def report_invalid(rt: Runtime, seller_id: str) -> Seller:
                 updated_at=rt.clock(),
             )
         )
-        audit.record(session, rt.clock(), "system", "seller.relink_required", seller_id, "revoked")
-    log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
+        if marked.rowcount:  # type: ignore[attr-defined]
+            audit.record(
+                session, rt.clock(), "system", "seller.relink_required", seller_id, "revoked"
+            )
+            log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
     return await _load(rt, seller_id)
