@@ -28,4 +28,4 @@ openapi: $(STAMP)  ## regenerate openapi/openapi.json from the app
 	$(BIN)/broker openapi
 
 clean:
-	rm -rf $(VENV) .broker .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .broker .pytest_cache .mypy_cache .ruff_cache .hypothesis

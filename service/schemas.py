@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # A seller id is the platform's own: 1-128 characters, `/`-separated segments of letters,
 # digits and `. _ : @ -`, each starting with a letter or digit (so `billing/42` can later be
@@ -30,7 +30,16 @@ class LinkStartRequest(BaseModel):
 
     seller_id: str = Field(pattern=SELLER_ID_PATTERN, min_length=1, max_length=SELLER_ID_MAX)
     return_url: str | None = Field(default=None, max_length=2048)
-    test: bool = False
+    test: bool = Field(default=False, strict=True)  # 0, "yes" or "true" are not booleans here
+
+    @field_validator("seller_id")
+    @classmethod
+    def _not_a_route_suffix(cls, value: str) -> str:
+        # `/sellers/{id}/token` is a route: a last segment `token` would make the seller's own
+        # `/sellers/{id}` unreachable.
+        if value.rsplit("/", 1)[-1] == "token":
+            raise ValueError("the last segment of a seller_id cannot be 'token'")
+        return value
 
 
 class LinkStartResponse(BaseModel):

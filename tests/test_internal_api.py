@@ -82,6 +82,9 @@ async def test_the_api_keys_table_holds_only_digests(
         {"seller_id": "a//b"},
         {"seller_id": "ok", "unknown": 1},
         {"seller_id": "ok", "test": "maybe"},
+        {"seller_id": "ok", "test": 0},
+        {"seller_id": "ok", "test": "true"},
+        {"seller_id": "billing/token"},
         {"seller_id": "ok", "return_url": "x" * 2049},
     ],
 )
