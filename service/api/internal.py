@@ -21,6 +21,7 @@ from service.errors import (
     responses,
 )
 from service.models import Seller
+from service.runtime import Runtime
 from service.schemas import (
     SELLER_ID_MAX,
     SELLER_ID_PATTERN,
@@ -164,6 +165,10 @@ async def list_sellers(
 async def get_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
     """Show a seller's link status, token expiry and last refresh; never a secret."""
     apikeys.authorize(key, "sellers:admin", seller_id)
+    return await _status(rt, seller_id)
+
+
+async def _status(rt: Runtime, seller_id: str) -> SellerStatus:
     async with rt.sessions() as session:
         seller = await session.get(Seller, seller_id)
     if seller is None:
@@ -206,8 +211,4 @@ async def unlink_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> 
     """Unlink a seller: destroy its stored tokens, keep the row (as `unlinked`) for its history."""
     apikeys.authorize(key, "sellers:admin", seller_id)
     await sellers.unlink(rt, seller_id, "unlinked_by_platform", actor=key.name)
-    async with rt.sessions() as session:
-        seller = await session.get(Seller, seller_id)
-    if seller is None:
-        raise SellerNotFound(f"No seller {seller_id!r}.")
-    return SellerStatus.of(seller)
+    return await _status(rt, seller_id)
