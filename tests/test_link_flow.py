@@ -212,3 +212,26 @@ async def test_an_account_change_is_allowed_when_configured(broker: Broker) -> N
     assert page.status_code == 200
     token = (await broker.http.get(f"/sellers/{SELLER}/token")).json()
     assert token["mp_user_id"] == 2002
+
+
+@pytest.mark.parametrize(
+    ("accept_language", "lang", "title"),
+    [
+        ("es-AR,es;q=0.9,en;q=0.5", "es", "Tu cuenta quedó vinculada"),
+        ("pt-BR", "pt", "Sua conta foi vinculada"),
+        ("fr-FR, en;q=0.1", "en", "Your account is linked"),
+        (None, "en", "Your account is linked"),
+    ],
+)
+async def test_seller_pages_speak_the_browsers_language(
+    broker: Broker, accept_language: str | None, lang: str, title: str
+) -> None:
+    async with SellerBrowser() as browser:
+        if accept_language:
+            browser.http.headers["accept-language"] = accept_language
+        page = await browser.link(await broker.start_link(SELLER))
+    assert page.status_code == 200
+    assert f'<html lang="{lang}">' in page.text
+    assert title in page.text
+    assert page.headers["content-language"] == lang
+    assert "Connected apps" in page.text or "conectad" in page.text  # where to remove access

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Cookie, Path, Query
+from fastapi import APIRouter, Cookie, Header, Path, Query
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from service import linking, pages
@@ -38,6 +38,7 @@ def _binder(plain: str | None, secure: str | None, https: bool) -> str | None:
 async def open_link(
     token: Annotated[str, Path(max_length=64)],
     rt: RuntimeDep,
+    accept_language: Annotated[str | None, Header(include_in_schema=False)] = None,
     mpb_link: Annotated[str | None, Cookie(include_in_schema=False)] = None,
     host_mpb_link: Annotated[
         str | None, Cookie(alias=SECURE_COOKIE, include_in_schema=False)
@@ -47,7 +48,7 @@ async def open_link(
     https = rt.settings.secure_cookies
     opened = await linking.open_link(rt, token, _binder(mpb_link, host_mpb_link, https))
     if isinstance(opened, linking.CallbackResult):
-        return pages.page(opened.result)
+        return pages.page(opened.result, pages.language(accept_language))
     url, binder = opened
     response = RedirectResponse(url, status_code=302, headers=pages.SECURITY_HEADERS)
     response.set_cookie(
@@ -76,6 +77,7 @@ async def open_link(
 )
 async def oauth_callback(
     rt: RuntimeDep,
+    accept_language: Annotated[str | None, Header(include_in_schema=False)] = None,
     state: Annotated[str | None, Query(max_length=512)] = None,
     code: Annotated[str | None, Query(max_length=512)] = None,
     error: Annotated[str | None, Query(max_length=256)] = None,
@@ -87,4 +89,4 @@ async def oauth_callback(
     """Mercado Pago's redirect back: checks state and browser, exchanges the code, stores tokens."""
     binder = _binder(mpb_link, host_mpb_link, rt.settings.secure_cookies)
     result = await linking.handle_callback(rt, state, code, error, binder)
-    return pages.respond(result)
+    return pages.respond(result, pages.language(accept_language))
