@@ -83,13 +83,13 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
     url = db.database_url(settings)
     migrate(url)
     if not settings.production:
-        key = asyncio.run(_dev_key(settings))
+        key = asyncio.run(_dev_key(settings, url))
         print(demo.banner(settings, key, simulated), flush=True)
     asyncio.run(_serve(settings, url, simulated))
 
 
-async def _dev_key(settings: Settings) -> str:
-    async with _sessions(settings) as sessions:
+async def _dev_key(settings: Settings, url: str) -> str:
+    async with _sessions(settings, url) as sessions:
         return await demo.dev_api_key(sessions, settings.broker_data_dir)
 
 
@@ -211,9 +211,11 @@ def cmd_simulator(settings: Settings, args: argparse.Namespace) -> None:
 
 
 @asynccontextmanager
-async def _sessions(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    """A small engine for one command."""
-    engine = db.make_engine(db.database_url(settings), "broker-cli", pool_size=1)
+async def _sessions(
+    settings: Settings, url: str | None = None
+) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """A small engine for one command (`url` when the caller already resolved the database)."""
+    engine = db.make_engine(url or db.database_url(settings), "broker-cli", pool_size=1)
     try:
         yield db.make_sessionmaker(engine)
     finally:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import audit, pkce
+from service import audit, logs, pkce
 from service.crypto import context
 from service.db import transaction
 from service.errors import InvalidRequest, LiveModeMismatch
@@ -72,7 +72,7 @@ class CallbackResult:
 
 
 def _event(name: str, **fields: object) -> None:
-    log.info(name, extra={"fields": fields})
+    logs.event(log, name, fields)
 
 
 # -- return_url ----------------------------------------------------------------------------

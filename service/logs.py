@@ -40,6 +40,13 @@ class TextFormatter(logging.Formatter):
         return f"{stamp} {record.levelname:<7} {record.getMessage()} {pairs}".rstrip()
 
 
+def event(
+    logger: logging.Logger, name: str, fields: dict[str, object], level: int = logging.INFO
+) -> None:
+    """One structured log line: an event name and its fields (never a secret)."""
+    logger.log(level, name, extra={"fields": fields})
+
+
 def configure(json_lines: bool, level: int | str = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlencode
@@ -71,7 +71,6 @@ class TokenSet:
     public_key: str | None
     live_mode: bool | None
     token_type: str = "bearer"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"TokenSet(user_id={self.user_id}, expires_in={self.expires_in})"

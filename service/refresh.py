@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError
 
-from service import audit, breaker, policy
+from service import audit, breaker, logs, policy
 from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
 from service.db import transaction
@@ -85,7 +85,7 @@ def fingerprint(refresh_token: str) -> str:
 
 
 def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
-    log.log(level, name, extra={"fields": fields})
+    logs.event(log, name, fields, level)
 
 
 class RateLimiter:
