@@ -4,7 +4,10 @@ Application-wide errors (`invalid_client`, ...) mean our credentials or configur
 not a seller's grant; a burst of `invalid_grant` smells of a bad deploy. Either trips the
 breaker: refreshing for that `client_id` pauses everywhere and no seller changes status. After
 `BROKER_BREAKER_PROBE_SECONDS` one refresh goes through as a probe; its success closes it.
-`broker refresher resume` closes it by hand.
+`broker breaker close` closes it by hand.
+
+Above the breakers sits the operator's switch, `broker refresher pause|resume`: one row in
+`refresh_pause` that every process checks before every claim and every send.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db import transaction
-from service.models import AppBreaker
+from service.models import AppBreaker, RefreshPause
 
 log = logging.getLogger("broker.breaker")
 
@@ -34,6 +37,8 @@ async def gate(
     sessions: async_sessionmaker[AsyncSession], client_id: str, now: datetime, probe_seconds: int
 ) -> Gate:
     async with transaction(sessions) as session:
+        if await session.get(RefreshPause, 1) is not None:
+            return Gate.OPEN  # paused by an operator: no probe either
         breaker = await session.get(AppBreaker, client_id)
         if breaker is None:
             return Gate.CLOSED
@@ -83,6 +88,35 @@ async def close(sessions: async_sessionmaker[AsyncSession], client_id: str | Non
 
 async def open_breakers(session: AsyncSession) -> list[AppBreaker]:
     return list(await session.scalars(select(AppBreaker)))
+
+
+async def pause(
+    sessions: async_sessionmaker[AsyncSession], now: datetime, by: str, reason: str | None
+) -> bool:
+    """Pause all refreshing on every process; False when it was already paused."""
+    async with transaction(sessions) as session:
+        result = await session.execute(
+            insert(RefreshPause)
+            .values(id=1, paused_at=now, paused_by=by, reason=reason)
+            .on_conflict_do_nothing()
+        )
+    paused = bool(result.rowcount)  # type: ignore[attr-defined]
+    if paused:
+        log.warning("refresh.paused", extra={"fields": {"by": by, "reason": reason}})
+    return paused
+
+
+async def resume(sessions: async_sessionmaker[AsyncSession]) -> bool:
+    async with transaction(sessions) as session:
+        result = await session.execute(delete(RefreshPause))
+    resumed = bool(result.rowcount)  # type: ignore[attr-defined]
+    if resumed:
+        log.warning("refresh.resumed", extra={"fields": {}})
+    return resumed
+
+
+async def current_pause(session: AsyncSession) -> RefreshPause | None:
+    return await session.get(RefreshPause, 1)
 
 
 class Burst:

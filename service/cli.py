@@ -1,4 +1,4 @@
-"""`broker` — the command line: run, serve, migrate, simulator, api-keys, openapi."""
+"""`broker`: the command line. `broker --help` and `broker <command> --help` say the rest."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import uvicorn
 from alembic import command
 from alembic.config import Config
@@ -24,7 +26,7 @@ from service.crypto import generate_key_spec
 from service.db import transaction
 from service.runtime import load_keyring, utcnow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = db.ROOT
 
 
 def migrate(url: str) -> None:
@@ -101,6 +103,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 
 
 async def _refresher(settings: Settings, url: str) -> None:
+    from service import events, observe
     from service.refresh import Refresher
     from service.runtime import Runtime
 
@@ -110,16 +113,126 @@ async def _refresher(settings: Settings, url: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if settings.broker_refresher_metrics_port:
+        # This process has no API: its counters get a /metrics server of their own.
+        prometheus_client.start_http_server(
+            settings.broker_refresher_metrics_port, settings.broker_host
+        )
+    health = observe.Health(settings.broker_readiness_grace_seconds)
     try:
-        await refresher.run(stop)
+        await asyncio.gather(
+            refresher.run(stop),
+            events.Dispatcher(runtime).run(stop),
+            observe.watch(health, runtime, stop),
+        )
     finally:
         await runtime.close()  # waits for refreshes in flight to store their pairs
 
 
+async def _pause_switch(settings: Settings, action: str, reason: str | None) -> None:
+    from service import breaker
+
+    async with _sessions(settings) as sessions:
+        if action == "pause":
+            done = await breaker.pause(sessions, utcnow(), "cli", reason)
+            print(
+                "paused: no process refreshes until `broker refresher resume`"
+                if done
+                else "already paused"
+            )
+        elif action == "resume":
+            done = await breaker.resume(sessions)
+            print("resumed: due sellers are refreshed again" if done else "was not paused")
+        else:
+            async with sessions() as session:
+                pause = await breaker.current_pause(session)
+            print(
+                f"paused since {pause.paused_at:%Y-%m-%d %H:%M:%S}Z by {pause.paused_by}"
+                f" ({pause.reason or 'no reason given'})"
+                if pause
+                else "running"
+            )
+
+
 def cmd_refresher(settings: Settings, args: argparse.Namespace) -> None:
+    if args.action != "run":
+        asyncio.run(_pause_switch(settings, args.action, args.reason))
+        return
     if settings.uses_simulator:
         settings = demo.with_simulator(settings)
     asyncio.run(_refresher(settings, db.database_url(settings)))
+
+
+async def _events(settings: Settings, args: argparse.Namespace) -> None:
+    from service import events
+
+    async with _sessions(settings) as sessions:
+        if args.action == "replay":
+            if not args.event_ids and not args.all_failed:
+                sys.exit("name event ids, or --all-failed")
+            count = await events.replay(
+                sessions, settings, utcnow(), args.event_ids, args.all_failed
+            )
+            print(f"queued {count} delivery(ies) again")
+            return
+        async with sessions() as session:
+            rows = await events.list_events(session, args.failed, args.limit)
+    for event, delivery in rows:
+        state = (
+            f"{delivery.subscriber}:{delivery.state} x{delivery.attempts}"
+            f"{' ' + delivery.last_error if delivery.last_error else ''}"
+            if delivery
+            else "no subscriber"
+        )
+        print(
+            f"{event.created_at:%Y-%m-%d %H:%M:%S}\t{event.id}\t{event.type}\t"
+            f"{event.seller_id}@v{event.seller_version}\t{state}"
+        )
+
+
+def cmd_events(settings: Settings, args: argparse.Namespace) -> None:
+    asyncio.run(_events(settings, args))
+
+
+async def _sellers(settings: Settings, args: argparse.Namespace) -> None:
+    from service import sellers
+    from service.models import Seller
+    from service.runtime import Runtime
+    from service.schemas import SellerStatus
+
+    if args.action == "unlink":
+        if settings.uses_simulator:
+            settings = demo.with_simulator(settings)
+        rt = Runtime.build(settings, db.database_url(settings), application_name="broker-cli")
+        try:
+            done = await sellers.unlink(rt, args.seller_id, args.reason, actor="cli")
+        finally:
+            await rt.close()
+        print(f"unlinked {args.seller_id}" if done else f"no linked seller {args.seller_id!r}")
+        if not done:
+            sys.exit(1)
+        return
+    async with _sessions(settings) as sessions, sessions() as session:
+        if args.action == "show":
+            seller = await session.get(Seller, args.seller_id)
+            if seller is None:
+                sys.exit(f"no seller {args.seller_id!r}")
+            print(SellerStatus.of(seller).model_dump_json(indent=2))
+            return
+        query = sellers.page_query(None, args.status, args.expiring_before, None, args.limit)
+        found = list(await session.scalars(query))
+    for seller in found[: args.limit]:
+        print(
+            f"{seller.seller_id}\t{seller.status}"
+            f"{'(' + seller.status_reason + ')' if seller.status_reason else ''}\t"
+            f"expires {seller.expires_at:%Y-%m-%d %H:%M}Z\tv{seller.version}"
+        )
+    if len(found) > args.limit:
+        print(f"... more than {args.limit}; use --limit or GET /sellers with a cursor")
+
+
+def cmd_sellers(settings: Settings, args: argparse.Namespace) -> None:
+    asyncio.run(_sellers(settings, args))
 
 
 async def _breakers(settings: Settings, close: bool, client_id: str | None) -> None:
@@ -265,11 +378,52 @@ def cmd_openapi(settings: Settings, args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="broker", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="migrate, then serve (with the simulator when no MP credentials)")
+    for name in ("run", "dev"):
+        sub.add_parser(
+            name,
+            help="migrate, then serve API + refresher (the demo, on the built-in simulator and "
+            "embedded PostgreSQL, when no MP credentials are set)",
+        )
     sub.add_parser("serve", help="serve the API")
     sub.add_parser("migrate", help="apply the Alembic migrations")
     sub.add_parser("simulator", help="run the Mercado Pago simulator (dev only)")
-    sub.add_parser("refresher", help="run the background refresher")
+    refresher = sub.add_parser(
+        "refresher", help="run the background refresher, or pause/resume it everywhere"
+    )
+    refresher.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=("run", "pause", "resume", "status"),
+        help="run (default): refresh due sellers and deliver events; pause/resume: the "
+        "global switch, obeyed by every process at its next claim; status: show it",
+    )
+    refresher.add_argument("--reason", help="why (with pause; shown by status)")
+    events_cmd = sub.add_parser("events", help="events to internal services").add_subparsers(
+        dest="action", required=True
+    )
+    listed = events_cmd.add_parser("list", help="newest events first, with delivery state")
+    listed.add_argument("--failed", action="store_true", help="only deliveries parked as failed")
+    listed.add_argument("--limit", type=int, default=50)
+    replay = events_cmd.add_parser("replay", help="deliver events again")
+    replay.add_argument("event_ids", nargs="*", help="events to send again to every subscriber")
+    replay.add_argument("--all-failed", action="store_true", help="every failed delivery")
+    sellers_cmd = sub.add_parser("sellers", help="linked sellers").add_subparsers(
+        dest="action", required=True
+    )
+    seller_list = sellers_cmd.add_parser("list", help="sellers in seller_id order")
+    seller_list.add_argument("--status", choices=("linked", "relink_required", "unlinked"))
+    seller_list.add_argument(
+        "--expiring-before", type=datetime.fromisoformat, help="ISO date, e.g. 2027-01-31"
+    )
+    seller_list.add_argument("--limit", type=int, default=100)
+    seller_show = sellers_cmd.add_parser("show", help="one seller's status (never a secret)")
+    seller_show.add_argument("seller_id")
+    seller_unlink = sellers_cmd.add_parser(
+        "unlink", help="destroy a seller's stored tokens (local: Mercado Pago has no revoke)"
+    )
+    seller_unlink.add_argument("seller_id")
+    seller_unlink.add_argument("--reason", default="unlinked_by_operator")
     audit_cmd = sub.add_parser("audit", help="the audit trail").add_subparsers(
         dest="action", required=True
     )
@@ -308,6 +462,9 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "run": cmd_run,
+    "dev": cmd_run,
+    "events": cmd_events,
+    "sellers": cmd_sellers,
     "serve": cmd_serve,
     "migrate": cmd_migrate,
     "simulator": cmd_simulator,

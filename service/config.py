@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Values people paste from examples; never acceptable in production.
@@ -21,6 +21,14 @@ PLACEHOLDERS = {"", "changeme", "change-me", "secret", "xxx", "todo", "placehold
 LEASE_MARGIN_SECONDS = 5
 
 KEY_SPEC = re.compile(r"^[A-Za-z0-9_-]{1,16}:[A-Za-z0-9_-]{43}=?$")
+
+
+class Subscriber(BaseModel):
+    """An internal service that receives the broker's events (README: "Events")."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    url: str = Field(pattern=r"^https?://")
+    secret: SecretStr = Field(min_length=16)
 
 
 class Settings(BaseSettings):
@@ -78,6 +86,19 @@ class Settings(BaseSettings):
     broker_audit_flush_seconds: float = Field(default=5.0, gt=0, le=300)
     broker_audit_retention_days: int = Field(default=365, ge=1)
     broker_attempt_retention_days: int = Field(default=30, ge=1)
+    # Events to internal services (service/events.py).
+    broker_event_subscribers: list[Subscriber] = []
+    broker_event_retry_hours: float = Field(default=24.0, gt=0, le=24 * 30)
+    broker_event_backoff_base_seconds: float = Field(default=5.0, gt=0)
+    broker_event_backoff_max_seconds: float = Field(default=900.0, gt=0)
+    broker_event_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    broker_event_concurrency: int = Field(default=8, ge=1, le=128)
+    broker_expiring_soon_days: float = Field(default=7.0, gt=0)
+    # Observability (service/observe.py).
+    broker_readiness_grace_seconds: float = Field(default=30.0, ge=0)
+    broker_db_check_seconds: float = Field(default=2.0, gt=0, le=60)
+    broker_metrics_db_seconds: float = Field(default=15.0, gt=0)
+    broker_refresher_metrics_port: int = Field(default=9464, ge=0, le=65535)  # 0: none
     broker_log_format: Literal["auto", "json", "text"] = "auto"
     broker_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -121,6 +142,14 @@ class Settings(BaseSettings):
             return "postgresql+asyncpg://" + value.split("://", 1)[1]
         if value and not value.startswith("postgresql+asyncpg://"):
             raise ValueError("DATABASE_URL must be a postgresql+asyncpg:// URL")
+        return value
+
+    @field_validator("broker_event_subscribers")
+    @classmethod
+    def _subscriber_names_unique(cls, value: list[Subscriber]) -> list[Subscriber]:
+        names = [subscriber.name for subscriber in value]
+        if len(names) != len(set(names)):
+            raise ValueError("BROKER_EVENT_SUBSCRIBERS names must be unique")
         return value
 
     @model_validator(mode="after")

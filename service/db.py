@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import cache
+from pathlib import Path
 
+from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -14,6 +18,8 @@ from sqlalchemy.ext.asyncio import (
 
 from service import embedded
 from service.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent  # where alembic/ and alembic.ini live
 
 
 def database_url(settings: Settings) -> str:
@@ -43,3 +49,25 @@ async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterat
     """A short unit of work: commits on success, rolls back on any exception."""
     async with sessions() as session, session.begin():
         yield session
+
+
+@cache
+def head_revision() -> str:
+    """The newest Alembic revision this code ships (what `broker migrate` brings a schema to)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(ROOT / "alembic"))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+async def schema_revision(session: AsyncSession) -> str | None:
+    try:
+        revision: str | None = await session.scalar(text("SELECT version_num FROM alembic_version"))
+        return revision
+    except ProgrammingError:  # no alembic_version table: never migrated
+        await session.rollback()
+        return None

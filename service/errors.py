@@ -13,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
@@ -67,6 +69,10 @@ class UpstreamUnavailable(BrokerError):
     code, status, title = "upstream_unavailable", 503, "Mercado Pago cannot refresh the token now"
 
 
+class DatabaseUnavailable(BrokerError):
+    code, status, title = "database_unavailable", 503, "The broker's database is unavailable"
+
+
 class RateLimited(BrokerError):
     code, status, title = "rate_limited", 429, "Too many requests; try again later"
 
@@ -87,14 +93,30 @@ class HeadersTooLarge(BrokerError):
     code, status, title = "headers_too_large", 431, "The request headers are too large"
 
 
-# What any route may answer before it runs (service/limits.py) or while reading a body.
+# What any route may answer before it runs (service/limits.py), while reading a body, or
+# while the database is out of reach (CatchAll).
 EARLY_REFUSALS: tuple[type[BrokerError], ...] = (
     MalformedBody,
     BodyTooLarge,
     UriTooLong,
     HeadersTooLarge,
     RateLimited,
+    DatabaseUnavailable,
 )
+DATABASE_RETRY_AFTER_SECONDS = 2
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """Whether `exc` means "the database cannot be reached now" (a 503), not a bug (a 500)."""
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout, OSError, TimeoutError)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    # asyncpg's own classes (ConnectionDoesNotExistError, CannotConnectNowError, ...).
+    return isinstance(cause, (OSError, TimeoutError)) or any(
+        name in type(cause).__name__ for name in ("Connection", "CannotConnect")
+    )
 
 
 class Problem(BaseModel):
@@ -200,8 +222,18 @@ class CatchAll:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
             log.error("request.failed", extra={"fields": {"error": type(exc).__name__}})
-            if not started:
+            if started:
+                return
+            if is_database_outage(exc):
+                failed = problem_response(
+                    503,
+                    DatabaseUnavailable.code,
+                    DatabaseUnavailable.title,
+                    "Try again shortly.",
+                    {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+                )
+            else:
                 failed = problem_response(
                     500, BrokerError.code, BrokerError.title, BrokerError.title
                 )
-                await failed(scope, receive, send)
+            await failed(scope, receive, send)

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import audit, logs, pkce
+from service import audit, events, logs, metrics, pkce
 from service.crypto import context
 from service.db import transaction
 from service.errors import InvalidRequest, LiveModeMismatch
@@ -221,6 +221,18 @@ async def handle_callback(
     error: str | None,
     binder: str | None,
 ) -> CallbackResult:
+    result = await _handle_callback(rt, state, code, error, binder)
+    metrics.LINK_ATTEMPTS.labels(result.result).inc()
+    return result
+
+
+async def _handle_callback(
+    rt: Runtime,
+    state: str | None,
+    code: str | None,
+    error: str | None,
+    binder: str | None,
+) -> CallbackResult:
     if not state or not (code or error):
         _event("callback.refused", reason=Refusal.INVALID_CALLBACK)
         return CallbackResult(Refusal.INVALID_CALLBACK)
@@ -293,6 +305,7 @@ async def _exchange_and_store(rt: Runtime, claimed: _Claimed, code: str) -> Outc
         outcome, error = Outcome.EXCHANGE_FAILED, exc.error
     else:
         outcome = await _store_tokens(rt, claimed, tokens, sent_at)
+    metrics.TOKEN_EXCHANGES.labels(outcome).inc()
     if outcome not in SUCCESS:
         async with transaction(rt.sessions) as session:
             attempt = await session.get(LinkAttempt, claimed.attempt_id)
@@ -391,4 +404,5 @@ async def _upsert_seller(
     audit.record(
         session, now, "seller", f"seller.{outcome}", claimed.seller_id, f"mp_user_id={user_id}"
     )
+    events.emit_for(session, rt.settings, now, f"seller.{outcome}", seller)
     return outcome

@@ -7,16 +7,23 @@ HTTP libraries, which can echo URLs or bodies).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
+# The request being handled (set by service.observe.Observe): every line logged for it says so.
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    fields = getattr(record, "fields", None)
-    return {k: v for k, v in (fields or {}).items() if v is not None}
+    fields = {k: v for k, v in (getattr(record, "fields", None) or {}).items() if v is not None}
+    rid = request_id.get()
+    if rid is not None:
+        fields.setdefault("request_id", rid)
+    return fields
 
 
 class JsonFormatter(logging.Formatter):

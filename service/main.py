@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import BaseRoute
 
-from service import db, errors
+from service import db, errors, events, observe
 from service.api import internal, seller, webhooks
 from service.config import Settings, get_settings
 from service.limits import RequestLimits
@@ -34,6 +36,7 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     settings = settings or get_settings()
+    health = observe.Health(settings.broker_readiness_grace_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,13 +50,16 @@ def create_app(
         background = [
             asyncio.create_task(
                 runtime.reads.run(runtime.sessions, stop, settings.broker_audit_flush_seconds)
-            )
+            ),
+            asyncio.create_task(observe.watch(health, runtime, stop)),
         ]
         if settings.broker_serve_refresher:
             background.append(asyncio.create_task(refresher.run(stop)))
+            background.append(asyncio.create_task(events.Dispatcher(runtime).run(stop)))
         try:
             yield
         finally:
+            health.stopping = True  # /readyz fails at once: the balancer drains this replica
             stop.set()  # no new claims; close() then waits for refreshes in flight to store
             await asyncio.gather(*background)
             await runtime.close()
@@ -67,14 +73,45 @@ def create_app(
     errors.install(app)
     app.add_middleware(RequestLimits, settings=settings)
     app.add_middleware(errors.CatchAll)
+    app.add_middleware(observe.Observe)  # outermost: counts refusals and failures too
     for router in (internal.router, seller.router, webhooks.router):
         summaries_from_docstrings(router.routes)
         app.include_router(router)
 
-    @app.get("/healthz", tags=["operations"])
+    @app.get("/healthz", tags=["operations"], responses=errors.responses())
     async def healthz() -> dict[str, str]:
-        """Answers while the process is alive."""
+        """Liveness: answers while the process is alive."""
         return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        responses={
+            503: {
+                "description": "Not ready: `shutting_down`, `schema_behind` or "
+                "`database_unreachable` (longer than BROKER_READINESS_GRACE_SECONDS)",
+                "content": {"application/json": {"example": {"status": "schema_behind"}}},
+            },
+            **errors.responses(),
+        },
+    )
+    async def readyz() -> JSONResponse:
+        """Readiness: able to serve (schema at head, database reachable within the grace)."""
+        ready, status = health.ready()
+        return JSONResponse({"status": status}, status_code=200 if ready else 503)
+
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=PlainTextResponse,
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST: {"example": "broker_database_up 1.0\n"}}},
+            **errors.responses(),
+        },
+    )
+    async def metrics_endpoint() -> Response:
+        """Prometheus metrics of this process (see ops/ for the dashboard and alerts)."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     summaries_from_docstrings(app.routes)
     return app

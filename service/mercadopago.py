@@ -19,13 +19,17 @@ after a lost reply burns them (the official SDKs retry, which is exactly that bu
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlencode
 
 import httpx
+
+from service import metrics
 
 APPLICATION_ERRORS = {
     "invalid_client",
@@ -147,6 +151,16 @@ class OAuthApp:
         return f"{self.auth_url}?{urlencode(params)}"
 
 
+@contextmanager
+def _timed(endpoint: str) -> Iterator[None]:
+    """Upstream latency, failures and timeouts included (they are what an outage looks like)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.UPSTREAM_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
+
+
 class MercadoPagoClient:
     def __init__(
         self, http: httpx.AsyncClient, timeout: float, clock: Callable[[], datetime]
@@ -206,10 +220,11 @@ class MercadoPagoClient:
         sent_at = self.clock()  # expires_at counts from when the request left, not the reply
         try:
             # One deadline for connect + send + read: a slow drip cannot stretch it.
-            async with asyncio.timeout(self.timeout):
-                reply = await self.http.post(
-                    app.token_url, data=form, headers={"Accept": "application/json"}
-                )
+            with _timed("oauth_token"):
+                async with asyncio.timeout(self.timeout):
+                    reply = await self.http.post(
+                        app.token_url, data=form, headers={"Accept": "application/json"}
+                    )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             # No connection, so nothing was sent.
             raise TransientUpstreamError(type(exc).__name__, not_sent=True) from None
@@ -226,14 +241,15 @@ class MercadoPagoClient:
     async def token_works(self, api_url: str, access_token: str) -> bool:
         """Whether Mercado Pago still accepts an access token (`GET /users/me`)."""
         try:
-            async with asyncio.timeout(self.timeout):
-                reply = await self.http.get(
-                    f"{api_url.rstrip('/')}/users/me",
-                    headers={
-                        "Authorization": f"Bearer {access_token}",
-                        "Accept": "application/json",
-                    },
-                )
+            with _timed("users_me"):
+                async with asyncio.timeout(self.timeout):
+                    reply = await self.http.get(
+                        f"{api_url.rstrip('/')}/users/me",
+                        headers={
+                            "Authorization": f"Bearer {access_token}",
+                            "Accept": "application/json",
+                        },
+                    )
         except (TimeoutError, httpx.HTTPError) as exc:
             raise TransientUpstreamError(type(exc).__name__) from None
         if reply.status_code == 200:

@@ -15,7 +15,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 Timestamp = TIMESTAMP(timezone=True)
@@ -115,6 +115,8 @@ class Seller(Base):
     attempt_fingerprint: Mapped[str | None] = mapped_column(String(16))
     attempt_sent_at: Mapped[datetime | None] = mapped_column(Timestamp)
     attempt_outcome: Mapped[str | None] = mapped_column(String(16))
+    # The `version` a `seller.expiring_soon` event was last sent for: one event per token pair.
+    expiring_notified_version: Mapped[int | None] = mapped_column(BigInteger)
     # The rotation counter: bumped by every new token pair, guards every token write.
     version: Mapped[int] = mapped_column(BigInteger, server_default=text("1"))
     linked_at: Mapped[datetime] = mapped_column(Timestamp)
@@ -166,3 +168,54 @@ class AuditEvent(Base):
     seller_id: Mapped[str | None] = mapped_column(String(128), index=True)
     detail: Mapped[str | None] = mapped_column(String(200))
     count: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+
+
+class RefreshPause(Base):
+    """The operator's switch (`broker refresher pause`): while this row exists, no process
+    refreshes any seller (background or on read). Tokens still valid go on being served."""
+
+    __tablename__ = "refresh_pause"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1: one switch
+    paused_at: Mapped[datetime] = mapped_column(Timestamp)
+    paused_by: Mapped[str] = mapped_column(String(100))
+    reason: Mapped[str | None] = mapped_column(String(200))
+
+
+class Event(Base):
+    """The transactional outbox: written in the same transaction as the change it reports."""
+
+    __tablename__ = "events"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # receivers de-duplicate on it
+    type: Mapped[str] = mapped_column(String(40))
+    seller_id: Mapped[str] = mapped_column(String(128), index=True)
+    seller_version: Mapped[int] = mapped_column(BigInteger)  # receivers order on it
+    data: Mapped[dict[str, object]] = mapped_column(JSONB)  # never a token
+    created_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+
+
+class EventDelivery(Base):
+    """One event for one subscriber: pending until delivered, or failed once retries run out."""
+
+    __tablename__ = "event_deliveries"
+
+    event_id: Mapped[str] = mapped_column(
+        ForeignKey("events.id", ondelete="CASCADE"), primary_key=True
+    )
+    subscriber: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(Timestamp)
+    give_up_at: Mapped[datetime] = mapped_column(Timestamp)
+    last_error: Mapped[str | None] = mapped_column(String(64))
+    delivered_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    __table_args__ = (
+        # The dispatcher's work queue: only pending deliveries are ever claimed.
+        Index(
+            "ix_event_deliveries_next_attempt_at_pending",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+        ),
+    )

@@ -35,10 +35,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
-from service import audit, breaker, logs, policy
+from service import audit, breaker, events, logs, metrics, policy
 from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
 from service.db import transaction
@@ -49,13 +49,14 @@ from service.mercadopago import (
     TokenSet,
     TransientUpstreamError,
 )
-from service.models import AppBreaker, Seller
+from service.models import AppBreaker, RefreshPause, Seller
 from service.runtime import Runtime
 
 log = logging.getLogger("broker.refresh")
 
 NOT_SENT_RETRIES = 2  # extra sends when the request surely never reached Mercado Pago
 PRUNE_EVERY_SECONDS = 3600
+EXPIRING_EVERY_SECONDS = 300  # how often to look for tokens that will lapse unrefreshed
 
 
 class Outcome(StrEnum):
@@ -141,12 +142,15 @@ class Refresher:
         active: set[asyncio.Task[Outcome]] = set()
         cap = self.settings.broker_refresh_concurrency
         _event("refresher.started", owner=self.owner, concurrency=cap)
-        next_prune = 0.0
+        next_prune = next_expiring = 0.0
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             if loop.time() >= next_prune:  # retention, hourly, from whichever refresher runs
                 next_prune = loop.time() + PRUNE_EVERY_SECONDS
                 await self._prune()
+            if loop.time() >= next_expiring:
+                next_expiring = loop.time() + EXPIRING_EVERY_SECONDS
+                await self._notify_expiring()
             free = cap - len(active)
             claims: Sequence[Claim] = []
             if free > 0:
@@ -191,6 +195,15 @@ class Refresher:
             return
         if events or attempts:
             _event("retention.pruned", audit_events=events, link_attempts=attempts)
+
+    async def _notify_expiring(self) -> None:
+        try:
+            sent = await events.notify_expiring(self.rt.sessions, self.settings, self.rt.clock())
+        except Exception as exc:
+            _event("expiring.scan_failed", logging.ERROR, error=type(exc).__name__)
+            return
+        if sent:
+            _event("expiring.notified", logging.WARNING, sellers=sent)
 
     def _start(self, seller_id: str, work: Any) -> asyncio.Task[Outcome]:
         task: asyncio.Task[Outcome] = self.rt.spawn(work)
@@ -238,6 +251,7 @@ class Refresher:
     async def _claim_due(self, limit: int) -> Sequence[Claim]:
         now = self.rt.clock()
         paused = select(AppBreaker.client_id).where(AppBreaker.probe_after > now)
+        switched_off = exists(select(RefreshPause.id))  # `broker refresher pause`
         # SKIP LOCKED: concurrent refreshers each take different due rows, never wait on them.
         due = (
             select(Seller.seller_id)
@@ -246,6 +260,7 @@ class Refresher:
                 Seller.next_refresh_at <= now,
                 Seller.client_id == self.rt.oauth.client_id,
                 Seller.client_id.not_in(paused),
+                ~switched_off,
                 self._lease_free(now),
             )
             .order_by(Seller.next_refresh_at)
@@ -302,6 +317,7 @@ class Refresher:
         )
         if gate == breaker.Gate.OPEN:
             await self._release(claim)
+            metrics.REFRESHES.labels(Outcome.PAUSED, "").inc()
             return Outcome.PAUSED
         await self._record_attempt(claim)
         try:
@@ -377,6 +393,7 @@ class Refresher:
                 _event("refresh.superseded", logging.WARNING, seller_id=claim.seller_id)
                 return Outcome.RACED
             recovered = seller.status == "relink_required"
+            was_failing = recovered or seller.refresh_failures > 0
             seller.access_token = self.rt.keyring.seal(tokens.access_token, ctx("access_token"))
             if tokens.refresh_token is not None:  # a reply without one keeps the old one
                 seller.refresh_token = self.rt.keyring.seal(
@@ -399,6 +416,9 @@ class Refresher:
             seller.updated_at = now
             outcome = Outcome.RECOVERED if recovered else Outcome.REFRESHED
             audit.record(session, now, "system", f"seller.{outcome}", claim.seller_id)
+            if was_failing:  # closes a token.refresh_failed or a relink_required
+                events.emit_for(session, self.settings, now, "seller.recovered", seller)
+        metrics.REFRESHES.labels(outcome, "").inc()
         _event(f"refresh.{outcome}", seller_id=claim.seller_id, version=claim.version + 1)
         return outcome
 
@@ -411,6 +431,7 @@ class Refresher:
             seller = await session.get(Seller, claim.seller_id, with_for_update=True)
             if seller is None or seller.version != claim.version:
                 _event("refresh.raced", seller_id=claim.seller_id)
+                metrics.REFRESHES.labels(Outcome.RACED, exc.error).inc()
                 return Outcome.RACED  # someone rotated first: a race, not a revocation
             seller.status, seller.status_reason = "relink_required", reason
             seller.attempt_outcome = "invalid_grant"
@@ -421,6 +442,8 @@ class Refresher:
             if seller.lease_owner == self.owner:
                 seller.lease_owner = seller.lease_until = None
             audit.record(session, now, "system", "seller.relink_required", claim.seller_id, reason)
+            events.emit_for(session, self.settings, now, "seller.relink_required", seller)
+        metrics.REFRESHES.labels(Outcome.RELINK_REQUIRED, reason).inc()
         _event("refresh.relink_required", logging.WARNING, seller_id=claim.seller_id, reason=reason)
         if self.burst.add(claim.client_id, now):
             await breaker.trip(
@@ -443,6 +466,7 @@ class Refresher:
         )
         # The seller's grant is not at fault: its status stays, it stays due.
         await self._release(claim, attempt_outcome="rejected", error=exc.error)
+        metrics.REFRESHES.labels(Outcome.APPLICATION_ERROR, exc.error).inc()
 
     async def _on_transient(self, claim: Claim, exc: TransientUpstreamError) -> None:
         async with transaction(self.rt.sessions) as session:
@@ -456,6 +480,11 @@ class Refresher:
                 seller.refresh_failures, self.settings
             )
             seller.lease_owner = seller.lease_until = None
+            if seller.refresh_failures == 1:  # once per failing streak, not once per retry
+                events.emit_for(
+                    session, self.settings, self.rt.clock(), "token.refresh_failed", seller
+                )
+        metrics.REFRESHES.labels(Outcome.TRANSIENT, exc.error).inc()
         _event(
             "refresh.transient_failure",
             logging.WARNING,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,9 +38,18 @@ def load_keyring(settings: Settings) -> Keyring:
     path: Path = settings.broker_data_dir / "dev-encryption-key"
     if not path.exists():
         settings.broker_data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(generate_key_spec("dev1") + "\n")
-        path.chmod(0o600)
-        log.warning("dev.encryption_key_generated", extra={"fields": {"path": str(path)}})
+        # Written aside, then linked into place: of two processes starting at once (API and
+        # refresher on a shared volume), one key wins and both read it whole.
+        draft = path.with_name(f"{path.name}.{os.getpid()}")
+        draft.write_text(generate_key_spec("dev1") + "\n")
+        draft.chmod(0o600)
+        try:
+            os.link(draft, path)
+            log.warning("dev.encryption_key_generated", extra={"fields": {"path": str(path)}})
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
     return Keyring.parse(path.read_text().strip())
 
 

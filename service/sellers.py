@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
-from sqlalchemy import update
+from sqlalchemy import Select, select, update
 
-from service import audit
+from service import audit, events
 from service.db import transaction
 from service.models import Seller
 from service.runtime import Runtime
@@ -44,10 +45,43 @@ async def unlink(
                 version=Seller.version + 1,
                 updated_at=rt.clock(),
             )
+            .returning(Seller.version, Seller.mp_user_id)
         )
-        done = bool(result.rowcount)  # type: ignore[attr-defined]
-        if done:
+        row = result.one_or_none()
+        done = row is not None
+        if row is not None:
             audit.record(session, rt.clock(), actor, "seller.unlinked", seller_id, reason)
+            events.emit(
+                session,
+                rt.settings,
+                rt.clock(),
+                "seller.unlinked",
+                seller_id,
+                row.version,
+                status="unlinked",
+                reason=reason,
+                mp_user_id=row.mp_user_id,
+            )
     if done:
         log.warning("seller.unlinked", extra={"fields": {"seller_id": seller_id, "reason": reason}})
     return done
+
+
+def page_query(
+    namespace: str | None,
+    status: str | None,
+    expiring_before: datetime | None,
+    cursor: str | None,
+    limit: int,
+) -> Select[Seller]:
+    """One page of sellers in seller_id order (one row more than `limit`: is there a next?)."""
+    stmt = select(Seller).order_by(Seller.seller_id).limit(limit + 1)
+    if namespace:
+        stmt = stmt.where(Seller.seller_id.startswith(namespace, autoescape=True))
+    if status is not None:
+        stmt = stmt.where(Seller.status == status)
+    if expiring_before is not None:
+        stmt = stmt.where(Seller.expires_at < expiring_before)
+    if cursor is not None:
+        stmt = stmt.where(Seller.seller_id > cursor)
+    return stmt

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from service import audit
+from service import audit, events
 from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
 from service.db import transaction
@@ -138,6 +138,11 @@ async def report_invalid(rt: Runtime, seller_id: str) -> Seller:
         if marked.rowcount:  # type: ignore[attr-defined]
             audit.record(
                 session, rt.clock(), "system", "seller.relink_required", seller_id, "revoked"
+            )
+            marked_seller = await session.get(Seller, seller_id)
+            assert marked_seller is not None
+            events.emit_for(
+                session, rt.settings, rt.clock(), "seller.relink_required", marked_seller
             )
             log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
     return await _load(rt, seller_id)

@@ -68,7 +68,8 @@ def free_port() -> int:
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MP_", "BROKER_"))}
     env.pop("DATABASE_URL", None)
-    return env | extra
+    # Several refreshers run side by side in tests: none serves a fixed metrics port.
+    return env | {"BROKER_REFRESHER_METRICS_PORT": "0"} | extra
 
 
 async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:

@@ -6,7 +6,6 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Response
-from sqlalchemy import select
 
 from service import apikeys, audit, linking, sellers, tokens
 from service.api.deps import ApiKeyDep, RefresherDep, RuntimeDep
@@ -138,19 +137,11 @@ async def list_sellers(
 ) -> SellerPage:
     """List sellers by status or token expiry, in seller_id order, a page at a time."""
     apikeys.authorize(key, "sellers:admin")
-    stmt = select(Seller).order_by(Seller.seller_id).limit(limit + 1)
-    if key.namespace:
-        stmt = stmt.where(Seller.seller_id.startswith(key.namespace, autoescape=True))
-    if status is not None:
-        stmt = stmt.where(Seller.status == status)
-    if expiring_before is not None:
-        stmt = stmt.where(Seller.expires_at < expiring_before)
-    if cursor is not None:
-        stmt = stmt.where(Seller.seller_id > cursor)
+    stmt = sellers.page_query(key.namespace, status, expiring_before, cursor, limit)
     async with rt.sessions() as session:
-        sellers = list(await session.scalars(stmt))
-    page = sellers[:limit]
-    more = len(sellers) > limit
+        found = list(await session.scalars(stmt))
+    page = found[:limit]
+    more = len(found) > limit
     return SellerPage(
         items=[SellerStatus.of(s) for s in page], next_cursor=page[-1].seller_id if more else None
     )
