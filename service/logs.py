@@ -18,9 +18,22 @@ from typing import Any
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
+_base_record_factory = logging.getLogRecordFactory()
+
+
+def _record_with_request_id(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    # Stamped when the record is made, not when it is formatted (which may happen later).
+    record = _base_record_factory(*args, **kwargs)
+    record.request_id = request_id.get()
+    return record
+
+
+logging.setLogRecordFactory(_record_with_request_id)
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = {k: v for k, v in (getattr(record, "fields", None) or {}).items() if v is not None}
-    rid = request_id.get()
+    rid = getattr(record, "request_id", None)
     if rid is not None:
         fields.setdefault("request_id", rid)
     return fields

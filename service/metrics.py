@@ -116,6 +116,7 @@ async def collect_database_gauges(
     pending, oldest = (
         await session.execute(
             select(func.count(), func.min(Event.created_at))
+            .select_from(EventDelivery)
             .join(Event, Event.id == EventDelivery.event_id)
             .where(EventDelivery.state == "pending")
         )

@@ -172,8 +172,11 @@ class Loopback:
 
 
 @pytest.fixture
-def sockets() -> tuple[socket.socket, socket.socket]:
-    return _bound_socket(), _bound_socket()
+def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
+    pair = _bound_socket(), _bound_socket()
+    yield pair
+    for sock in pair:  # one a test did not serve on would otherwise leak
+        sock.close()
 
 
 @pytest.fixture
