@@ -20,6 +20,12 @@ PLACEHOLDERS = {"", "changeme", "change-me", "secret", "xxx", "todo", "placehold
 
 LEASE_MARGIN_SECONDS = 5
 
+# The demo application (`make run`, `docker compose up`): public on purpose, it only opens the
+# built-in simulator, and production mode refuses it.
+DEMO_CLIENT_ID = "1234567890123456"
+DEMO_CLIENT_SECRET = "demo-secret-for-the-simulator-only"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
 KEY_SPEC = re.compile(r"^[A-Za-z0-9_-]{1,16}:[A-Za-z0-9_-]{43}=?$")
 
 
@@ -170,16 +176,25 @@ class Settings(BaseSettings):
         if not self.database_url:
             # Replicas with private embedded databases would each refresh (burn) the same tokens.
             missing.append("DATABASE_URL")
-        for name in ("mp_client_id", "mp_redirect_uri"):
-            if (getattr(self, name) or "").strip().lower() in PLACEHOLDERS:
-                missing.append(name.upper())
+        if (self.mp_client_id or "").strip().lower() in PLACEHOLDERS | {DEMO_CLIENT_ID}:
+            missing.append("MP_CLIENT_ID")
         for name in ("mp_client_secret", "broker_encryption_keys"):
             secret: SecretStr | None = getattr(self, name)
             values = secret.get_secret_value().split(",") if secret else [""]
-            if any(value.strip().lower() in PLACEHOLDERS for value in values):
+            refused = PLACEHOLDERS | {DEMO_CLIENT_SECRET.lower()}
+            if any(value.strip().lower() in refused for value in values):
                 missing.append(name.upper())
-        if not self.broker_public_url.startswith("https://"):
-            missing.append("BROKER_PUBLIC_URL (https)")
+        # Codes, secrets and tokens travel on these: never in clear (nor to a simulator).
+        for name in ("broker_public_url", "mp_redirect_uri", "mp_auth_url"):
+            if not (getattr(self, name) or "").startswith("https://"):
+                missing.append(f"{name.upper()} (https)")
+        # Server-side calls may use plain http to loopback (an egress proxy beside us).
+        for name in ("mp_token_url", "mp_api_url"):
+            url = urlsplit(getattr(self, name))
+            if url.scheme != "https" and not (
+                url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
+            ):
+                missing.append(f"{name.upper()} (https)")
         if missing:
             raise ValueError("production mode needs real values for: " + ", ".join(missing))
         return self

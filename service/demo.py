@@ -12,14 +12,11 @@ from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import apikeys
-from service.config import Settings
+from service.config import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Settings
 from service.db import transaction
 from service.models import ApiKey
 from service.runtime import utcnow
 from service.simulator import SimulatorClient, SimulatorConfig
-
-DEMO_CLIENT_ID = "1234567890123456"
-DEMO_CLIENT_SECRET = "demo-secret-for-the-simulator-only"
 
 
 def simulator_url(settings: Settings) -> str:
@@ -37,6 +34,7 @@ def with_simulator(settings: Settings) -> Settings:
             "mp_redirect_uri": f"{settings.broker_public_url.rstrip('/')}/oauth/callback",
             "mp_auth_url": f"{sim}/authorization",
             "mp_token_url": f"{sim}/oauth/token",
+            "mp_api_url": sim,  # /users/me checks go to the simulator too
         }
     )
 

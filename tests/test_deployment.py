@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from service import demo
-from service.config import Settings
+from service.config import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Settings
 from service.crypto import generate_key_spec
 from tests.conftest import ROOT
 
@@ -114,7 +114,7 @@ def is_secretish(name: str) -> bool:
 
 
 def is_dev_placeholder(value: str) -> bool:
-    return "dev" in value.lower() or "demo" in value.lower() or value == demo.DEMO_CLIENT_SECRET
+    return "dev" in value.lower() or "demo" in value.lower() or value == DEMO_CLIENT_SECRET
 
 
 def fetch_target(healthcheck: dict[str, Any]) -> str:
@@ -206,8 +206,8 @@ def test_with_nothing_set_the_broker_talks_to_the_simulator_as_the_demo_applicat
     broker = settings_of("broker", monkeypatch)
     assert not broker.production
     assert not broker.uses_simulator  # the compose values are used as they are
-    assert broker.mp_client_id == demo.DEMO_CLIENT_ID
-    assert broker.mp_client_secrets == (demo.DEMO_CLIENT_SECRET,)
+    assert broker.mp_client_id == DEMO_CLIENT_ID
+    assert broker.mp_client_secrets == (DEMO_CLIENT_SECRET,)
     assert broker.broker_encryption_keys is None  # the dev key file in the shared volume
     sim_port = int(container_env("simulator")["BROKER_SIMULATOR_PORT"])
     assert f"127.0.0.1:{sim_port}:{sim_port}" in found["simulator"]["ports"]
@@ -317,23 +317,17 @@ def test_production_with_every_value_set_is_accepted(monkeypatch: pytest.MonkeyP
     assert settings.broker_encryption_keys is not None
 
 
-NOT_YET_REFUSED = pytest.mark.xfail(
-    strict=True,
-    reason="service/config.py does not yet refuse this demo default in production mode",
-)
-
-
 @pytest.mark.parametrize(
     "name",
     [
         "BROKER_PUBLIC_URL",
         "BROKER_ENCRYPTION_KEYS",
-        pytest.param("MP_CLIENT_ID", marks=NOT_YET_REFUSED),
-        pytest.param("MP_CLIENT_SECRET", marks=NOT_YET_REFUSED),
-        pytest.param("MP_REDIRECT_URI", marks=NOT_YET_REFUSED),
-        pytest.param("MP_AUTH_URL", marks=NOT_YET_REFUSED),
-        pytest.param("MP_TOKEN_URL", marks=NOT_YET_REFUSED),
-        pytest.param("MP_API_URL", marks=NOT_YET_REFUSED),
+        "MP_CLIENT_ID",
+        "MP_CLIENT_SECRET",
+        "MP_REDIRECT_URI",
+        "MP_AUTH_URL",
+        "MP_TOKEN_URL",
+        "MP_API_URL",
     ],
 )
 def test_production_refuses_each_demo_default_left_in_place(

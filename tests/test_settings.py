@@ -32,6 +32,13 @@ def test_a_complete_production_configuration_is_accepted() -> None:
     assert make().production
 
 
+def test_production_may_call_mercado_pago_through_a_loopback_egress_proxy() -> None:
+    settings = make(
+        mp_token_url="http://127.0.0.1:3128/oauth/token", mp_api_url="http://[::1]:3128"
+    )
+    assert settings.production
+
+
 def test_production_without_database_url_is_fatal_never_an_embedded_database() -> None:
     with pytest.raises(ValidationError, match="DATABASE_URL"):
         make(database_url=None)
@@ -47,6 +54,12 @@ def test_production_without_database_url_is_fatal_never_an_embedded_database() -
         ("mp_redirect_uri", None),
         ("broker_encryption_keys", None),
         ("broker_public_url", "http://broker.example"),
+        ("mp_client_id", "1234567890123456"),  # the demo's
+        ("mp_client_secret", SecretStr("demo-secret-for-the-simulator-only")),
+        ("mp_auth_url", "http://auth.mercadopago.example/authorization"),
+        ("mp_redirect_uri", "http://127.0.0.1:8000/oauth/callback"),  # a browser goes there
+        ("mp_token_url", "http://simulator:8001/oauth/token"),
+        ("mp_api_url", "http://api.mercadopago.example"),
     ],
 )
 def test_production_refuses_missing_or_placeholder_secrets(field: str, value: object) -> None:
