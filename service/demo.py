@@ -92,4 +92,7 @@ Mercado Pago token broker ({mode})
 2. Open the returned link_url in a browser and click Allow.
 3. Fetch the seller's access token:
    curl -s {base}/sellers/demo-seller-1/token -H 'Authorization: Bearer {api_key}'
+4. Watch it work:
+   curl -s {base}/metrics | grep -E '^broker_(link_attempts|token_exchanges|sellers)'
+   curl -s {base}/sellers/demo-seller-1 -H 'Authorization: Bearer {api_key}'
 """

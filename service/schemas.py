@@ -99,6 +99,7 @@ class SellerStatus(BaseModel):
                     "last_refreshed_at": None,
                     "last_refresh_error": "invalid_grant",
                     "refresh_failures": 1,
+                    "version": 7,
                 }
             ]
         }
@@ -114,6 +115,7 @@ class SellerStatus(BaseModel):
     last_refreshed_at: datetime | None
     last_refresh_error: str | None
     refresh_failures: int
+    version: int = Field(description="The rotation counter; events carry it as seller_version")
 
     @classmethod
     def of(cls, seller: Any) -> SellerStatus:

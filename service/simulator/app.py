@@ -26,7 +26,8 @@ Simplified or chosen where Mercado Pago is silent:
 Control API (`/_control/*`, tests only): `reset` forgets codes, grants, faults, the log,
 the clock offset and any `config` change; `clock` moves time forward; `faults` replaces
 the fault plan; `release` sends held replies; `revoke` unlinks a seller; `issue` seeds a
-grant without the browser; `config` with `{"expires_in": N}` (N >= 1) sets the lifetime
+grant without the browser (with `count`, one grant per user id from `user_id` on, answered
+as a list: bulk seeding for bench/); `config` with `{"expires_in": N}` (N >= 1) sets the lifetime
 of tokens issued from then on by code exchanges, refreshes and `issue` (tokens already
 out keep theirs); `log` and `grants` observe.
 
@@ -302,6 +303,7 @@ class Issue(_Strict):
     client_id: str
     user_id: int = Field(gt=0)
     test: bool = False
+    count: int | None = Field(default=None, ge=1, le=100_000)  # user_id, user_id + 1, ...
 
 
 class Config(_Strict):
@@ -363,9 +365,14 @@ async def grants(sim: Sim) -> dict[str, GrantSummary]:
 
 @control.post("/issue")
 async def issue(body: Issue, sim: Sim) -> JSONResponse:
-    """Create a grant directly and return its token JSON, as /oauth/token would."""
-    try:
-        issued = sim.issue_directly(body.client_id, body.user_id, test=body.test)
-    except KeyError:
+    """Create a grant directly and return its token JSON, as /oauth/token would; with
+    `count`, grants for `count` consecutive user ids and a list of their token JSONs."""
+    if body.client_id not in sim.clients:
         return JSONResponse({"detail": "unknown client_id"}, status_code=404)
-    return JSONResponse(_token_body(sim, issued))
+    issued = [
+        sim.issue_directly(body.client_id, body.user_id + n, test=body.test)
+        for n in range(body.count or 1)
+    ]
+    if body.count is None:
+        return JSONResponse(_token_body(sim, issued[0]))
+    return JSONResponse([_token_body(sim, one) for one in issued])
