@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Response
@@ -78,7 +79,14 @@ def create_app(
         summaries_from_docstrings(router.routes)
         app.include_router(router)
 
-    @app.get("/healthz", tags=["operations"], responses=errors.responses())
+    @app.get(
+        "/healthz",
+        tags=["operations"],
+        responses={
+            200: {"content": {"application/json": {"example": {"status": "ok"}}}},
+            **errors.responses(),
+        },
+    )
     async def healthz() -> dict[str, str]:
         """Liveness: answers while the process is alive."""
         return {"status": "ok"}
@@ -86,14 +94,7 @@ def create_app(
     @app.get(
         "/readyz",
         tags=["operations"],
-        responses={
-            503: {
-                "description": "Not ready: `shutting_down`, `schema_behind` or "
-                "`database_unreachable` (longer than BROKER_READINESS_GRACE_SECONDS)",
-                "content": {"application/json": {"example": {"status": "schema_behind"}}},
-            },
-            **errors.responses(),
-        },
+        responses=readiness_responses(),
     )
     async def readyz() -> JSONResponse:
         """Readiness: able to serve (schema at head, database reachable within the grace)."""
@@ -105,7 +106,7 @@ def create_app(
         tags=["operations"],
         response_class=PlainTextResponse,
         responses={
-            200: {"content": {CONTENT_TYPE_LATEST: {"example": "broker_database_up 1.0\n"}}},
+            200: {"content": {"text/plain": {"example": "broker_database_up 1.0\n"}}},
             **errors.responses(),
         },
     )
@@ -115,6 +116,19 @@ def create_app(
 
     summaries_from_docstrings(app.routes)
     return app
+
+
+def readiness_responses() -> dict[int | str, dict[str, Any]]:
+    documented = errors.responses()
+    ok = {"status": "ok"}
+    documented[200] = {"content": {"application/json": {"example": ok}}}
+    # Not ready is a plain JSON status (what a balancer's probe logs), beside the problems.
+    documented[503]["description"] = (
+        "Not ready: `shutting_down`, `schema_behind`, or `database_unreachable` for longer "
+        "than BROKER_READINESS_GRACE_SECONDS; or " + documented[503]["description"]
+    )
+    documented[503]["content"]["application/json"] = {"example": {"status": "schema_behind"}}
+    return documented
 
 
 def summaries_from_docstrings(routes: Sequence[BaseRoute]) -> None:

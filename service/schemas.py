@@ -123,7 +123,22 @@ class SellerStatus(BaseModel):
 
 
 class AuditEntry(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 4211,
+                    "at": "2026-11-28T12:00:00Z",
+                    "actor": "billing-service",
+                    "action": "token.read",
+                    "seller_id": "billing/seller-42",
+                    "detail": None,
+                    "count": 17,
+                }
+            ]
+        },
+    )
 
     id: int
     at: datetime
@@ -135,6 +150,17 @@ class AuditEntry(BaseModel):
 
 
 class SellerPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": SellerStatus.model_config["json_schema_extra"]["examples"],  # type: ignore[index]
+                    "next_cursor": "billing/seller-42",
+                }
+            ]
+        }
+    )
+
     items: list[SellerStatus]
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null on the last page."

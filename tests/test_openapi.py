@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from service.main import create_app
 from tests.conftest import ROOT
@@ -27,3 +28,25 @@ def test_every_route_documents_a_summary_tags_and_problem_errors() -> None:
                     assert "application/problem+json" in content or "text/html" in content, (
                         f"{method} {path} {status} documents no problem+json or page"
                     )
+
+
+def test_every_request_and_response_body_has_an_example() -> None:
+    spec = create_app().openapi()
+    schemas = spec["components"]["schemas"]
+
+    def has_example(media: dict[str, Any]) -> bool:
+        schema = media.get("schema", {})
+        ref = schema.get("$ref") or schema.get("items", {}).get("$ref")
+        target = schemas[ref.rsplit("/", 1)[1]] if ref else schema
+        return bool({"example", "examples"} & (set(media) | set(target)))
+
+    missing = []
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            bodies = [("request", operation.get("requestBody", {}))]
+            bodies += list(operation["responses"].items())
+            for where, documented in bodies:
+                for content_type, media in documented.get("content", {}).items():
+                    if not has_example(media):
+                        missing.append(f"{method} {path} {where} {content_type}")
+    assert not missing

@@ -16,7 +16,15 @@ router = APIRouter(tags=["seller pages"])
 COOKIE = "mpb_link"
 SECURE_COOKIE = "__Host-mpb_link"  # __Host-: Secure, no Domain, Path=/ — cannot be planted
 
-HTML: dict[str, Any] = {"content": {"text/html": {}}}
+HTML: dict[str, Any] = {
+    "content": {
+        "text/html": {
+            "example": '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            "<title>Your account is linked</title></head><body><main><h1>Your account is "
+            "linked</h1><p>You can close this page.</p></main></body></html>"
+        }
+    }
+}
 
 
 def _binder(plain: str | None, secure: str | None, https: bool) -> str | None:

@@ -17,7 +17,10 @@ router = APIRouter(tags=["webhooks"])
 @router.post(
     "/webhooks/mercadopago",
     responses={
-        200: {"description": "Handled, ignored or a duplicate: Mercado Pago need not retry"},
+        200: {
+            "description": "Handled, ignored or a duplicate: Mercado Pago need not retry",
+            "content": {"application/json": {"example": {"action": "unlinked", "sellers": 1}}},
+        },
         **responses(InvalidSignature, UpstreamUnavailable),
     },
 )
