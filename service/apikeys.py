@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import audit
+from service.cache import KeyView
 from service.errors import Forbidden, Unauthorized
 from service.models import ApiKey
 
@@ -62,20 +63,45 @@ async def create(
     return key, secret
 
 
-async def authenticate(session: AsyncSession, authorization: str | None) -> ApiKey:
+def parse(authorization: str | None) -> tuple[str, str]:
+    """`Bearer mpb_<prefix>_<secret>` -> (prefix, the whole key)."""
     scheme, _, presented = (authorization or "").partition(" ")
-    prefix = _prefix_of(presented.strip()) if scheme.lower() == "bearer" else None
+    presented = presented.strip()
+    prefix = _prefix_of(presented) if scheme.lower() == "bearer" else None
     if prefix is None:
         raise Unauthorized("Send `Authorization: Bearer <api key>`.")
+    return prefix, presented
+
+
+def view_of(key: ApiKey) -> KeyView:
+    return KeyView(
+        id=key.id,
+        name=key.name,
+        prefix=key.prefix,
+        digest=key.digest,
+        scopes=tuple(key.scopes),
+        namespace=key.namespace,
+        revoked=key.revoked_at is not None,
+    )
+
+
+async def find(session: AsyncSession, prefix: str) -> KeyView | None:
     key = await session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-    if key is None or key.revoked_at is not None:
-        raise Unauthorized("The API key is unknown or revoked.")
-    if not hmac.compare_digest(key.digest, _digest(presented.strip())):
+    return view_of(key) if key is not None else None
+
+
+def verify(key: KeyView | None, presented: str) -> KeyView:
+    if key is None or key.revoked or not hmac.compare_digest(key.digest, _digest(presented)):
         raise Unauthorized("The API key is unknown or revoked.")
     return key
 
 
-def authorize(key: ApiKey, scope: str, seller_id: str | None = None) -> None:
+async def authenticate(session: AsyncSession, authorization: str | None) -> KeyView:
+    prefix, presented = parse(authorization)
+    return verify(await find(session, prefix), presented)
+
+
+def authorize(key: KeyView, scope: str, seller_id: str | None = None) -> None:
     if scope not in key.scopes:
         raise Forbidden(f"This key lacks the `{scope}` scope.")
     if seller_id is not None and key.namespace and not seller_id.startswith(key.namespace):
@@ -87,7 +113,7 @@ async def list_keys(session: AsyncSession) -> list[ApiKey]:
 
 
 async def revoke(session: AsyncSession, name: str, now: datetime) -> bool:
-    """Revoke by name (or public prefix). Every replica looks keys up per request: it is at once."""
+    """Revoke by name (or public prefix). Every replica hears of it at commit (service/cache.py)."""
     key = await session.scalar(
         select(ApiKey).where((ApiKey.name == name) | (ApiKey.prefix == name)).with_for_update()
     )

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     broker_trusted_proxies: Annotated[list[str], NoDecode] = []
     broker_rate_limit_per_address_per_minute: int = Field(default=60, ge=1)
     broker_rate_limit_per_key_per_second: int = Field(default=500, ge=1)
+    # Seller tokens and API keys kept in memory per API process (service/cache.py); 0: none.
+    broker_token_cache_size: int = Field(default=100_000, ge=0)
     # Audit trail and retention.
     broker_audit_flush_seconds: float = Field(default=5.0, gt=0, le=300)
     broker_audit_retention_days: int = Field(default=365, ge=1)

@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import cache
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -71,3 +72,19 @@ async def schema_revision(session: AsyncSession) -> str | None:
     except ProgrammingError:  # no alembic_version table: never migrated
         await session.rollback()
         return None
+
+
+def asyncpg_params(url: str) -> dict[str, Any]:
+    """`connect()` keywords for a raw asyncpg connection (the cache's LISTEN) to `url`."""
+    parsed = make_url(url)
+    host = parsed.query.get("host")  # the embedded server's Unix socket directory
+    params: dict[str, Any] = {
+        "user": parsed.username or "postgres",
+        "password": parsed.password,
+        "database": parsed.database,
+        "host": host if isinstance(host, str) else parsed.host or "127.0.0.1",
+        "server_settings": {"application_name": "broker-cache"},
+    }
+    if parsed.port:
+        params["port"] = parsed.port
+    return params

@@ -12,9 +12,9 @@ from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import apikeys
+from service.cache import KeyView
 from service.config import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Settings
 from service.db import transaction
-from service.models import ApiKey
 from service.runtime import utcnow
 from service.simulator import SimulatorClient, SimulatorConfig
 
@@ -61,7 +61,7 @@ async def dev_api_key(sessions: async_sessionmaker[AsyncSession], data_dir: Path
         secret = path.read_text().strip()
         async with sessions() as session:
             try:
-                key: ApiKey | None = await apikeys.authenticate(session, f"Bearer {secret}")
+                key: KeyView | None = await apikeys.authenticate(session, f"Bearer {secret}")
             except Exception:  # unknown here (a fresh database): make a new one
                 key = None
         if key is not None:

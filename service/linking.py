@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import audit, events, logs, metrics, pkce
+from service.cache import KeyView
 from service.crypto import context
 from service.db import transaction
 from service.errors import InvalidRequest, LiveModeMismatch
@@ -27,7 +28,7 @@ from service.mercadopago import (
     TokenSet,
     TransientUpstreamError,
 )
-from service.models import ApiKey, Link, LinkAttempt, Seller
+from service.models import Link, LinkAttempt, Seller
 from service.policy import next_refresh_at
 from service.runtime import Runtime
 
@@ -121,7 +122,7 @@ def with_status(return_url: str, outcome: str, seller_id: str) -> str:
 
 
 async def start_link(
-    rt: Runtime, key: ApiKey, seller_id: str, return_url: str | None, test: bool
+    rt: Runtime, key: KeyView, seller_id: str, return_url: str | None, test: bool
 ) -> tuple[str, datetime]:
     if return_url is not None:
         check_return_url(return_url, rt.settings.broker_return_url_allowlist)

@@ -53,6 +53,7 @@ def create_app(
                 runtime.reads.run(runtime.sessions, stop, settings.broker_audit_flush_seconds)
             ),
             asyncio.create_task(observe.watch(health, runtime, stop)),
+            asyncio.create_task(runtime.cache.listen(url, stop)),
         ]
         if settings.broker_serve_refresher:
             background.append(asyncio.create_task(refresher.run(stop)))

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service import db
 from service.audit import ReadCounter
+from service.cache import Cache
 from service.config import Settings
 from service.crypto import Keyring, generate_key_spec
 from service.limits import Buckets
@@ -76,6 +77,7 @@ class Runtime:
     http: httpx.AsyncClient
     clock: Clock
     key_buckets: Buckets
+    cache: Cache
     reads: ReadCounter = field(default_factory=ReadCounter)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -103,6 +105,7 @@ class Runtime:
                 settings.broker_rate_limit_per_key_per_second,
                 burst=settings.broker_rate_limit_per_key_per_second,
             ),
+            cache=Cache(settings.broker_token_cache_size),
         )
 
     def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

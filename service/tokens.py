@@ -10,6 +10,7 @@ from datetime import timedelta
 from sqlalchemy import update
 
 from service import audit, events
+from service.cache import SellerView
 from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
 from service.db import transaction
@@ -29,67 +30,109 @@ POLL_SECONDS = 0.05
 
 @dataclass(frozen=True)
 class Served:
-    token: TokenResponse
+    seller: SellerView
     warning: str | None  # "refresh-failing" | "relink-required"
 
-
-async def _load(rt: Runtime, seller_id: str) -> Seller:
-    async with rt.sessions() as session:
-        seller = await session.get(Seller, seller_id)
-    if seller is None or seller.status == "unlinked" or seller.access_token is None:
-        raise SellerNotFound(f"No linked seller {seller_id!r}.")
-    return seller
+    @property
+    def token(self) -> TokenResponse:
+        return TokenResponse.model_validate_json(self.seller.body)
 
 
-def _serve(rt: Runtime, seller: Seller, warning: str | None = None) -> Served:
-    assert seller.access_token is not None
-    access_token = rt.keyring.open(
-        seller.access_token, context("sellers", seller.seller_id, "access_token", seller.client_id)
+def view_of(rt: Runtime, seller: Seller) -> SellerView:
+    """A seller row as token reads see it: the access token decrypted, the reply serialized."""
+    access_token = (
+        rt.keyring.open(
+            seller.access_token,
+            context("sellers", seller.seller_id, "access_token", seller.client_id),
+        )
+        if seller.access_token is not None
+        else None
     )
-    token = TokenResponse(
-        access_token=access_token,
+    body = (
+        TokenResponse(
+            access_token=access_token,
+            expires_at=seller.expires_at,
+            mp_user_id=seller.mp_user_id,
+            live_mode=seller.live_mode,
+            scope=seller.scope,
+        )
+        .model_dump_json()
+        .encode()
+        if access_token is not None
+        else b""
+    )
+    return SellerView(
+        seller_id=seller.seller_id,
+        client_id=seller.client_id,
+        version=seller.version,
+        status=seller.status,
+        status_reason=seller.status_reason,
         expires_at=seller.expires_at,
+        refresh_failures=seller.refresh_failures,
+        last_refreshed_at=seller.last_refreshed_at,
+        attempt_sent_at=seller.attempt_sent_at,
+        lease_until=seller.lease_until,
         mp_user_id=seller.mp_user_id,
         live_mode=seller.live_mode,
         scope=seller.scope,
+        access_token=access_token,
+        body=body,
     )
-    return Served(token, warning)
+
+
+async def _load(rt: Runtime, seller_id: str, fresh: bool = False) -> SellerView:
+    """The seller from the cache, or (`fresh`, or a miss) from PostgreSQL."""
+    view = None if fresh else rt.cache.seller(seller_id)
+    if view is None:
+        begun = rt.cache.begin()
+        async with rt.sessions() as session:
+            seller = await session.get(Seller, seller_id)
+        if seller is None:
+            raise SellerNotFound(f"No linked seller {seller_id!r}.")
+        view = view_of(rt, seller)
+        rt.cache.store_seller(view, begun)
+    if view.status == "unlinked" or view.access_token is None:
+        raise SellerNotFound(f"No linked seller {seller_id!r}.")
+    return view
+
+
+def _warning(seller: SellerView) -> str | None:
+    if seller.status == "relink_required":
+        return "relink-required"
+    return "refresh-failing" if seller.refresh_failures else None
 
 
 async def read_token(rt: Runtime, refresher: Refresher, seller_id: str, min_ttl: int) -> Served:
     """The seller's token, refreshed first when less than `min_ttl` seconds remain."""
-    first = await _load(rt, seller_id)
     wanted = timedelta(seconds=max(min_ttl, 1))
+    first = await _load(rt, seller_id)
+    if first.expires_at - rt.clock() >= wanted:
+        return Served(first, _warning(first))  # the hot path: usually from memory
+    # Something to decide: from here on, only what PostgreSQL says now.
+    first = await _load(rt, seller_id, fresh=True)
     seller = first
     if first.status == "linked" and first.expires_at - rt.clock() < wanted:
         outcome = await refresher.refresh(seller_id, on_read=True)
         if outcome == Outcome.BUSY:
             seller = await _wait_for_other_refresh(rt, first)
         else:
-            seller = await _load(rt, seller_id)
+            seller = await _load(rt, seller_id, fresh=True)
         now = rt.clock()
         if (
             seller.version != first.version
             and seller.status == "linked"
             and seller.expires_at > now
         ):
-            return _serve(rt, seller)  # a fresh pair, even if it cannot meet min_ttl
+            return Served(seller, None)  # a fresh pair, even if it cannot meet min_ttl
     now = rt.clock()
     if seller.expires_at - now >= wanted:
-        warning = (
-            "relink-required"
-            if seller.status == "relink_required"
-            else "refresh-failing"
-            if seller.refresh_failures
-            else None
-        )
-        return _serve(rt, seller, warning)
+        return Served(seller, _warning(seller))
     cooldown = timedelta(seconds=rt.settings.broker_on_read_cooldown_seconds)
     refreshed_lately = (
         seller.last_refreshed_at is not None and seller.last_refreshed_at > now - cooldown
     )
     if seller.status == "linked" and refreshed_lately and seller.expires_at > now:
-        return _serve(rt, seller)  # the pair another caller just got; no second refresh
+        return Served(seller, None)  # the pair another caller just got; no second refresh
     if seller.status == "relink_required":
         raise RelinkRequired(f"Send the seller a new link (reason: {seller.status_reason}).")
     retry_after = cooldown.total_seconds()
@@ -101,22 +144,23 @@ async def read_token(rt: Runtime, refresher: Refresher, seller_id: str, min_ttl:
     )
 
 
-async def _wait_for_other_refresh(rt: Runtime, before: Seller) -> Seller:
+async def _wait_for_other_refresh(rt: Runtime, before: SellerView) -> SellerView:
     """Another process holds the lease: wait (bounded) until it stores or lets go."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + rt.mercadopago.timeout + LEASE_MARGIN_SECONDS
     while True:
-        seller = await _load(rt, before.seller_id)
+        seller = await _load(rt, before.seller_id, fresh=True)
         lease_held = seller.lease_until is not None and seller.lease_until >= rt.clock()
         if seller.version != before.version or not lease_held or loop.time() >= give_up:
             return seller
         await asyncio.sleep(POLL_SECONDS)
 
 
-async def report_invalid(rt: Runtime, seller_id: str) -> Seller:
+async def report_invalid(rt: Runtime, seller_id: str) -> SellerView:
     """A caller says Mercado Pago refused the token: check it, and mark the seller if revoked."""
-    seller = await _load(rt, seller_id)
-    access_token = _serve(rt, seller).token.access_token
+    seller = await _load(rt, seller_id, fresh=True)
+    access_token = seller.access_token
+    assert access_token is not None
     try:
         works = await rt.mercadopago.token_works(rt.settings.mp_api_url, access_token)
     except TransientUpstreamError:
@@ -145,4 +189,4 @@ async def report_invalid(rt: Runtime, seller_id: str) -> Seller:
                 session, rt.settings, rt.clock(), "seller.relink_required", marked_seller
             )
             log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
-    return await _load(rt, seller_id)
+    return await _load(rt, seller_id, fresh=True)

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from service import apikeys
+from service.cache import KeyView
 from service.errors import RateLimited
-from service.models import ApiKey
 from service.refresh import Refresher
 from service.runtime import Runtime
 
@@ -35,13 +35,20 @@ async def api_key(
     authorization: Annotated[
         str | None, Header(description="`Bearer <api key>` from `broker api-keys create`")
     ] = None,
-) -> ApiKey:
-    async with rt.sessions() as session:
-        key = await apikeys.authenticate(session, authorization)
+) -> KeyView:
+    prefix, presented = apikeys.parse(authorization)
+    key = rt.cache.key(prefix)
+    if key is None:
+        begun = rt.cache.begin()
+        async with rt.sessions() as session:
+            key = await apikeys.find(session, prefix)
+        if key is not None:
+            rt.cache.store_key(key, begun)
+    key = apikeys.verify(key, presented)
     wait = rt.key_buckets.take(key.id)
     if wait:
         raise RateLimited(headers={"Retry-After": str(math.ceil(wait))})
     return key
 
 
-ApiKeyDep = Annotated[ApiKey, Depends(api_key)]
+ApiKeyDep = Annotated[KeyView, Depends(api_key)]

@@ -33,6 +33,7 @@ from service.schemas import (
 )
 
 router = APIRouter()
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # a token is never cached
 
 SellerId = Annotated[
     str,
@@ -84,7 +85,6 @@ async def get_token(
     rt: RuntimeDep,
     refresher: RefresherDep,
     key: ApiKeyDep,
-    response: Response,
     min_ttl: Annotated[
         int,
         Query(
@@ -93,7 +93,7 @@ async def get_token(
             "`BROKER_MIN_TTL_MAX_SECONDS` (30 days by default); more is a 422.",
         ),
     ] = 0,
-) -> TokenResponse:
+) -> Response:
     """Get a valid access token to call Mercado Pago for this seller."""
     apikeys.authorize(key, "tokens:read", seller_id)
     if min_ttl > rt.settings.broker_min_ttl_max_seconds:
@@ -101,11 +101,9 @@ async def get_token(
         raise InvalidRequest(f"min_ttl is at most {rt.settings.broker_min_ttl_max_seconds}.")
     served = await tokens.read_token(rt, refresher, seller_id, min_ttl)
     rt.reads.add(key.name, seller_id, rt.clock())
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Pragma"] = "no-cache"
-    if served.warning:
-        response.headers[tokens.WARNING_HEADER] = served.warning
-    return served.token
+    headers = NO_STORE | ({tokens.WARNING_HEADER: served.warning} if served.warning else {})
+    # The body was serialized once, when the seller was loaded: no per-read encoding.
+    return Response(served.seller.body, media_type="application/json", headers=headers)
 
 
 @router.post(
@@ -117,8 +115,8 @@ async def get_token(
 async def report_invalid_token(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
     """Report that Mercado Pago refused the token; the broker checks it and marks revocations."""
     apikeys.authorize(key, "tokens:read", seller_id)
-    seller = await tokens.report_invalid(rt, seller_id)
-    return SellerStatus.of(seller)
+    await tokens.report_invalid(rt, seller_id)
+    return await _status(rt, seller_id)
 
 
 @router.get(
