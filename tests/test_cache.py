@@ -1,0 +1,258 @@
+"""The token cache: served from memory, and never stale for more than a second on any replica."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+
+from service.cache import Cache, SellerView
+from service.config import Settings
+from service.main import create_app
+from service.runtime import Runtime
+from tests.conftest import (
+    Broker,
+    Loopback,
+    SellerBrowser,
+    Simulator,
+    _bound_socket,
+    create_api_key,
+)
+from tests.processes import env_for, run_cli
+
+STALE_BOUND = 1.0  # seconds: the issue's promise
+
+
+NOW = datetime.now(UTC)
+
+
+def view(seller_id: str = "s-1", version: int = 1, status: str = "linked") -> SellerView:
+    now = NOW
+    return SellerView(
+        seller_id=seller_id,
+        client_id="app",
+        version=version,
+        status=status,
+        status_reason=None,
+        expires_at=now + timedelta(days=1),
+        refresh_failures=0,
+        last_refreshed_at=None,
+        attempt_sent_at=None,
+        lease_until=None,
+        mp_user_id=1,
+        live_mode=True,
+        scope=None,
+        access_token=f"token-v{version}",
+        body=b"{}",
+    )
+
+
+def live_cache(size: int = 100) -> Cache:
+    cache = Cache(size)
+    cache.live = True
+    return cache
+
+
+def test_a_load_that_began_before_a_notification_is_not_stored() -> None:
+    cache = live_cache()
+    begun = cache.begin()  # a slow reader starts
+    cache.notified("s:2:s-1")  # meanwhile the row changed
+    cache.store_seller(view(version=1), begun)  # what the slow reader saw
+    assert cache.seller("s-1") is None
+    cache.store_seller(view(version=2), cache.begin())
+    assert cache.seller("s-1") == view(version=2)
+
+
+def test_a_notification_drops_older_and_equal_versions_but_not_a_newer_entry() -> None:
+    cache = live_cache()
+    cache.store_seller(view(version=3), cache.begin())
+    cache.notified("s:2:s-1")  # late news about an older pair
+    assert cache.seller("s-1") is not None
+    cache.notified("s:3:s-1")  # same version, new status (relink_required, say)
+    assert cache.seller("s-1") is None
+    cache.store_seller(view(version=4), cache.begin())
+    cache.store_seller(view(version=3), cache.begin())  # an older read never wins
+    assert cache.seller("s-1") == view(version=4)
+
+
+def test_nothing_is_served_or_stored_while_the_listener_is_down_and_it_is_bounded() -> None:
+    cache = live_cache(size=2)
+    for n in range(3):
+        cache.store_seller(view(f"s-{n}"), cache.begin())
+    assert [cache.seller(f"s-{n}") is not None for n in range(3)] == [False, True, True]
+    begun = cache.begin()
+    cache.live = False
+    cache.flush()
+    assert cache.seller("s-2") is None
+    cache.store_seller(view("s-9"), begun)
+    cache.live = True
+    cache.store_seller(view("s-9"), begun)  # began before the flush: may be stale
+    assert cache.seller("s-9") is None
+    assert Cache(0).seller("s-1") is None
+
+
+class CountingSessions:
+    """Wraps a sessionmaker to count how many sessions a piece of work opens."""
+
+    def __init__(self, sessions: Any) -> None:
+        self.sessions = sessions
+        self.opened = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.opened += 1
+        return self.sessions(*args, **kwargs)
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], what: str, seconds: float) -> float:
+    """Poll until `check` holds; returns how long it took (bounded by `seconds`)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not await check():
+        if loop.time() - started > seconds:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        await asyncio.sleep(0.01)
+    return loop.time() - started
+
+
+@asynccontextmanager
+async def replica(
+    settings: Settings, database_url: str, api_key: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime]]:
+    """Another API process on the same database (in this event loop, over real HTTP)."""
+    app = create_app(settings, database_url=database_url)
+    async with (
+        Loopback(app, _bound_socket()) as server,
+        httpx.AsyncClient(
+            base_url=server.url, headers={"Authorization": f"Bearer {api_key}"}
+        ) as http,
+    ):
+        runtime: Runtime = app.state.runtime
+        await wait_until(_live(runtime), "the replica listens", 10)
+        yield http, runtime
+
+
+def _live(runtime: Runtime) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return runtime.cache.live
+
+    return check
+
+
+async def token_of(http: httpx.AsyncClient, seller_id: str) -> tuple[int, str | None]:
+    reply = await http.get(f"/sellers/{seller_id}/token")
+    return reply.status_code, reply.json().get("access_token")
+
+
+async def test_cached_reads_open_no_database_session(broker: Broker) -> None:
+    runtime: Runtime = broker.app.state.runtime
+    await wait_until(_live(runtime), "the broker listens", 10)
+    async with SellerBrowser() as browser:
+        await browser.link(await broker.start_link("seller-1"), user_id=11)
+    first = await broker.token("seller-1")  # loads the key and the seller
+    counting = CountingSessions(runtime.sessions)
+    runtime.sessions = counting  # type: ignore[assignment]
+    try:
+        replies = [await broker.token("seller-1") for _ in range(50)]
+    finally:
+        runtime.sessions = counting.sessions
+    assert {r.status_code for r in replies} == {200}
+    assert {r.content for r in replies} == {first.content}
+    assert counting.opened == 0
+
+
+async def test_a_refresh_or_unlink_on_one_replica_stops_the_old_token_on_another_within_a_second(
+    broker: Broker, settings: Settings, database_url: str, simulator: Simulator
+) -> None:
+    async with SellerBrowser() as browser:
+        await browser.link(await broker.start_link("seller-1"), user_id=11)
+    async with replica(settings, database_url, broker.api_key) as (other, _):
+        code, old = await token_of(other, "seller-1")
+        assert code == 200
+        assert await token_of(other, "seller-1") == (200, old)  # now from its memory
+
+        assert await broker.refresher.refresh("seller-1") == "refreshed"
+        new = (await broker.token("seller-1")).json()["access_token"]
+        assert new != old
+
+        async def serves_new() -> bool:
+            return await token_of(other, "seller-1") == (200, new)
+
+        took = await wait_until(serves_new, "the other replica serves the new token", 5)
+        assert took < STALE_BOUND
+
+        assert (await broker.http.delete("/sellers/seller-1")).status_code == 200
+
+        async def gone() -> bool:
+            return (await token_of(other, "seller-1"))[0] == 404
+
+        assert await wait_until(gone, "the unlinked seller is gone", 5) < STALE_BOUND
+
+
+async def test_a_revoked_key_fails_on_every_replica_within_a_second(
+    broker: Broker, settings: Settings, database_url: str, sql: asyncpg.Connection
+) -> None:
+    key = await create_api_key(database_url, ("tokens:read",))
+    name = await sql.fetchval("SELECT name FROM api_keys WHERE scopes = '{tokens:read}'")
+    async with replica(settings, database_url, key) as (other, _):
+        assert (await other.get("/sellers/nobody/token")).status_code == 404  # key cached
+        code, _, _ = await run_cli("api-keys", "revoke", name, env=env_for(settings, database_url))
+        assert code == 0
+
+        async def refused() -> bool:
+            return (await other.get("/sellers/nobody/token")).status_code == 401
+
+        assert await wait_until(refused, "the revoked key is refused", 5) < STALE_BOUND
+
+
+async def test_a_change_made_while_the_listener_was_cut_off_is_never_served_stale(
+    broker: Broker, settings: Settings, database_url: str, sql: asyncpg.Connection
+) -> None:
+    async with SellerBrowser() as browser:
+        await browser.link(await broker.start_link("seller-1"), user_id=11)
+    async with replica(settings, database_url, broker.api_key) as (other, runtime):
+        _, old = await token_of(other, "seller-1")
+        assert runtime.cache.seller("seller-1") is not None
+        # Drop only the replica's LISTEN connection, server side, then change the seller
+        # before it can reconnect: that notification is lost for good.
+        killed = await sql.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'broker-cache' AND datname = current_database()"
+        )
+        assert killed >= 1
+        assert await broker.refresher.refresh("seller-1") == "refreshed"
+        new = (await broker.token("seller-1")).json()["access_token"]
+        assert new != old
+
+        async def serves_new() -> bool:
+            return await token_of(other, "seller-1") == (200, new)
+
+        assert await wait_until(serves_new, "the new token, despite the lost notice", 5) < (
+            STALE_BOUND
+        )
+        await wait_until(_live(runtime), "the listener is back", 10)
+        assert await token_of(other, "seller-1") == (200, new)
+
+
+async def test_without_a_cache_every_read_goes_to_the_database(
+    settings: Settings, database_url: str, simulator: Simulator, sockets: tuple[socket.socket, ...]
+) -> None:
+    uncached = settings.model_copy(update={"broker_token_cache_size": 0})
+    app = create_app(uncached, database_url=database_url)
+    key = await create_api_key(database_url)
+    async with (
+        Loopback(app, sockets[0]) as server,
+        httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as http,
+    ):
+        runtime: Runtime = app.state.runtime
+        counting = CountingSessions(runtime.sessions)
+        runtime.sessions = counting  # type: ignore[assignment]
+        for _ in range(5):
+            assert (await http.get("/sellers/nobody/token")).status_code == 404
+        assert counting.opened >= 10  # the key and the seller, every time
+        assert not runtime.cache.live
