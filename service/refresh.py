@@ -250,6 +250,10 @@ class Refresher:
 
     async def _claim_due(self, limit: int) -> Sequence[Claim]:
         now = self.rt.clock()
+        return await self._claim([Seller.seller_id.in_(self.due(now, limit))], now)
+
+    def due(self, now: datetime, limit: int) -> Any:
+        """The due-work query: the oldest due sellers, on the partial index, skipping locks."""
         paused = select(AppBreaker.client_id).where(AppBreaker.probe_after > now)
         switched_off = exists(select(RefreshPause.id))  # `broker refresher pause`
         # SKIP LOCKED: concurrent refreshers each take different due rows, never wait on them.
@@ -267,7 +271,7 @@ class Refresher:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        return await self._claim([Seller.seller_id.in_(due.scalar_subquery())], now)
+        return due.scalar_subquery()
 
     async def _claim(self, conditions: list[Any], now: datetime) -> list[Claim]:
         lease_until = now + timedelta(seconds=self.settings.broker_lease_seconds)
