@@ -136,7 +136,9 @@ async def _refresher(settings: Settings, url: str) -> None:
             observe.watch(health, runtime, stop),
         )
     finally:
-        await runtime.close()  # waits for refreshes in flight to store their pairs
+        await runtime.drain()  # refreshes in flight store their pairs
+        await refresher.release_leases()  # a replacement picks up the rest at once
+        await runtime.close()
 
 
 async def _pause_switch(settings: Settings, action: str, reason: str | None) -> None:

@@ -21,6 +21,9 @@ from service import embedded
 from service.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent  # where alembic/ and alembic.ini live
+POOL_TIMEOUT_SECONDS = 5
+CONNECT_TIMEOUT_SECONDS = 3
+COMMAND_TIMEOUT_SECONDS = 30
 
 
 def database_url(settings: Settings) -> str:
@@ -37,7 +40,14 @@ def make_engine(url: str, application_name: str, pool_size: int = 10) -> AsyncEn
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=False,
-        connect_args={"server_settings": {"application_name": application_name}},
+        # A database that went away must cost a request seconds, never a hang: bounded waits
+        # for a pooled connection, for a new one, and for any statement.
+        pool_timeout=POOL_TIMEOUT_SECONDS,
+        connect_args={
+            "server_settings": {"application_name": application_name},
+            "timeout": CONNECT_TIMEOUT_SECONDS,
+            "command_timeout": COMMAND_TIMEOUT_SECONDS,
+        },
     )
 
 

@@ -182,6 +182,29 @@ class Refresher:
                     waiter.cancel()
         _event("refresher.stopping", owner=self.owner, in_flight=len(active))
 
+    async def release_leases(self) -> int:
+        """At shutdown, after in-flight refreshes had their grace: give back every lease whose
+        request was surely not sent, so a replacement process claims those sellers at once.
+        A lease whose request may be at Mercado Pago stays until it lapses (its outcome is
+        unknown: the next attempt's `invalid_grant` will say so)."""
+        try:
+            async with transaction(self.rt.sessions) as session:
+                released = await session.execute(
+                    update(Seller)
+                    .where(
+                        Seller.lease_owner == self.owner,
+                        or_(Seller.attempt_outcome.is_(None), Seller.attempt_outcome != "sent"),
+                    )
+                    .values(lease_owner=None, lease_until=None)
+                )
+        except Exception as exc:  # shutting down anyway; the leases lapse by themselves
+            _event("refresher.release_failed", logging.ERROR, error=type(exc).__name__)
+            return 0
+        count = int(released.rowcount)  # type: ignore[attr-defined]
+        if count:
+            _event("refresher.leases_released", logging.WARNING, leases=count)
+        return count
+
     async def _prune(self) -> None:
         try:
             events, attempts = await audit.prune(

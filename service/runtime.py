@@ -123,10 +123,13 @@ class Runtime:
         """`spawn` and wait: cancelling the caller leaves the work running."""
         return await asyncio.shield(self.spawn(work))
 
-    async def close(self, grace_seconds: float = 15.0) -> None:
-        # Shutdown waits for in-flight exchanges to store what Mercado Pago already answered.
+    async def drain(self, grace_seconds: float = 15.0) -> None:
+        """Shutdown waits for in-flight exchanges to store what Mercado Pago already answered."""
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=grace_seconds)
+
+    async def close(self) -> None:
+        await self.drain()
         await self.reads.flush(self.sessions)
         await self.http.aclose()
         await self.engine.dispose()
