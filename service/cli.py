@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +212,18 @@ async def _sellers(settings: Settings, args: argparse.Namespace) -> None:
     from service.runtime import Runtime
     from service.schemas import SellerStatus
 
+    if args.action == "mark-restored":
+        async with _sessions(settings) as sessions:
+            marked = await sellers.mark_restored(
+                sessions,
+                load_keyring(settings),
+                utcnow(),
+                timedelta(minutes=args.spread_minutes),
+                report=_count_bar,
+            )
+        print(file=sys.stderr)
+        print(f"marked {marked} linked seller(s); each is re-validated soon")
+        return
     if args.action == "unlink":
         if settings.uses_simulator:
             settings = demo.with_simulator(settings)
@@ -241,6 +253,10 @@ async def _sellers(settings: Settings, args: argparse.Namespace) -> None:
         )
     if len(found) > args.limit:
         print(f"... more than {args.limit}; use --limit or GET /sellers with a cursor")
+
+
+def _count_bar(done: int, total: int) -> None:
+    _progress_bar(rekey.Progress(total=total, done=done))
 
 
 def cmd_sellers(settings: Settings, args: argparse.Namespace) -> None:
@@ -436,6 +452,17 @@ def parser() -> argparse.ArgumentParser:
     )
     seller_unlink.add_argument("seller_id")
     seller_unlink.add_argument("--reason", default="unlinked_by_operator")
+    restored = sellers_cmd.add_parser(
+        "mark-restored",
+        help="after a database restore or a lagging failover: re-validate every refresh token "
+        "soon, so one Mercado Pago already rotated becomes relink_required (rotation_lost)",
+    )
+    restored.add_argument(
+        "--spread-minutes",
+        type=float,
+        default=60,
+        help="re-validate within this many minutes (spreads the load on Mercado Pago)",
+    )
     audit_cmd = sub.add_parser("audit", help="the audit trail").add_subparsers(
         dest="action", required=True
     )

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+import random
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import audit, events
+from service.crypto import Keyring, context
 from service.db import transaction
 from service.models import Seller
+from service.refresh import fingerprint
 from service.runtime import Runtime
 
 log = logging.getLogger("broker.sellers")
@@ -85,3 +90,57 @@ def page_query(
     if cursor is not None:
         stmt = stmt.where(Seller.seller_id > cursor)
     return stmt
+
+
+async def mark_restored(
+    sessions: async_sessionmaker[AsyncSession],
+    keyring: Keyring,
+    now: datetime,
+    spread: timedelta,
+    batch_size: int = 500,
+    report: Callable[[int, int], None] | None = None,
+) -> int:
+    """After a database restore (or a failover to a replica that lagged): treat every linked
+    seller's refresh token as possibly rotated after the restore point.
+
+    Each one's last attempt is marked as of unknown outcome with its current token, and its
+    next refresh moved within `spread` from now. The refresher then re-validates them all soon:
+    a token Mercado Pago already rotated answers `invalid_grant`, which the ordinary path turns
+    into `relink_required` / `rotation_lost` with its event; the others simply refresh. Resumable:
+    a seller already marked for its current token is skipped.
+    """
+    marked, cursor = 0, ""
+    total = await _count_linked(sessions)
+    while True:
+        async with transaction(sessions) as session:
+            rows = list(
+                await session.scalars(
+                    select(Seller)
+                    .where(Seller.status == "linked", Seller.seller_id > cursor)
+                    .order_by(Seller.seller_id)
+                    .limit(batch_size)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            for seller in rows:
+                assert seller.refresh_token is not None
+                token = keyring.open(
+                    seller.refresh_token,
+                    context("sellers", seller.seller_id, "refresh_token", seller.client_id),
+                )
+                seller.attempt_fingerprint = fingerprint(token)
+                seller.attempt_outcome = "unknown"
+                seller.next_refresh_at = now + spread * random.random()  # noqa: S311
+                marked += 1
+        if not rows:
+            break
+        cursor = rows[-1].seller_id
+        if report:
+            report(marked, total)
+    log.warning("sellers.marked_restored", extra={"fields": {"sellers": marked}})
+    return marked
+
+
+async def _count_linked(sessions: async_sessionmaker[AsyncSession]) -> int:
+    async with sessions() as session:
+        return int(await session.scalar(select(func.count()).where(Seller.status == "linked")) or 0)
