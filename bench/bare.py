@@ -3,8 +3,9 @@
 `python -m bench.bare --port P --body-bytes B` serves `GET /sellers/{seller_id}/token` with a
 precomputed body of exactly B bytes (the size of a real token reply, measured by bench.run).
 The server is built by `service.cli.uvicorn_config` and run the way `service.cli` runs the
-broker (`asyncio.run(server.serve())`, one process), so flags, event loop and worker count
-are the broker's own. The path is the broker's, so one wrk script drives both.
+broker (`asyncio.run(server.serve())` in one process, on uvloop when the config says so), so
+flags, event loop and worker count are the broker's own; bench.run checks which loop each
+server really runs. The path is the broker's, so one wrk script drives both.
 """
 
 from __future__ import annotations
@@ -58,12 +59,24 @@ def create_bare_app(body_bytes: int) -> FastAPI:
     return app
 
 
-async def serve(app: FastAPI, host: str, port: int) -> None:
+def run(app: FastAPI, host: str, port: int) -> None:
+    """Serve `app` until SIGINT/SIGTERM with the broker's flags, loop and process model."""
     server = QuietServer(uvicorn_config(app, host, port))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-    await server.serve()
+    if server.config.loop == "uvloop":
+        # uvicorn applies `loop` only in its own run(); under asyncio.run it is ours to set,
+        # as service.cli does for the broker. (Imported here: bench.run tells which loop a
+        # server runs by whether uvloop is mapped into it.)
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        await server.serve()
+
+    asyncio.run(serve())
 
 
 def main() -> None:
@@ -72,8 +85,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--body-bytes", type=int, required=True)
     args = parser.parse_args()
-    # As service.cli.cmd_serve: asyncio.run around Server.serve (not uvicorn.run).
-    asyncio.run(serve(create_bare_app(args.body_bytes), args.host, args.port))
+    run(create_bare_app(args.body_bytes), args.host, args.port)
 
 
 if __name__ == "__main__":

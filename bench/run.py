@@ -981,6 +981,26 @@ def machine() -> dict[str, str]:
     }
 
 
+def code_version() -> str:
+    """The commit under test, and any uncommitted change to the code the processes run."""
+
+    def git(*args: str) -> str:
+        git_bin = shutil.which("git")
+        if git_bin is None:
+            return ""
+        result = subprocess.run(
+            [git_bin, "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30
+        )
+        return result.stdout.rstrip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "service", "alembic", "bench", "pyproject.toml")
+    changed = [line[3:] for line in dirty.splitlines() if line[3:] and ".py" in line[3:]]
+    if not changed:
+        return f"git {commit}"
+    return f"git {commit} + uncommitted changes to {', '.join(changed)}"
+
+
 def mark(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -1012,6 +1032,7 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
         f"shared_buffers {results['database']['shared_buffers']})",
         f"- Load average when the run started: {m['load_average_at_start']} (anything above 0 "
         "is other work sharing the cores: figures are noisy then)",
+        f"- Code under test: {results.get('code', 'unknown')}",
         "",
         "## Settings",
         "",
@@ -1194,14 +1215,19 @@ def notes_for(results: dict[str, Any]) -> list[str]:
             "CPU per request (medians): " + "; ".join(parts) + ". A server near 100% of one "
             "core with PostgreSQL mostly idle is bound by Python in its own request path."
         )
-        loops = sorted({v["event_loop"] for v in reads["servers"].values()})
-        if loops != ["uvloop"]:
+        loops = {name: v["event_loop"] for name, v in reads["servers"].items()}
+        if len(set(loops.values())) > 1:
             notes.append(
-                f"Event loop found in the servers' memory maps: {', '.join(loops)}. "
-                '`uvicorn_config` sets loop="uvloop", but uvicorn applies `loop` only in '
-                "`Server.run()`; `broker serve` runs `asyncio.run(server.serve())`, which "
-                "ignores it. The bare app is started the same way, so the ceiling is like for "
-                "like."
+                "NOT like for like: the servers run different event loops ("
+                + ", ".join(f"{name}: {loop}" for name, loop in loops.items())
+                + '). `uvicorn_config` sets loop="uvloop", which uvicorn applies only in its '
+                "own run(); under `asyncio.run(server.serve())` the process must install "
+                "uvloop itself (bench/bare.py does)."
+            )
+        elif "uvloop" not in set(loops.values()):
+            notes.append(
+                f"Every server ran the stock asyncio loop ({next(iter(loops.values()))}), "
+                'though `uvicorn_config` sets loop="uvloop".'
             )
     wave = results.get("wave")
     if wave:
@@ -1279,6 +1305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m bench.run" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine(),
+        "code": code_version(),
         "targets": TARGETS,
     }
     with workspace(args.keep_temp) as workdir:

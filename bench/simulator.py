@@ -8,10 +8,9 @@ with the broker's uvicorn flags and no access log.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 
-from bench.bare import serve
+from bench.bare import run
 from service.simulator import SimulatorClient, SimulatorConfig, create_simulator_app
 
 
@@ -26,7 +25,7 @@ def main() -> None:
         redirect_uris=(os.environ["MP_REDIRECT_URI"],),
     )
     app = create_simulator_app(SimulatorConfig(clients=[client]))
-    asyncio.run(serve(app, args.host, args.port))
+    run(app, args.host, args.port)
 
 
 if __name__ == "__main__":
