@@ -15,6 +15,7 @@ from typing import Any
 
 import prometheus_client
 import uvicorn
+import uvloop
 from alembic import command
 from alembic.config import Config
 from pydantic import ValidationError
@@ -518,6 +519,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    # libuv's event loop for every command (uvicorn's own `loop` option applies only to
+    # `uvicorn.run`, not to servers started inside our asyncio.run).
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
         settings = get_settings()
     except ValidationError as exc:

@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute
 
 from service import db, errors, events, observe
 from service.api import internal, seller, webhooks
+from service.api.fast import TokenReads
 from service.config import Settings, get_settings
 from service.limits import RequestLimits
 from service.refresh import Refresher
@@ -80,6 +81,13 @@ def create_app(
         lifespan=lifespan,
     )
     errors.install(app)
+    token_route = next(
+        route
+        for route in internal.router.routes
+        if isinstance(route, APIRoute) and route.path == internal.TOKEN_ROUTE
+    )
+    # Innermost: the hot path, inside the limits, the metrics and the catch-all.
+    app.add_middleware(TokenReads, route=token_route)
     app.add_middleware(RequestLimits, settings=settings)
     app.add_middleware(errors.CatchAll)
     app.add_middleware(observe.Observe)  # outermost: counts refusals and failures too

@@ -14,7 +14,9 @@ from service.refresh import Refresher
 from service.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+# Async on purpose: FastAPI runs a plain `def` dependency in a worker thread, a thread hop
+# per request on the hot path.
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -22,7 +24,7 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_refresher(request: Request) -> Refresher:
+async def get_refresher(request: Request) -> Refresher:
     refresher: Refresher = request.app.state.refresher
     return refresher
 
@@ -30,12 +32,8 @@ def get_refresher(request: Request) -> Refresher:
 RefresherDep = Annotated[Refresher, Depends(get_refresher)]
 
 
-async def api_key(
-    rt: RuntimeDep,
-    authorization: Annotated[
-        str | None, Header(description="`Bearer <api key>` from `broker api-keys create`")
-    ] = None,
-) -> KeyView:
+async def authenticate(rt: Runtime, authorization: str | None) -> KeyView:
+    """The caller's key, from memory when the cache is live, and its rate limit."""
     prefix, presented = apikeys.parse(authorization)
     key = rt.cache.key(prefix)
     if key is None:
@@ -49,6 +47,15 @@ async def api_key(
     if wait:
         raise RateLimited(headers={"Retry-After": str(math.ceil(wait))})
     return key
+
+
+async def api_key(
+    rt: RuntimeDep,
+    authorization: Annotated[
+        str | None, Header(description="`Bearer <api key>` from `broker api-keys create`")
+    ] = None,
+) -> KeyView:
+    return await authenticate(rt, authorization)
 
 
 ApiKeyDep = Annotated[KeyView, Depends(api_key)]

@@ -62,8 +62,11 @@ async def start_link(body: LinkStartRequest, rt: RuntimeDep, key: ApiKeyDep) -> 
     return LinkStartResponse(link_url=link_url, expires_at=expires_at)
 
 
+TOKEN_ROUTE = "/sellers/{seller_id:path}/token"
+
+
 @router.get(
-    "/sellers/{seller_id:path}/token",
+    TOKEN_ROUTE,
     tags=["tokens"],
     response_model=TokenResponse,
     responses={
