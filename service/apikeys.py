@@ -12,9 +12,10 @@ import hmac
 import secrets
 import uuid
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service import audit
 from service.cache import KeyView
@@ -73,7 +74,7 @@ def parse(authorization: str | None) -> tuple[str, str]:
     return prefix, presented
 
 
-def view_of(key: ApiKey) -> KeyView:
+def view_of(key: Any) -> KeyView:
     return KeyView(
         id=key.id,
         name=key.name,
@@ -85,9 +86,20 @@ def view_of(key: ApiKey) -> KeyView:
     )
 
 
-async def find(session: AsyncSession, prefix: str) -> KeyView | None:
-    key = await session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+async def find(connection: AsyncConnection | AsyncSession, prefix: str) -> KeyView | None:
+    key = (await connection.execute(FIND, {"prefix": prefix})).first()
     return view_of(key) if key is not None else None
+
+
+FIND = select(
+    ApiKey.id,
+    ApiKey.name,
+    ApiKey.prefix,
+    ApiKey.digest,
+    ApiKey.scopes,
+    ApiKey.namespace,
+    ApiKey.revoked_at,
+).where(ApiKey.prefix == bindparam("prefix"))
 
 
 def verify(key: KeyView | None, presented: str) -> KeyView:

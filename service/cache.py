@@ -15,7 +15,7 @@ Three rules keep a stale entry from being served:
   never served stale for more than about a second.
 
 Decrypted tokens live only in this process's memory; `BROKER_TOKEN_CACHE_SIZE=0` turns the
-cache off (every read then goes to PostgreSQL).
+token cache off (every token read then goes to PostgreSQL; API keys are still kept).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ CHANNEL = "broker_cache"
 PING_SECONDS = 0.25
 PING_TIMEOUT_SECONDS = 0.5
 RECONNECT_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
+KEYS_MAX = 10_000  # API keys are few; the bound only guards against a flood of bogus ones
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +97,7 @@ class Cache:
         return self.sellers.get(seller_id)
 
     def key(self, prefix: str) -> KeyView | None:
-        return self.keys.get(prefix) if self.usable else None
+        return self.keys.get(prefix) if self.live else None  # keys: whatever the size
 
     # -- loads -------------------------------------------------------------------------------
 
@@ -105,10 +106,10 @@ class Cache:
         return self.generation
 
     def _fresh(self, row: str, begun: int) -> bool:
-        return self.usable and begun >= self.floor and self.touched.get(row, -1) <= begun
+        return self.live and begun >= self.floor and self.touched.get(row, -1) <= begun
 
     def store_seller(self, view: SellerView, begun: int) -> None:
-        if not self._fresh(f"s:{view.seller_id}", begun):
+        if self.size <= 0 or not self._fresh(f"s:{view.seller_id}", begun):
             return
         current = self.sellers.get(view.seller_id)
         if current is not None and current.version > view.version:
@@ -120,7 +121,7 @@ class Cache:
 
     def store_key(self, view: KeyView, begun: int) -> None:
         if self._fresh(f"k:{view.prefix}", begun):
-            if len(self.keys) >= self.size:
+            if len(self.keys) >= KEYS_MAX:
                 self.keys.clear()  # a handful of keys in practice; never unbounded
             self.keys[view.prefix] = view
 
@@ -159,8 +160,6 @@ class Cache:
 
     async def listen(self, url: str, stop: asyncio.Event) -> None:
         """Keep a LISTEN connection up until `stop`; the cache is live only while it is."""
-        if self.size <= 0:
-            return
         failures = 0
         while not stop.is_set():
             connection: Any = None

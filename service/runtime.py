@@ -71,6 +71,8 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
+    # Single reads of the hot path: one round trip, no BEGIN/ROLLBACK around it (same pool).
+    autocommit: AsyncEngine
     keyring: Keyring
     oauth: OAuthApp
     mercadopago: MercadoPagoClient
@@ -96,6 +98,7 @@ class Runtime:
             settings=settings,
             engine=engine,
             sessions=db.make_sessionmaker(engine),
+            autocommit=engine.execution_options(isolation_level="AUTOCOMMIT"),
             keyring=load_keyring(settings),
             oauth=oauth_app(settings),
             mercadopago=MercadoPagoClient(http, settings.mp_timeout_seconds, clock),

@@ -6,8 +6,9 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, select, update
 
 from service import audit, events
 from service.cache import SellerView
@@ -38,7 +39,31 @@ class Served:
         return TokenResponse.model_validate_json(self.seller.body)
 
 
-def view_of(rt: Runtime, seller: Seller) -> SellerView:
+# A token read: one primary-key lookup of the columns a view needs.
+READ = select(
+    *(
+        getattr(Seller, name)
+        for name in (
+            "seller_id",
+            "client_id",
+            "version",
+            "status",
+            "status_reason",
+            "expires_at",
+            "refresh_failures",
+            "last_refreshed_at",
+            "attempt_sent_at",
+            "lease_until",
+            "mp_user_id",
+            "live_mode",
+            "scope",
+            "access_token",
+        )
+    )
+).where(Seller.seller_id == bindparam("seller_id"))
+
+
+def view_of(rt: Runtime, seller: Any) -> SellerView:
     """A seller row as token reads see it: the access token decrypted, the reply serialized."""
     access_token = (
         rt.keyring.open(
@@ -85,8 +110,8 @@ async def _load(rt: Runtime, seller_id: str, fresh: bool = False) -> SellerView:
     view = None if fresh else rt.cache.seller(seller_id)
     if view is None:
         begun = rt.cache.begin()
-        async with rt.sessions() as session:
-            seller = await session.get(Seller, seller_id)
+        async with rt.autocommit.connect() as connection:
+            seller = (await connection.execute(READ, {"seller_id": seller_id})).first()
         if seller is None:
             raise SellerNotFound(f"No linked seller {seller_id!r}.")
         view = view_of(rt, seller)

@@ -38,8 +38,8 @@ async def authenticate(rt: Runtime, authorization: str | None) -> KeyView:
     key = rt.cache.key(prefix)
     if key is None:
         begun = rt.cache.begin()
-        async with rt.sessions() as session:
-            key = await apikeys.find(session, prefix)
+        async with rt.autocommit.connect() as connection:
+            key = await apikeys.find(connection, prefix)
         if key is not None:
             rt.cache.store_key(key, begun)
     key = apikeys.verify(key, presented)
