@@ -1050,8 +1050,9 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
     if reads:
         servers = reads["servers"]
         lines += [
-            f"- Bare: bench/bare.py, same `uvicorn_config`, started the same way; constant "
-            f"body of {reads['body_bytes']} bytes (= the broker's token reply)",
+            f"- Bare: bench/bare.py, same `uvicorn_config`, one process, "
+            "`asyncio.run(server.serve())` on the loop the config names; constant body of "
+            f"{reads['body_bytes']} bytes (= the broker's token reply)",
             f"- Event loop actually running: broker {servers['broker']['event_loop']}, "
             f"bare {servers['bare']['event_loop']}",
             f"- Warm-up: one pass over {reads['warmup']['sellers']:,} sellers before the cached "
