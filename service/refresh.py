@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import Table, bindparam, exists, func, insert, literal, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from service import audit, breaker, events, logs, metrics, policy
@@ -49,7 +49,7 @@ from service.mercadopago import (
     TokenSet,
     TransientUpstreamError,
 )
-from service.models import AppBreaker, RefreshPause, Seller
+from service.models import AppBreaker, AuditEvent, RefreshPause, Seller, Timestamp
 from service.runtime import Runtime
 
 log = logging.getLogger("broker.refresh")
@@ -57,6 +57,18 @@ log = logging.getLogger("broker.refresh")
 NOT_SENT_RETRIES = 2  # extra sends when the request surely never reached Mercado Pago
 PRUNE_EVERY_SECONDS = 3600
 EXPIRING_EVERY_SECONDS = 300  # how often to look for tokens that will lapse unrefreshed
+GATE_CLEAR_SECONDS = 1.0
+SELLERS = cast(Table, Seller.__table__)
+AUDIT_EVENTS = cast(Table, AuditEvent.__table__)
+
+# Each claimed seller's attempt, written in the claim's transaction (one executemany).
+RECORD_ATTEMPT = (
+    update(SELLERS)
+    .where(SELLERS.c.seller_id == bindparam("sid"))
+    .values(
+        attempt_fingerprint=bindparam("fp"), attempt_sent_at=bindparam("at"), attempt_outcome="sent"
+    )
+)
 
 
 class Outcome(StrEnum):
@@ -120,6 +132,7 @@ class Refresher:
         self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.inflight: dict[str, asyncio.Task[Outcome]] = {}
         self.joined = 0  # callers that joined a refresh already in flight (single-flight)
+        self.clear_until = 0.0  # no breaker or pause seen until then (loop time)
         self.rate = RateLimiter(self.settings.broker_refresh_rate_per_second)
         self.burst = breaker.Burst(
             self.settings.broker_breaker_invalid_grant_threshold,
@@ -297,7 +310,12 @@ class Refresher:
         return due.scalar_subquery()
 
     async def _claim(self, conditions: list[Any], now: datetime) -> list[Claim]:
+        """Take the leases and record the attempts in one transaction (one per batch).
+
+        The attempt (fingerprint of the refresh token about to be sent, `sent_at`) is durable
+        before anything is sent. A claim that ends up not sending sets `not_sent` again."""
         lease_until = now + timedelta(seconds=self.settings.broker_lease_seconds)
+        claims = []
         async with transaction(self.rt.sessions) as session:
             rows = (
                 await session.execute(
@@ -314,39 +332,59 @@ class Refresher:
                     )
                 )
             ).all()
-        claims = []
-        for row in rows:
-            assert row.refresh_token is not None
-            token = self.rt.keyring.open(
-                row.refresh_token, context("sellers", row.seller_id, "refresh_token", row.client_id)
-            )
-            claims.append(
-                Claim(
-                    seller_id=row.seller_id,
-                    client_id=row.client_id,
-                    version=row.version,
-                    refresh_token=token,
-                    lease_until=lease_until,
-                    previous_unknown=row.attempt_fingerprint == fingerprint(token)
-                    and row.attempt_outcome in ("sent", "unknown"),
+            for row in rows:
+                assert row.refresh_token is not None
+                token = self.rt.keyring.open(
+                    row.refresh_token,
+                    context("sellers", row.seller_id, "refresh_token", row.client_id),
                 )
-            )
+                claims.append(
+                    Claim(
+                        seller_id=row.seller_id,
+                        client_id=row.client_id,
+                        version=row.version,
+                        refresh_token=token,
+                        lease_until=lease_until,
+                        # The previous attempt (the values before this claim's record).
+                        previous_unknown=row.attempt_fingerprint == fingerprint(token)
+                        and row.attempt_outcome in ("sent", "unknown"),
+                    )
+                )
+            if claims:
+                await session.execute(
+                    RECORD_ATTEMPT,
+                    [
+                        {"sid": c.seller_id, "fp": fingerprint(c.refresh_token), "at": now}
+                        for c in claims
+                    ],
+                )
         return claims
 
     # -- 2. record and send ------------------------------------------------------------------
 
-    async def _refresh_claimed(self, claim: Claim) -> Outcome:
+    async def _gate(self, client_id: str) -> breaker.Gate:
+        """The breaker and the pause switch, asked at most once a second while all is clear:
+        a wave of refreshes must not cost a transaction each for a switch that is off. (The
+        claim query itself skips paused applications, so a pause stops new claims at once.)"""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.clear_until:
+            return breaker.Gate.CLOSED
         gate = await breaker.gate(
             self.rt.sessions,
-            claim.client_id,
+            client_id,
             self.rt.clock(),
             self.settings.broker_breaker_probe_seconds,
         )
+        if gate == breaker.Gate.CLOSED:
+            self.clear_until = loop.time() + GATE_CLEAR_SECONDS
+        return gate
+
+    async def _refresh_claimed(self, claim: Claim) -> Outcome:
+        gate = await self._gate(claim.client_id)
         if gate == breaker.Gate.OPEN:
-            await self._release(claim)
+            await self._release(claim, attempt_outcome="not_sent")
             metrics.REFRESHES.labels(Outcome.PAUSED, "").inc()
             return Outcome.PAUSED
-        await self._record_attempt(claim)
         try:
             tokens, sent_at = await self._send(claim)
         except PermanentGrantError as exc:
@@ -361,19 +399,6 @@ class Refresher:
         if gate == breaker.Gate.PROBE:
             await breaker.close(self.rt.sessions, claim.client_id)
         return outcome
-
-    async def _record_attempt(self, claim: Claim) -> None:
-        """Durably note what is about to be sent, so a crash after sending stays explicable."""
-        async with transaction(self.rt.sessions) as session:
-            await session.execute(
-                update(Seller)
-                .where(Seller.seller_id == claim.seller_id, Seller.lease_owner == self.owner)
-                .values(
-                    attempt_fingerprint=fingerprint(claim.refresh_token),
-                    attempt_sent_at=self.rt.clock(),
-                    attempt_outcome="sent",
-                )
-            )
 
     async def _send(self, claim: Claim) -> tuple[TokenSet, datetime]:
         deadline = self.rt.mercadopago.timeout + LEASE_MARGIN_SECONDS
@@ -396,6 +421,8 @@ class Refresher:
         delay = 0.05
         while True:
             try:
+                if await self._store_healthy(claim, tokens, sent_at):
+                    return Outcome.REFRESHED
                 return await self._store_once(claim, tokens, sent_at)
             except (DBAPIError, OSError) as exc:
                 _event(
@@ -406,6 +433,68 @@ class Refresher:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _store_healthy(self, claim: Claim, tokens: TokenSet, sent_at: datetime) -> bool:
+        """The common case in one statement (one round trip, atomic): the seller is linked,
+        not failing, and still at the claimed version. The pair and its audit row are written
+        together. False: something else is true, `_store_once` decides what."""
+        now = self.rt.clock()
+        table = SELLERS
+
+        def seal(column: str, value: str) -> str:
+            return self.rt.keyring.seal(
+                value, context("sellers", claim.seller_id, column, claim.client_id)
+            )
+
+        values: dict[str, Any] = {
+            "access_token": seal("access_token", tokens.access_token),
+            "expires_at": sent_at + timedelta(seconds=tokens.expires_in),
+            "next_refresh_at": policy.next_refresh_at(sent_at, tokens.expires_in, self.settings),
+            "scope": func.coalesce(tokens.scope, table.c.scope),
+            "public_key": func.coalesce(tokens.public_key, table.c.public_key),
+            "last_refreshed_at": now,
+            "last_refresh_error": None,
+            "attempt_outcome": "ok",
+            "lease_owner": None,
+            "lease_until": None,
+            "version": claim.version + 1,
+            "updated_at": now,
+        }
+        if tokens.refresh_token is not None:  # a reply without one keeps the old one
+            values["refresh_token"] = seal("refresh_token", tokens.refresh_token)
+        if tokens.live_mode is not None:
+            values["live_mode"] = tokens.live_mode
+        stored = (
+            update(table)
+            .where(
+                table.c.seller_id == claim.seller_id,
+                table.c.version == claim.version,
+                table.c.status == "linked",
+                table.c.refresh_failures == 0,
+            )
+            .values(**values)
+            .returning(table.c.seller_id)
+            .cte("stored")
+        )
+        audited = (
+            insert(AUDIT_EVENTS)
+            .from_select(
+                ["at", "actor", "action", "seller_id"],
+                select(
+                    literal(now, Timestamp),
+                    literal("system"),
+                    literal(f"seller.{Outcome.REFRESHED}"),
+                    stored.c.seller_id,
+                ),
+            )
+            .returning(AUDIT_EVENTS.c.seller_id)
+        )
+        async with self.rt.autocommit.connect() as connection:
+            done = (await connection.execute(audited)).first() is not None
+        if done:
+            metrics.REFRESHES.labels(Outcome.REFRESHED, "").inc()
+            _event("refresh.refreshed", seller_id=claim.seller_id, version=claim.version + 1)
+        return done
 
     async def _store_once(self, claim: Claim, tokens: TokenSet, sent_at: datetime) -> Outcome:
         now = self.rt.clock()
@@ -473,6 +562,7 @@ class Refresher:
         metrics.REFRESHES.labels(Outcome.RELINK_REQUIRED, reason).inc()
         _event("refresh.relink_required", logging.WARNING, seller_id=claim.seller_id, reason=reason)
         if self.burst.add(claim.client_id, now):
+            self.clear_until = 0.0
             await breaker.trip(
                 self.rt.sessions,
                 claim.client_id,
@@ -484,6 +574,7 @@ class Refresher:
 
     async def _on_application_error(self, claim: Claim, exc: MercadoPagoError) -> None:
         now = self.rt.clock()
+        self.clear_until = 0.0
         await breaker.trip(
             self.rt.sessions,
             claim.client_id,

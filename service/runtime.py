@@ -92,7 +92,9 @@ class Runtime:
         transport: httpx.AsyncBaseTransport | None = None,
         application_name: str = "broker-api",
     ) -> Runtime:
-        engine = db.make_engine(url, application_name)
+        # Enough connections for every refresh in flight to hold one at once: a pool smaller
+        # than the concurrency makes refreshes queue, and overflow connections churn.
+        engine = db.make_engine(url, application_name, max(10, settings.broker_refresh_concurrency))
         http = httpx.AsyncClient(transport=transport, follow_redirects=False)
         return cls(
             settings=settings,

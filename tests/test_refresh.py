@@ -195,6 +195,8 @@ async def test_invalid_grant_after_someone_else_rotated_is_a_race_not_a_revocati
     claims = await other_replica._claim_due(10)  # it read version 1 and the current token
     assert len(claims) == 1
     await sql.execute("UPDATE sellers SET lease_until = NULL")  # its lease lapsed
+    # Its claim counts as an attempt: on-read refreshes wait out the cooldown after it.
+    clock.advance(seconds=broker.settings.broker_on_read_cooldown_seconds + 1)
     assert (await broker.token(SELLER, min_ttl=MONTH)).status_code == 200  # we rotate first
     outcome = await other_replica._refresh_claimed(claims[0])  # its old token: invalid_grant
     assert outcome == Outcome.RACED
