@@ -39,6 +39,7 @@ def render(results: dict[str, Any], path: Path) -> None:
                 fontsize=9,
             )
         ax.set_xticks(range(len(kinds)), [LABELS[k] for k in kinds], fontsize=9)
+        ax.set_xlim(-0.5, len(kinds) - 0.1)  # room for the last bar's label
         ax.set_ylabel("requests / s (median; dots: rounds)")
         ax.set_title(
             f"Throughput, GET /sellers/{{id}}/token\n{settings.get('sellers', '?'):,} sellers, "
