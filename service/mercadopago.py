@@ -19,8 +19,9 @@ after a lost reply burns them (the official SDKs retry, which is exactly that bu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -163,9 +164,15 @@ def _timed(endpoint: str) -> Iterator[None]:
 
 class MercadoPagoClient:
     def __init__(
-        self, http: httpx.AsyncClient, timeout: float, clock: Callable[[], datetime]
+        self,
+        http: httpx.AsyncClient | Sequence[httpx.AsyncClient],
+        timeout: float,
+        clock: Callable[[], datetime],
     ) -> None:
-        self.http = http
+        # Several clients, used in turn: httpcore scans every pooled connection on each
+        # request, so one pool of N connections costs O(N) per request; shards keep N small.
+        self.clients = [http] if isinstance(http, httpx.AsyncClient) else list(http)
+        self.turn = itertools.cycle(self.clients)
         self.timeout = timeout
         self.clock = clock
         self.working_secret: dict[str, int] = {}  # client_id -> index of the secret that worked
@@ -222,7 +229,7 @@ class MercadoPagoClient:
             # One deadline for connect + send + read: a slow drip cannot stretch it.
             with _timed("oauth_token"):
                 async with asyncio.timeout(self.timeout):
-                    reply = await self.http.post(
+                    reply = await next(self.turn).post(
                         app.token_url, data=form, headers={"Accept": "application/json"}
                     )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -243,7 +250,7 @@ class MercadoPagoClient:
         try:
             with _timed("users_me"):
                 async with asyncio.timeout(self.timeout):
-                    reply = await self.http.get(
+                    reply = await next(self.turn).get(
                         f"{api_url.rstrip('/')}/users/me",
                         headers={
                             "Authorization": f"Bearer {access_token}",

@@ -35,7 +35,19 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, exists, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    Table,
+    Text,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError
 
 from service import audit, breaker, events, logs, metrics, policy
@@ -60,6 +72,53 @@ EXPIRING_EVERY_SECONDS = 300  # how often to look for tokens that will lapse unr
 GATE_CLEAR_SECONDS = 1.0
 SELLERS = cast(Table, Seller.__table__)
 AUDIT_EVENTS = cast(Table, AuditEvent.__table__)
+
+
+def _store_healthy_statement() -> Any:
+    """UPDATE the pair WHERE still at the claimed version, linked and not failing, and INSERT
+    its audit row, in one statement (built once: SQLAlchemy caches its compiled form)."""
+    keep = func.coalesce
+    stored = (
+        update(SELLERS)
+        .where(
+            SELLERS.c.seller_id == bindparam("sid"),
+            SELLERS.c.version == bindparam("claimed"),
+            SELLERS.c.status == "linked",
+            SELLERS.c.refresh_failures == 0,
+        )
+        .values(
+            access_token=bindparam("access_token"),
+            refresh_token=keep(bindparam("refresh_token", type_=Text), SELLERS.c.refresh_token),
+            expires_at=bindparam("expires_at"),
+            next_refresh_at=bindparam("next_refresh_at"),
+            scope=keep(bindparam("scope", type_=Text), SELLERS.c.scope),
+            public_key=keep(bindparam("public_key", type_=Text), SELLERS.c.public_key),
+            live_mode=keep(bindparam("live_mode", type_=Boolean), SELLERS.c.live_mode),
+            last_refreshed_at=bindparam("now"),
+            last_refresh_error=None,
+            attempt_outcome="ok",
+            lease_owner=None,
+            lease_until=None,
+            version=bindparam("new_version"),
+            updated_at=bindparam("now"),
+        )
+        .returning(SELLERS.c.seller_id)
+        .cte("stored")
+    )
+    return (
+        insert(AUDIT_EVENTS)
+        .from_select(
+            ["at", "actor", "action", "seller_id"],
+            select(
+                bindparam("now", type_=Timestamp),
+                literal("system"),
+                literal(f"seller.{Outcome.REFRESHED}"),
+                stored.c.seller_id,
+            ),
+        )
+        .returning(AUDIT_EVENTS.c.seller_id)
+    )
+
 
 # Each claimed seller's attempt, written in the claim's transaction (one executemany).
 RECORD_ATTEMPT = (
@@ -321,7 +380,15 @@ class Refresher:
                 await session.execute(
                     update(Seller)
                     .where(*conditions)
-                    .values(lease_owner=self.owner, lease_until=lease_until)
+                    .values(
+                        lease_owner=self.owner,
+                        lease_until=lease_until,
+                        # If this owner dies, the background refresher retries as soon as the
+                        # lease lapses (an on-read claim may be of a seller not due for days).
+                        next_refresh_at=func.least(
+                            func.coalesce(Seller.next_refresh_at, lease_until), lease_until
+                        ),
+                    )
                     .returning(
                         Seller.seller_id,
                         Seller.client_id,
@@ -439,58 +506,30 @@ class Refresher:
         not failing, and still at the claimed version. The pair and its audit row are written
         together. False: something else is true, `_store_once` decides what."""
         now = self.rt.clock()
-        table = SELLERS
 
         def seal(column: str, value: str) -> str:
             return self.rt.keyring.seal(
                 value, context("sellers", claim.seller_id, column, claim.client_id)
             )
 
-        values: dict[str, Any] = {
+        params = {
+            "sid": claim.seller_id,
+            "claimed": claim.version,
+            "new_version": claim.version + 1,
             "access_token": seal("access_token", tokens.access_token),
+            # A reply without a refresh token keeps the old one (NULL: keep).
+            "refresh_token": seal("refresh_token", tokens.refresh_token)
+            if tokens.refresh_token is not None
+            else None,
             "expires_at": sent_at + timedelta(seconds=tokens.expires_in),
             "next_refresh_at": policy.next_refresh_at(sent_at, tokens.expires_in, self.settings),
-            "scope": func.coalesce(tokens.scope, table.c.scope),
-            "public_key": func.coalesce(tokens.public_key, table.c.public_key),
-            "last_refreshed_at": now,
-            "last_refresh_error": None,
-            "attempt_outcome": "ok",
-            "lease_owner": None,
-            "lease_until": None,
-            "version": claim.version + 1,
-            "updated_at": now,
+            "scope": tokens.scope,
+            "public_key": tokens.public_key,
+            "live_mode": tokens.live_mode,
+            "now": now,
         }
-        if tokens.refresh_token is not None:  # a reply without one keeps the old one
-            values["refresh_token"] = seal("refresh_token", tokens.refresh_token)
-        if tokens.live_mode is not None:
-            values["live_mode"] = tokens.live_mode
-        stored = (
-            update(table)
-            .where(
-                table.c.seller_id == claim.seller_id,
-                table.c.version == claim.version,
-                table.c.status == "linked",
-                table.c.refresh_failures == 0,
-            )
-            .values(**values)
-            .returning(table.c.seller_id)
-            .cte("stored")
-        )
-        audited = (
-            insert(AUDIT_EVENTS)
-            .from_select(
-                ["at", "actor", "action", "seller_id"],
-                select(
-                    literal(now, Timestamp),
-                    literal("system"),
-                    literal(f"seller.{Outcome.REFRESHED}"),
-                    stored.c.seller_id,
-                ),
-            )
-            .returning(AUDIT_EVENTS.c.seller_id)
-        )
         async with self.rt.autocommit.connect() as connection:
-            done = (await connection.execute(audited)).first() is not None
+            done = (await connection.execute(STORE_HEALTHY, params)).first() is not None
         if done:
             metrics.REFRESHES.labels(Outcome.REFRESHED, "").inc()
             _event("refresh.refreshed", seller_id=claim.seller_id, version=claim.version + 1)
@@ -623,3 +662,6 @@ class Refresher:
                 .where(Seller.seller_id == claim.seller_id, Seller.lease_owner == self.owner)
                 .values(**values)
             )
+
+
+STORE_HEALTHY = _store_healthy_statement()

@@ -25,6 +25,7 @@ from service.mercadopago import MercadoPagoClient, OAuthApp
 log = logging.getLogger("broker")
 
 Clock = Callable[[], datetime]
+UPSTREAM_SHARD = 8  # refreshes in flight per upstream HTTP client (see MercadoPagoClient)
 T = TypeVar("T")
 
 
@@ -96,6 +97,11 @@ class Runtime:
         # than the concurrency makes refreshes queue, and overflow connections churn.
         engine = db.make_engine(url, application_name, max(10, settings.broker_refresh_concurrency))
         http = httpx.AsyncClient(transport=transport, follow_redirects=False)
+        # About 8 connections per upstream client at full refresh concurrency.
+        upstream = [
+            httpx.AsyncClient(transport=transport, follow_redirects=False)
+            for _ in range(max(1, settings.broker_refresh_concurrency // UPSTREAM_SHARD))
+        ]
         return cls(
             settings=settings,
             engine=engine,
@@ -103,7 +109,7 @@ class Runtime:
             autocommit=engine.execution_options(isolation_level="AUTOCOMMIT"),
             keyring=load_keyring(settings),
             oauth=oauth_app(settings),
-            mercadopago=MercadoPagoClient(http, settings.mp_timeout_seconds, clock),
+            mercadopago=MercadoPagoClient(upstream, settings.mp_timeout_seconds, clock),
             http=http,
             clock=clock,
             key_buckets=Buckets(
@@ -137,4 +143,6 @@ class Runtime:
         await self.drain()
         await self.reads.flush(self.sessions)
         await self.http.aclose()
+        for client in self.mercadopago.clients:
+            await client.aclose()
         await self.engine.dispose()
