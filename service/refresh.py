@@ -70,6 +70,7 @@ NOT_SENT_RETRIES = 2  # extra sends when the request surely never reached Mercad
 PRUNE_EVERY_SECONDS = 3600
 EXPIRING_EVERY_SECONDS = 300  # how often to look for tokens that will lapse unrefreshed
 GATE_CLEAR_SECONDS = 1.0
+CLAIM_GATHER_SECONDS = 0.01
 SELLERS = cast(Table, Seller.__table__)
 AUDIT_EVENTS = cast(Table, AuditEvent.__table__)
 
@@ -239,8 +240,11 @@ class Refresher:
                 active.add(task)
                 task.add_done_callback(active.discard)
             if claims and len(claims) == free:
-                # Full batch: more may be due. Wait only for a slot to free up.
+                # Full batch: more may be due. Wait for a slot to free up, then a moment more
+                # so that the next claim takes several rows: a claim is a transaction, and one
+                # per finished refresh would cap a wave at the claim rate.
                 await asyncio.wait(active, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.sleep(CLAIM_GATHER_SECONDS)
                 continue
             waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait())}
             try:
