@@ -66,7 +66,13 @@ class Load:
 
 @pytest.mark.parametrize(
     "settings_overrides",
-    [{"broker_db_check_seconds": 0.2, "broker_readiness_grace_seconds": 30.0}],
+    [
+        {
+            "broker_db_check_seconds": 0.2,
+            "broker_readiness_grace_seconds": 30.0,
+            "broker_rate_limit_per_key_per_second": 1_000_000,  # the readers are not throttled
+        }
+    ],
 )
 async def test_ten_seconds_without_the_database_under_read_load(
     settings: Settings,
@@ -137,7 +143,9 @@ async def test_a_restart_drops_every_connection_and_the_pool_recovers_by_itself(
 ) -> None:
     sellers = await seed_sellers(sql, simulator, settings, 20, expires_in=86400, due=False)
     key = await create_api_key(database_url)
-    uncached = settings.model_copy(update={"broker_token_cache_size": 0})  # every read hits PG
+    uncached = settings.model_copy(  # every read hits PostgreSQL; the readers go unthrottled
+        update={"broker_token_cache_size": 0, "broker_rate_limit_per_key_per_second": 1_000_000}
+    )
     app = create_app(uncached, database_url=database_url)
     async with (
         Loopback(app, sockets[0]) as server,

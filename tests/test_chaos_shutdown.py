@@ -39,8 +39,9 @@ async def test_sigterm_mid_wave_releases_leases_and_a_replacement_picks_up_at_on
     slow = {"BROKER_REFRESH_CONCURRENCY": "8", "BROKER_REFRESH_RATE_PER_SECOND": "40"}
     env = env_for(settings, database_url, **slow)
     reads: list[int] = []
+    unthrottled = {"BROKER_RATE_LIMIT_PER_KEY_PER_SECOND": "1000000"}  # reads as fast as served
     async with (
-        api_process(settings, database_url, port, tmp_path / "api.log"),
+        api_process(settings, database_url, port, tmp_path / "api.log", **unthrottled),
         httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http,
     ):
         stop_reading = asyncio.Event()
