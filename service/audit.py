@@ -21,6 +21,7 @@ from service.db import transaction
 from service.models import AuditEvent, LinkAttempt, WebhookReceipt
 
 log = logging.getLogger("broker.audit")
+FLUSH_SLICE = 200
 
 
 def record(
@@ -52,7 +53,11 @@ class ReadCounter:
         ]
         try:
             async with transaction(sessions) as session:
-                await session.execute(insert(AuditEvent), rows)
+                # In slices, yielding between them: a flush of thousands of rows in one go
+                # would hold the event loop (and every request's latency) for tens of ms.
+                for start in range(0, len(rows), FLUSH_SLICE):
+                    await session.execute(insert(AuditEvent), rows[start : start + FLUSH_SLICE])
+                    await asyncio.sleep(0)
         except Exception as exc:
             self.counts.update(counts)  # keep them for the next flush
             log.error("audit.flush_failed", extra={"fields": {"error": type(exc).__name__}})
