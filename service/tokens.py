@@ -34,10 +34,6 @@ class Served:
     seller: SellerView
     warning: str | None  # "refresh-failing" | "relink-required"
 
-    @property
-    def token(self) -> TokenResponse:
-        return TokenResponse.model_validate_json(self.seller.body)
-
 
 # A token read: one primary-key lookup of the columns a view needs.
 READ = select(

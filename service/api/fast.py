@@ -20,7 +20,10 @@ from starlette.responses import Response
 
 from service import apikeys, tokens
 from service.api.deps import authenticate
+from service.cache import KeyView
 from service.errors import BrokerError, InvalidRequest, problem_response
+from service.refresh import Refresher
+from service.runtime import Runtime
 from service.schemas import SELLER_ID_MAX, SELLER_ID_PATTERN
 
 TOKEN_PATH = re.compile(r"^/sellers/(.+)/token$")
@@ -52,20 +55,27 @@ class TokenReads:
                 (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None
             )
             key = await authenticate(rt, authorization)
-            apikeys.authorize(key, "tokens:read", seller_id)
-            if min_ttl > rt.settings.broker_min_ttl_max_seconds:
-                raise InvalidRequest(
-                    f"min_ttl is at most {rt.settings.broker_min_ttl_max_seconds}."
-                )
-            served = await tokens.read_token(rt, refresher, seller_id, min_ttl)
+            return await token_response(rt, refresher, key, seller_id, min_ttl)
         except BrokerError as exc:
             return problem_response(exc.status, exc.code, exc.title, exc.detail, exc.headers)
-        rt.reads.add(key.name, seller_id, rt.clock())
-        response = Response(served.seller.body, media_type="application/json")
-        response.raw_headers += NO_STORE
-        if served.warning:
-            response.raw_headers.append((WARNING, served.warning.encode()))
-        return response
+
+
+async def token_response(
+    rt: Runtime, refresher: Refresher, key: KeyView, seller_id: str, min_ttl: int
+) -> Response:
+    """A token read once the caller is known: here and in the documented route alike."""
+    apikeys.authorize(key, "tokens:read", seller_id)
+    if min_ttl > rt.settings.broker_min_ttl_max_seconds:
+        # Refused rather than lowered: the caller would believe it got what it asked for.
+        raise InvalidRequest(f"min_ttl is at most {rt.settings.broker_min_ttl_max_seconds}.")
+    served = await tokens.read_token(rt, refresher, seller_id, min_ttl)
+    rt.reads.add(key.name, seller_id, rt.clock())
+    # The body was serialized once, when the seller was loaded: no per-read encoding.
+    response = Response(served.seller.body, media_type="application/json")
+    response.raw_headers += NO_STORE
+    if served.warning:
+        response.raw_headers.append((WARNING, served.warning.encode()))
+    return response
 
 
 def _token_read(scope: Any) -> tuple[str, int] | None:

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Path, Query, Response
 
 from service import apikeys, audit, linking, sellers, tokens
 from service.api.deps import ApiKeyDep, RefresherDep, RuntimeDep
+from service.api.fast import token_response
 from service.errors import (
     Forbidden,
-    InvalidRequest,
     LiveModeMismatch,
     RelinkRequired,
     SellerNotFound,
@@ -33,7 +33,6 @@ from service.schemas import (
 )
 
 router = APIRouter()
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # a token is never cached
 
 SellerId = Annotated[
     str,
@@ -98,15 +97,8 @@ async def get_token(
     ] = 0,
 ) -> Response:
     """Get a valid access token to call Mercado Pago for this seller."""
-    apikeys.authorize(key, "tokens:read", seller_id)
-    if min_ttl > rt.settings.broker_min_ttl_max_seconds:
-        # Refused rather than lowered: the caller would believe it got what it asked for.
-        raise InvalidRequest(f"min_ttl is at most {rt.settings.broker_min_ttl_max_seconds}.")
-    served = await tokens.read_token(rt, refresher, seller_id, min_ttl)
-    rt.reads.add(key.name, seller_id, rt.clock())
-    headers = NO_STORE | ({tokens.WARNING_HEADER: served.warning} if served.warning else {})
-    # The body was serialized once, when the seller was loaded: no per-read encoding.
-    return Response(served.seller.body, media_type="application/json", headers=headers)
+    # Well-formed reads are answered before routing (service/api/fast.py); the same code.
+    return await token_response(rt, refresher, key, seller_id, min_ttl)
 
 
 @router.post(
