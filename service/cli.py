@@ -118,7 +118,7 @@ async def _refresher(settings: Settings, url: str) -> None:
     from service.refresh import Refresher
     from service.runtime import Runtime
 
-    runtime = Runtime.build(settings, url, application_name="broker-refresher")
+    runtime = await Runtime.build(settings, url, application_name="broker-refresher")
     refresher = Refresher(runtime)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -228,7 +228,7 @@ async def _sellers(settings: Settings, args: argparse.Namespace) -> None:
     if args.action == "unlink":
         if settings.uses_simulator:
             settings = demo.with_simulator(settings)
-        rt = Runtime.build(settings, db.database_url(settings), application_name="broker-cli")
+        rt = await Runtime.build(settings, db.database_url(settings), application_name="broker-cli")
         try:
             done = await sellers.unlink(rt, args.seller_id, args.reason, actor="cli")
         finally:

@@ -1,4 +1,9 @@
-"""One async engine per process; sessions that commit or roll back in one place."""
+"""One async engine per process; sessions that commit or roll back in one place.
+
+Beside the engine, a plain asyncpg pool (`direct_pool`) carries the few single statements
+that run thousands of times a second (the cold token read): SQLAlchemy's pool and execution
+layers cost about as much CPU as the statement itself there.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import make_url, text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import (
@@ -84,8 +90,8 @@ async def schema_revision(session: AsyncSession) -> str | None:
         return None
 
 
-def asyncpg_params(url: str) -> dict[str, Any]:
-    """`connect()` keywords for a raw asyncpg connection (the cache's LISTEN) to `url`."""
+def asyncpg_params(url: str, application_name: str = "broker-cache") -> dict[str, Any]:
+    """`connect()` keywords for a raw asyncpg connection (the cache's LISTEN, `direct_pool`)."""
     parsed = make_url(url)
     host = parsed.query.get("host")  # the embedded server's Unix socket directory
     params: dict[str, Any] = {
@@ -93,8 +99,26 @@ def asyncpg_params(url: str) -> dict[str, Any]:
         "password": parsed.password,
         "database": parsed.database,
         "host": host if isinstance(host, str) else parsed.host or "127.0.0.1",
-        "server_settings": {"application_name": "broker-cache"},
+        "server_settings": {"application_name": application_name},
     }
     if parsed.port:
         params["port"] = parsed.port
     return params
+
+
+async def _stateless(_connection: asyncpg.Connection) -> None:
+    """No reset on release: a direct connection only runs single autocommit statements and
+    keeps no session state, so asyncpg's default reset (one more round trip) buys nothing."""
+
+
+async def direct_pool(url: str, application_name: str, size: int) -> asyncpg.Pool:
+    """A fixed-ceiling asyncpg pool; connections open on demand and stay (no overflow churn:
+    a connection opened and closed per request costs PostgreSQL a backend start each time)."""
+    return await asyncpg.create_pool(
+        **asyncpg_params(url, application_name),
+        min_size=0,
+        max_size=size,
+        timeout=CONNECT_TIMEOUT_SECONDS,
+        command_timeout=COMMAND_TIMEOUT_SECONDS,
+        reset=_stateless,
+    )

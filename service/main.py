@@ -46,7 +46,7 @@ def create_app(
         url = database_url
         if url is None:
             url = await asyncio.to_thread(db.database_url, settings)
-        runtime = Runtime.build(settings, url, clock=clock, transport=transport)
+        runtime = await Runtime.build(settings, url, clock=clock, transport=transport)
         refresher = Refresher(runtime)
         app.state.runtime, app.state.refresher = runtime, refresher
         stop = asyncio.Event()

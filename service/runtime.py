@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -74,6 +75,8 @@ class Runtime:
     sessions: async_sessionmaker[AsyncSession]
     # Single reads of the hot path: one round trip, no BEGIN/ROLLBACK around it (same pool).
     autocommit: AsyncEngine
+    # The cold token read's single statement, on plain asyncpg (see service/db.py).
+    direct: asyncpg.Pool
     keyring: Keyring
     oauth: OAuthApp
     mercadopago: MercadoPagoClient
@@ -85,7 +88,7 @@ class Runtime:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
-    def build(
+    async def build(
         cls,
         settings: Settings,
         url: str,
@@ -107,6 +110,9 @@ class Runtime:
             engine=engine,
             sessions=db.make_sessionmaker(engine),
             autocommit=engine.execution_options(isolation_level="AUTOCOMMIT"),
+            direct=await db.direct_pool(
+                url, application_name, settings.broker_db_direct_connections
+            ),
             keyring=load_keyring(settings),
             oauth=oauth_app(settings),
             mercadopago=MercadoPagoClient(upstream, settings.mp_timeout_seconds, clock),
@@ -146,3 +152,4 @@ class Runtime:
         for client in self.mercadopago.clients:
             await client.aclose()
         await self.engine.dispose()
+        await self.direct.close()

@@ -6,15 +6,15 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
-from sqlalchemy import bindparam, select, update
+import asyncpg
+from sqlalchemy import update
 
 from service import audit, events
 from service.cache import SellerView
 from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
-from service.db import transaction
+from service.db import POOL_TIMEOUT_SECONDS, transaction
 from service.errors import RelinkRequired, SellerNotFound, UpstreamUnavailable
 from service.mercadopago import TransientUpstreamError
 from service.models import Seller
@@ -35,70 +35,39 @@ class Served:
     warning: str | None  # "refresh-failing" | "relink-required"
 
 
-# A token read: one primary-key lookup of the columns a view needs.
-READ = select(
-    *(
-        getattr(Seller, name)
-        for name in (
-            "seller_id",
-            "client_id",
-            "version",
-            "status",
-            "status_reason",
-            "expires_at",
-            "refresh_failures",
-            "last_refreshed_at",
-            "attempt_sent_at",
-            "lease_until",
-            "mp_user_id",
-            "live_mode",
-            "scope",
-            "access_token",
-        )
-    )
-).where(Seller.seller_id == bindparam("seller_id"))
+# A token read: one primary-key lookup of the columns a view needs (plain asyncpg: the hot
+# path's one statement, prepared once per connection by asyncpg's statement cache).
+READ = (
+    "SELECT seller_id, client_id, version, status, status_reason, expires_at, refresh_failures,"
+    " last_refreshed_at, attempt_sent_at, lease_until, mp_user_id, live_mode, scope, access_token"
+    " FROM sellers WHERE seller_id = $1"
+)
 
 
-def view_of(rt: Runtime, seller: Any) -> SellerView:
+def view_of(rt: Runtime, seller: asyncpg.Record) -> SellerView:
     """A seller row as token reads see it: the access token decrypted, the reply serialized."""
     access_token = (
         rt.keyring.open(
-            seller.access_token,
-            context("sellers", seller.seller_id, "access_token", seller.client_id),
+            seller["access_token"],
+            context("sellers", seller["seller_id"], "access_token", seller["client_id"]),
         )
-        if seller.access_token is not None
+        if seller["access_token"] is not None
         else None
     )
     body = (
         TokenResponse(
             access_token=access_token,
-            expires_at=seller.expires_at,
-            mp_user_id=seller.mp_user_id,
-            live_mode=seller.live_mode,
-            scope=seller.scope,
+            expires_at=seller["expires_at"],
+            mp_user_id=seller["mp_user_id"],
+            live_mode=seller["live_mode"],
+            scope=seller["scope"],
         )
         .model_dump_json()
         .encode()
         if access_token is not None
         else b""
     )
-    return SellerView(
-        seller_id=seller.seller_id,
-        client_id=seller.client_id,
-        version=seller.version,
-        status=seller.status,
-        status_reason=seller.status_reason,
-        expires_at=seller.expires_at,
-        refresh_failures=seller.refresh_failures,
-        last_refreshed_at=seller.last_refreshed_at,
-        attempt_sent_at=seller.attempt_sent_at,
-        lease_until=seller.lease_until,
-        mp_user_id=seller.mp_user_id,
-        live_mode=seller.live_mode,
-        scope=seller.scope,
-        access_token=access_token,
-        body=body,
-    )
+    return SellerView(**{**dict(seller), "access_token": access_token, "body": body})
 
 
 async def _load(rt: Runtime, seller_id: str, fresh: bool = False) -> SellerView:
@@ -106,8 +75,8 @@ async def _load(rt: Runtime, seller_id: str, fresh: bool = False) -> SellerView:
     view = None if fresh else rt.cache.seller(seller_id)
     if view is None:
         begun = rt.cache.begin()
-        async with rt.autocommit.connect() as connection:
-            seller = (await connection.execute(READ, {"seller_id": seller_id})).first()
+        async with rt.direct.acquire(timeout=POOL_TIMEOUT_SECONDS) as connection:
+            seller = await connection.fetchrow(READ, seller_id)
         if seller is None:
             raise SellerNotFound(f"No linked seller {seller_id!r}.")
         view = view_of(rt, seller)

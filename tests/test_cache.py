@@ -103,7 +103,11 @@ class CountingDatabase:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.opened = 0
-        self.sessions, self.autocommit = runtime.sessions, runtime.autocommit
+        self.sessions, self.autocommit, self.direct = (
+            runtime.sessions,
+            runtime.autocommit,
+            runtime.direct,
+        )
 
     def __enter__(self) -> CountingDatabase:
         counter = self
@@ -113,16 +117,23 @@ class CountingDatabase:
                 counter.opened += 1
                 return counter.autocommit.connect()
 
+        class Pool:
+            def acquire(self, **kwargs: Any) -> Any:
+                counter.opened += 1
+                return counter.direct.acquire(**kwargs)
+
         def sessions(*args: Any, **kwargs: Any) -> Any:
             self.opened += 1
             return self.sessions(*args, **kwargs)
 
         self.runtime.sessions = sessions  # type: ignore[assignment]
         self.runtime.autocommit = Engine()  # type: ignore[assignment]
+        self.runtime.direct = Pool()  # type: ignore[assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.runtime.sessions, self.runtime.autocommit = self.sessions, self.autocommit
+        self.runtime.direct = self.direct
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], what: str, seconds: float) -> float:
