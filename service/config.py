@@ -42,7 +42,7 @@ class Settings(BaseSettings):
 
     broker_env: Literal["dev", "production"] = "dev"
     database_url: str | None = None
-    # Plain asyncpg connections for cold token reads, beside the engine's pool (service/db.py).
+    # Plain asyncpg connections for cold reads, claims and stores (service/db.py).
     broker_db_direct_connections: int = Field(default=10, ge=1, le=200)
     broker_data_dir: Path = Path(".broker")
     broker_public_url: str = "http://127.0.0.1:8000"

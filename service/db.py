@@ -1,8 +1,8 @@
 """One async engine per process; sessions that commit or roll back in one place.
 
-Beside the engine, a plain asyncpg pool (`direct_pool`) carries the few single statements
-that run thousands of times a second (the cold token read): SQLAlchemy's pool and execution
-layers cost about as much CPU as the statement itself there.
+Beside the engine, a plain asyncpg pool (`direct_pool`) carries the few statements that run
+thousands of times a second (the cold token read, a refresh's claim and store): there,
+SQLAlchemy's pool and execution layers cost about as much CPU as the statement itself.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import (
 
 from service import embedded
 from service.config import Settings
+from service.errors import BROKEN_CONNECTION
 
 ROOT = Path(__file__).resolve().parent.parent  # where alembic/ and alembic.ini live
 POOL_TIMEOUT_SECONDS = 5
@@ -122,3 +123,15 @@ async def direct_pool(url: str, application_name: str, size: int) -> asyncpg.Poo
         command_timeout=COMMAND_TIMEOUT_SECONDS,
         reset=_stateless,
     )
+
+
+@asynccontextmanager
+async def direct(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of `direct_pool`, bounded in wait; one left in an unknown protocol state
+    is closed rather than handed out again (the pool opens a new one)."""
+    async with pool.acquire(timeout=POOL_TIMEOUT_SECONDS) as connection:
+        try:
+            yield connection
+        except BROKEN_CONNECTION:
+            connection.terminate()
+            raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -106,6 +107,11 @@ EARLY_REFUSALS: tuple[type[BrokerError], ...] = (
 DATABASE_RETRY_AFTER_SECONDS = 2
 
 
+# Client-side states of a connection whose server end went away under it (a terminated
+# backend, a restart): asyncpg may report these instead of a connection error.
+BROKEN_CONNECTION = (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)
+
+
 def is_database_outage(exc: BaseException) -> bool:
     """Whether `exc` means "the database cannot be reached now" (a 503), not a bug (a 500)."""
     if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout, OSError, TimeoutError)):
@@ -113,9 +119,16 @@ def is_database_outage(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     cause = exc.orig if isinstance(exc, DBAPIError) else exc
-    # asyncpg's own classes (ConnectionDoesNotExistError, CannotConnectNowError, ...).
-    return isinstance(cause, (OSError, TimeoutError)) or any(
-        name in type(cause).__name__ for name in ("Connection", "CannotConnect")
+    # asyncpg's own classes, raw from the direct pool: ConnectionDoesNotExistError, and the
+    # server's connection-exception (08xxx) and operator-intervention (57P01-03: a terminated
+    # backend, a shutdown, a server starting) SQLSTATEs.
+    sqlstate = str(getattr(cause, "sqlstate", None) or "")
+    return (
+        isinstance(cause, (OSError, TimeoutError))
+        or sqlstate.startswith("08")
+        or sqlstate in ("57P01", "57P02", "57P03")
+        or any(name in type(cause).__name__ for name in ("Connection", "CannotConnect"))
+        or isinstance(cause, BROKEN_CONNECTION)
     )
 
 

@@ -96,9 +96,9 @@ class Runtime:
         transport: httpx.AsyncBaseTransport | None = None,
         application_name: str = "broker-api",
     ) -> Runtime:
-        # Enough connections for every refresh in flight to hold one at once: a pool smaller
-        # than the concurrency makes refreshes queue, and overflow connections churn.
-        engine = db.make_engine(url, application_name, max(10, settings.broker_refresh_concurrency))
+        # Claims, stores and cold reads go through `direct`; the engine carries the rest
+        # (links, admin, failures, events), so its pool no longer grows with the concurrency.
+        engine = db.make_engine(url, application_name)
         http = httpx.AsyncClient(transport=transport, follow_redirects=False)
         # About 8 connections per upstream client at full refresh concurrency.
         upstream = [

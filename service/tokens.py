@@ -10,11 +10,11 @@ from datetime import timedelta
 import asyncpg
 from sqlalchemy import update
 
-from service import audit, events
+from service import audit, db, events
 from service.cache import SellerView
 from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
-from service.db import POOL_TIMEOUT_SECONDS, transaction
+from service.db import transaction
 from service.errors import RelinkRequired, SellerNotFound, UpstreamUnavailable
 from service.mercadopago import TransientUpstreamError
 from service.models import Seller
@@ -75,7 +75,7 @@ async def _load(rt: Runtime, seller_id: str, fresh: bool = False) -> SellerView:
     view = None if fresh else rt.cache.seller(seller_id)
     if view is None:
         begun = rt.cache.begin()
-        async with rt.direct.acquire(timeout=POOL_TIMEOUT_SECONDS) as connection:
+        async with db.direct(rt.direct) as connection:
             seller = await connection.fetchrow(READ, seller_id)
         if seller is None:
             raise SellerNotFound(f"No linked seller {seller_id!r}.")

@@ -128,7 +128,7 @@ class CountingDatabase:
 
         self.runtime.sessions = sessions  # type: ignore[assignment]
         self.runtime.autocommit = Engine()  # type: ignore[assignment]
-        self.runtime.direct = Pool()  # type: ignore[assignment]
+        self.runtime.direct = Pool()
         return self
 
     def __exit__(self, *exc: object) -> None:

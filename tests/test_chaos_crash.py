@@ -268,7 +268,7 @@ async def waiter(sql: asyncpg.Connection, application: str, *queries: str) -> as
             application,
         )
         for row in rows:
-            if row["query"].startswith(queries):
+            if row["query"].lstrip().startswith(queries):
                 return row
         await asyncio.sleep(0.05)
     sessions = await sql.fetch(

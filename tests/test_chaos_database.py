@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from service.config import Settings
+from service.errors import is_database_outage
 from service.main import create_app
 from tests.conftest import (
     Loopback,
@@ -62,6 +63,28 @@ class Load:
 
     def between(self, start: float, end: float) -> list[tuple[float, int, str, float]]:
         return [r for r in self.replies if start <= r[0] < end]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.exceptions.AdminShutdownError("terminating connection"),  # pg_terminate_backend
+        asyncpg.exceptions.CannotConnectNowError("the database system is starting up"),
+        asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
+        asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"),
+        # What asyncpg says of a pooled connection whose backend was terminated while idle.
+        asyncpg.exceptions.InternalClientError("cannot switch to state 12"),
+        ConnectionRefusedError(),
+        TimeoutError(),  # a pool acquire or a statement past its deadline
+    ],
+)
+def test_raw_asyncpg_outages_are_503s(error: Exception) -> None:
+    assert is_database_outage(error)
+
+
+def test_a_bug_in_a_statement_is_not_an_outage() -> None:
+    assert not is_database_outage(asyncpg.exceptions.UndefinedColumnError("no such column"))
+    assert not is_database_outage(ValueError("a bug"))
 
 
 @pytest.mark.parametrize(

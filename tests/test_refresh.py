@@ -20,6 +20,7 @@ from tests.conftest import (
     FakeClock,
     SellerBrowser,
     Simulator,
+    admin_connect,
 )
 
 SELLER = "seller-1"
@@ -170,6 +171,43 @@ async def test_a_lease_that_lapses_while_the_reply_is_held_still_stores_the_late
     assert (row["status"], row["version"]) == ("linked", 2)
     log = await simulator.log()
     assert "invalid_grant" not in [e["outcome"] for e in log]
+
+
+async def test_a_store_whose_connection_is_killed_is_sent_again_until_it_lands(
+    broker: Broker,
+    simulator: Simulator,
+    clock: FakeClock,
+    sql: asyncpg.Connection,
+    database_url: str,
+) -> None:
+    reader = await start_held_refresh(broker, simulator, clock, count=1)
+    holder = await admin_connect(database_url)  # holds the seller's row: the store waits on it
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM sellers WHERE seller_id = $1 FOR UPDATE", SELLER)
+            await simulator.release()  # Mercado Pago has rotated: the new pair exists only here
+            query = (
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND ltrim(query, E' \\n') LIKE 'WITH stored AS%'"
+            )
+            for _ in range(200):  # bounded: until the store waits on the row
+                if pid := await sql.fetchval(query):
+                    break
+                await asyncio.sleep(0.025)
+            assert pid, "the store never waited on the held row"
+            # Its connection dies mid-statement (a restart, a failover, an operator).
+            assert await sql.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await holder.close()
+    reply = await reader
+    assert reply.status_code == 200, reply.text
+    row = await seller_row(sql)
+    assert (row["status"], row["version"]) == ("linked", 2)  # stored on a new connection
+    assert await simulator.token_requests("refresh_token") == 1  # never sent twice
+    clock.advance(days=160)  # the stored refresh token is the live one: the next one works
+    assert (await broker.token(SELLER, min_ttl=MONTH)).status_code == 200
+    assert (await seller_row(sql))["version"] == 3
+    assert "invalid_grant" not in [e["outcome"] for e in await simulator.log()]
 
 
 async def test_a_late_success_recovers_a_seller_marked_relink_required_meanwhile(
