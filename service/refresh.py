@@ -42,8 +42,8 @@ from sqlalchemy.exc import DBAPIError
 from service import audit, breaker, db, events, logs, metrics, policy
 from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
-from service.errors import BROKEN_CONNECTION
 from service.db import transaction
+from service.errors import BROKEN_CONNECTION
 from service.mercadopago import (
     ApplicationError,
     MercadoPagoError,
