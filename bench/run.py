@@ -1230,6 +1230,14 @@ def notes_for(results: dict[str, Any]) -> list[str]:
                 f"Every server ran the stock asyncio loop ({next(iter(loops.values()))}), "
                 'though `uvicorn_config` sets loop="uvloop".'
             )
+        sellers, cached = results["settings"]["sellers"], cache_size()
+        if sellers > cached:
+            notes.append(
+                f"{sellers:,} sellers read at random, {cached:,} cached per process: at most "
+                f"{cached / sellers:.0%} of reads can hit the cache, so the 'cache on' run is "
+                "mostly cold reads and the cached-read targets (a working set that fits the "
+                "cache, as in the default run) do not apply to it; the cold run is its baseline."
+            )
     wave = results.get("wave")
     if wave:
         alone = wave["simulator_alone"]["rps"]
