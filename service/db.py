@@ -108,8 +108,9 @@ def asyncpg_params(url: str, application_name: str = "broker-cache") -> dict[str
 
 
 async def _stateless(_connection: asyncpg.Connection) -> None:
-    """No reset on release: a direct connection only runs single autocommit statements and
-    keeps no session state, so asyncpg's default reset (one more round trip) buys nothing."""
+    """No reset query on release: a direct connection runs single statements and short
+    transactions and keeps no session state, so asyncpg's default reset query (one more round
+    trip per use) buys nothing. asyncpg still rolls back a transaction left open, first."""
 
 
 async def direct_pool(url: str, application_name: str, size: int) -> asyncpg.Pool:

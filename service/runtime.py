@@ -27,6 +27,7 @@ log = logging.getLogger("broker")
 
 Clock = Callable[[], datetime]
 UPSTREAM_SHARD = 8  # refreshes in flight per upstream HTTP client (see MercadoPagoClient)
+POOL_CLOSE_SECONDS = 10
 T = TypeVar("T")
 
 
@@ -75,7 +76,7 @@ class Runtime:
     sessions: async_sessionmaker[AsyncSession]
     # Single reads of the hot path: one round trip, no BEGIN/ROLLBACK around it (same pool).
     autocommit: AsyncEngine
-    # The cold token read's single statement, on plain asyncpg (see service/db.py).
+    # The hot statements (cold token reads, refresh claims and stores) on plain asyncpg.
     direct: asyncpg.Pool
     keyring: Keyring
     oauth: OAuthApp
@@ -152,4 +153,7 @@ class Runtime:
         for client in self.mercadopago.clients:
             await client.aclose()
         await self.engine.dispose()
-        await self.direct.close()
+        try:  # close waits for connections in use; a statement stuck past this is cut off
+            await asyncio.wait_for(self.direct.close(), POOL_CLOSE_SECONDS)
+        except TimeoutError:
+            self.direct.terminate()
