@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import Counter
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, insert, select
+import asyncpg
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service import db
 from service.db import transaction
 from service.models import AuditEvent, LinkAttempt, WebhookReceipt
 
 log = logging.getLogger("broker.audit")
-FLUSH_SLICE = 200
+FLUSH_SLICE = 2000  # rows per COPY: a few ms of encoding, then the event loop runs again
 
 
 def record(
@@ -43,34 +46,37 @@ class ReadCounter:
     def add(self, actor: str, seller_id: str, now: datetime) -> None:
         self.counts[(actor, seller_id, now.replace(second=0, microsecond=0))] += 1
 
-    async def flush(self, sessions: async_sessionmaker[AsyncSession]) -> int:
+    async def flush(self, pool: asyncpg.Pool) -> int:
         counts, self.counts = self.counts, Counter()
         if not counts:
             return 0
-        rows = [
-            {"at": minute, "actor": actor, "action": "token.read", "seller_id": seller, "count": n}
+        rows = (
+            (minute, actor, "token.read", seller, n)
             for (actor, seller, minute), n in counts.items()
-        ]
+        )
         try:
-            async with transaction(sessions) as session:
-                # In slices, yielding between them: a flush of thousands of rows in one go
-                # would hold the event loop (and every request's latency) for tens of ms.
-                for start in range(0, len(rows), FLUSH_SLICE):
-                    await session.execute(insert(AuditEvent), rows[start : start + FLUSH_SLICE])
+            # Binary COPY (asyncpg encodes in C; the ORM's bulk insert cost 6% of a million-
+            # seller read load's CPU), in slices, yielding between them: a flush of thousands
+            # of rows in one go would hold the event loop (and every read's latency).
+            async with db.direct(pool) as connection, connection.transaction():
+                while chunk := list(itertools.islice(rows, FLUSH_SLICE)):
+                    await connection.copy_records_to_table(
+                        "audit_events",
+                        records=chunk,
+                        columns=("at", "actor", "action", "seller_id", "count"),
+                    )
                     await asyncio.sleep(0)
         except Exception as exc:
             self.counts.update(counts)  # keep them for the next flush
             log.error("audit.flush_failed", extra={"fields": {"error": type(exc).__name__}})
             return 0
-        return len(rows)
+        return len(counts)
 
-    async def run(
-        self, sessions: async_sessionmaker[AsyncSession], stop: asyncio.Event, every: float
-    ) -> None:
+    async def run(self, pool: asyncpg.Pool, stop: asyncio.Event, every: float) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every)
-            await self.flush(sessions)
+            await self.flush(pool)
 
 
 async def prune(

@@ -52,7 +52,7 @@ def create_app(
         stop = asyncio.Event()
         background = [
             asyncio.create_task(
-                runtime.reads.run(runtime.sessions, stop, settings.broker_audit_flush_seconds)
+                runtime.reads.run(runtime.direct, stop, settings.broker_audit_flush_seconds)
             ),
             asyncio.create_task(observe.watch(health, runtime, stop)),
             asyncio.create_task(runtime.cache.listen(url, stop)),

@@ -148,7 +148,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.drain()
-        await self.reads.flush(self.sessions)
+        await self.reads.flush(self.direct)
         await self.http.aclose()
         for client in self.mercadopago.clients:
             await client.aclose()

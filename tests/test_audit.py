@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 
 import asyncpg
@@ -25,7 +26,7 @@ async def test_links_refreshes_and_token_reads_are_recorded_and_queryable(
     # Reads are counted in memory, not written one by one.
     assert await sql.fetchval("SELECT count(*) FROM audit_events WHERE action = 'token.read'") == 0
     runtime = broker.app.state.runtime
-    assert await runtime.reads.flush(runtime.sessions) == 2  # two minutes of reads
+    assert await runtime.reads.flush(runtime.direct) == 2  # two minutes of reads
     reply = await broker.http.get("/audit", params={"seller_id": SELLER})
     assert reply.status_code == 200
     events = [(e["action"], e["count"]) for e in reversed(reply.json())]
@@ -41,6 +42,29 @@ async def test_links_refreshes_and_token_reads_are_recorded_and_queryable(
         key_name
     }
     assert "APP_USR-" not in reply.text
+
+
+async def test_read_counts_that_could_not_be_written_are_kept_for_the_next_flush(
+    broker: Broker, sql: asyncpg.Connection
+) -> None:
+    counter = audit.ReadCounter()
+    minute = broker.app.state.runtime.clock()
+    for n in range(2500):  # more than one COPY slice
+        counter.add("billing", f"seller-{n % 1250}", minute)
+    with socket.socket() as unused:  # a port nothing listens on: the database is unreachable
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    nowhere = await asyncpg.create_pool(host="127.0.0.1", port=port, user="x", min_size=0)
+    try:
+        assert await counter.flush(nowhere) == 0
+    finally:
+        await nowhere.close()
+    assert await sql.fetchval("SELECT count(*) FROM audit_events WHERE actor = 'billing'") == 0
+    assert await counter.flush(broker.app.state.runtime.direct) == 1250  # kept, then written
+    rows = await sql.fetch("SELECT seller_id, count FROM audit_events WHERE actor = 'billing'")
+    assert len(rows) == 1250
+    assert {r["count"] for r in rows} == {2}
+    assert await counter.flush(broker.app.state.runtime.direct) == 0  # nothing twice
 
 
 async def test_a_namespaced_key_sees_only_its_sellers_audit(
