@@ -311,6 +311,13 @@ async def broker(
         yield Broker(server.url, http, key, settings, app)
 
 
+def settings_keyring(settings: Settings) -> Keyring:
+    """The keyring the broker under test seals with."""
+    keys = settings.broker_encryption_keys
+    assert keys is not None
+    return Keyring.parse(keys.get_secret_value())
+
+
 async def seed_sellers(
     sql: asyncpg.Connection,
     simulator: Simulator,
@@ -321,18 +328,17 @@ async def seed_sellers(
     due: bool,
     keyring: Keyring | None = None,
 ) -> list[str]:
-    """Linked sellers whose grants exist in the simulator (issued directly, no browser)."""
-    keys = settings.broker_encryption_keys
-    assert keys is not None
-    ring = keyring or Keyring.parse(keys.get_secret_value())
+    """Linked sellers whose grants exist in the simulator (issued directly, in one call, no
+    browser); user ids from 10,000."""
+    ring = keyring or settings_keyring(settings)
     client_id = settings.mp_client_id or ""
+    reply = await simulator.http.post(
+        "/_control/issue", json={"client_id": client_id, "user_id": 10_000, "count": count}
+    )
+    reply.raise_for_status()
     now = datetime.now(UTC)
     rows = []
-    for n in range(count):
-        reply = await simulator.http.post(
-            "/_control/issue", json={"client_id": client_id, "user_id": 10_000 + n}
-        )
-        grant = reply.json()
+    for n, grant in enumerate(reply.json()):
         seller_id = f"seller-{n:05d}"
 
         def seal(column: str, value: str, seller_id: str = seller_id) -> str:

@@ -8,13 +8,16 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 from service.config import Settings
 from tests.conftest import CLIENT_SECRET, ROOT
+
+T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -117,3 +120,14 @@ def api_process(
         f"http://127.0.0.1:{port}/healthz",
         output,
     )
+
+
+async def enter_all(stack: AsyncExitStack, *cms: AbstractAsyncContextManager[T]) -> list[T]:
+    """Enter context managers concurrently (processes start in parallel); all or an error."""
+    results = await asyncio.gather(
+        *(stack.enter_async_context(cm) for cm in cms), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [r for r in results if not isinstance(r, BaseException)]

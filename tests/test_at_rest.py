@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from service.crypto import Keyring, context
-from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, query_of
+from service.crypto import context
+from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, query_of, settings_keyring
 
 
 async def dump_every_table(sql: asyncpg.Connection) -> str:
@@ -33,9 +33,7 @@ async def test_no_token_verifier_state_or_key_is_stored_in_clear(
     second = (await broker.token("seller-1", min_ttl=30 * 24 * 3600)).json()["access_token"]
     assert first != second  # refreshed
 
-    keys = broker.settings.broker_encryption_keys
-    assert keys is not None
-    ring = Keyring.parse(keys.get_secret_value())
+    ring = settings_keyring(broker.settings)
     row = await sql.fetchrow("SELECT * FROM sellers WHERE seller_id = 'seller-1'")
     refresh_token = ring.open(
         row["refresh_token"], context("sellers", "seller-1", "refresh_token", row["client_id"])

@@ -37,7 +37,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -48,8 +48,8 @@ from fastapi import FastAPI, Request, Response
 
 from service.config import Settings
 from service.crypto import Keyring, context
-from tests.conftest import Loopback, Simulator, create_api_key, seed_sellers
-from tests.processes import api_process, broker_process, env_for, free_port
+from tests.conftest import Loopback, Simulator, create_api_key, seed_sellers, settings_keyring
+from tests.processes import api_process, broker_process, enter_all, env_for, free_port
 
 T = TypeVar("T")
 Point = Literal["before_send", "after_rotate", "at_commit"]
@@ -144,17 +144,6 @@ class ReplicaLoad:
         return Counter(status for t, status in self.replies if start <= t < end)
 
 
-async def enter_all(stack: AsyncExitStack, *cms: AbstractAsyncContextManager[T]) -> list[T]:
-    """Enter context managers concurrently (processes start in parallel); all or an error."""
-    results = await asyncio.gather(
-        *(stack.enter_async_context(cm) for cm in cms), return_exceptions=True
-    )
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return [r for r in results if not isinstance(r, BaseException)]
-
-
 async def settle(task: asyncio.Task[Any]) -> None:
     """On the way out (also after a failure): no task of the test is left running."""
     if not task.done():
@@ -168,12 +157,6 @@ async def stop_together(processes: list[asyncio.subprocess.Process]) -> None:
     for process in running:
         process.send_signal(signal.SIGINT)
     await asyncio.gather(*(asyncio.wait_for(p.wait(), 30) for p in running), return_exceptions=True)
-
-
-def keyring(settings: Settings) -> Keyring:
-    keys = settings.broker_encryption_keys
-    assert keys is not None
-    return Keyring.parse(keys.get_secret_value())
 
 
 def fingerprint(token: str) -> str:
@@ -356,7 +339,7 @@ async def crash(
         sql, simulator, settings, 2 + REPLICA_SELLERS, expires_in=LIFETIME, due=False
     )
     seller_r, seller_a, others = sellers[0], sellers[1], sellers[2:]
-    ring = keyring(settings)
+    ring = settings_keyring(settings)
     before = {s: await stored(sql, ring, s) for s in (seller_r, seller_a)}
     api_key = await create_api_key(database_url)
     if point == "after_rotate":

@@ -27,9 +27,8 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
@@ -40,9 +39,9 @@ import uvicorn
 
 from service.cli import QuietServer
 from service.config import Settings
-from service.crypto import Keyring, context
-from tests.conftest import Simulator, create_api_key
-from tests.processes import api_process, broker_process, env_for, free_port
+from service.crypto import context
+from tests.conftest import Simulator, create_api_key, seed_sellers, settings_keyring
+from tests.processes import api_process, broker_process, enter_all, env_for, free_port
 
 T = TypeVar("T")
 SELLERS = 2000
@@ -226,63 +225,6 @@ async def stop_together(processes: list[asyncio.subprocess.Process]) -> None:
     await asyncio.gather(*(asyncio.wait_for(p.wait(), 30) for p in running), return_exceptions=True)
 
 
-async def enter_all(stack: AsyncExitStack, *cms: AbstractAsyncContextManager[T]) -> list[T]:
-    """Enter context managers concurrently (processes start in parallel); all or an error."""
-    results = await asyncio.gather(
-        *(stack.enter_async_context(cm) for cm in cms), return_exceptions=True
-    )
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return [r for r in results if not isinstance(r, BaseException)]
-
-
-def keyring(settings: Settings) -> Keyring:
-    keys = settings.broker_encryption_keys
-    assert keys is not None
-    return Keyring.parse(keys.get_secret_value())
-
-
-async def seed_wave(
-    sql: asyncpg.Connection, simulator: Simulator, settings: Settings, count: int
-) -> list[str]:
-    """`count` linked sellers, their grants issued by the simulator in one call."""
-    client_id = settings.mp_client_id or ""
-    reply = await simulator.http.post(
-        "/_control/issue", json={"client_id": client_id, "user_id": 10_000, "count": count}
-    )
-    reply.raise_for_status()
-    ring = keyring(settings)
-    now = datetime.now(UTC)
-    rows = []
-    for n, grant in enumerate(reply.json()):
-        seller_id = f"wave-{n:05d}"
-
-        def seal(column: str, value: str, seller_id: str = seller_id) -> str:
-            return ring.seal(value, context("sellers", seller_id, column, client_id))
-
-        rows.append(
-            (
-                seller_id,
-                client_id,
-                grant["user_id"],
-                seal("access_token", grant["access_token"]),
-                seal("refresh_token", grant["refresh_token"]),
-                now + timedelta(seconds=LIFETIME),
-                now + timedelta(days=1),  # due once every process is up
-                now,
-            )
-        )
-    await sql.executemany(
-        "INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token, "
-        "refresh_token, scope, live_mode, expires_at, next_refresh_at, version, linked_at, "
-        "updated_at) VALUES ($1, $2, $3, 'linked', $4, $5, 'offline_access read write', true, "
-        "$6, $7, 1, $8, $8)",
-        rows,
-    )
-    return [row[0] for row in rows]
-
-
 async def backoffs_now(sql: asyncpg.Connection, probe: Probe) -> list[tuple[int, str, float]]:
     """(failures, error, seconds) of every seller backing off now: how long after the reply to
     its last request (seen by the probe) it is due again."""
@@ -347,7 +289,7 @@ async def test_a_refresh_wave_through_an_upstream_outage_stays_capped_and_catche
     sql: asyncpg.Connection,
     tmp_path: Path,
 ) -> None:
-    sellers = await seed_wave(sql, simulator, settings, SELLERS)
+    sellers = await seed_sellers(sql, simulator, settings, SELLERS, expires_in=LIFETIME, due=False)
     api_key = await create_api_key(database_url)
     sockets[0].close()
     probe = Probe(simulator.url)
@@ -484,7 +426,7 @@ async def test_a_refresh_wave_through_an_upstream_outage_stays_capped_and_catche
     outcomes = Counter(e["outcome"] for e in await simulator.log())
     assert outcomes["ok"] == SELLERS
     assert "invalid_grant" not in outcomes
-    ring = keyring(settings)
+    ring = settings_keyring(settings)
     rows = await sql.fetch("SELECT * FROM sellers")
     assert Counter((r["status"], r["version"], r["refresh_failures"]) for r in rows) == {
         ("linked", 2, 0): SELLERS

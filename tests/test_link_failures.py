@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from service.crypto import Keyring, context
-from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, query_of
+from service.crypto import context
+from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, query_of, settings_keyring
 
 SELLER = "seller-7"
 
@@ -123,7 +123,7 @@ async def test_a_code_stolen_into_another_attempt_fails_pkce(
 async def test_a_wrong_verifier_is_refused_by_mercado_pago_and_nothing_is_stored(
     broker: Broker, simulator: Simulator, sql: asyncpg.Connection
 ) -> None:
-    keyring = Keyring.parse(broker.settings.broker_encryption_keys.get_secret_value())  # type: ignore[union-attr]
+    keyring = settings_keyring(broker.settings)
     async with SellerBrowser() as browser:
         callback = await browser.authorize(await broker.start_link(SELLER), 9)
         attempt_id, client_id = await sql.fetchrow("SELECT id, client_id FROM link_attempts")

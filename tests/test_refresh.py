@@ -11,7 +11,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from service.crypto import Keyring, context
+from service.crypto import context
 from service.refresh import Outcome, Refresher
 from tests.conftest import (
     CLIENT_SECRET,
@@ -21,6 +21,7 @@ from tests.conftest import (
     SellerBrowser,
     Simulator,
     admin_connect,
+    settings_keyring,
 )
 
 SELLER = "seller-1"
@@ -40,9 +41,7 @@ async def stored_refresh_token(broker: Broker, sql: asyncpg.Connection, seller_i
     row = await sql.fetchrow(
         "SELECT refresh_token, client_id FROM sellers WHERE seller_id = $1", seller_id
     )
-    keys = broker.settings.broker_encryption_keys
-    assert keys is not None
-    ring = Keyring.parse(keys.get_secret_value())
+    ring = settings_keyring(broker.settings)
     return ring.open(
         row["refresh_token"], context("sellers", seller_id, "refresh_token", row["client_id"])
     )
@@ -496,7 +495,7 @@ async def test_a_refresh_that_could_not_connect_is_known_not_sent(
         "VALUES ($1, $2, 1, 'linked', 'x', $3, true, $4, $4, $4)",
         SELLER,
         broker.settings.mp_client_id,
-        Keyring.parse(broker.settings.broker_encryption_keys.get_secret_value()).seal(  # type: ignore[union-attr]
+        settings_keyring(broker.settings).seal(
             "TG-abc-1",
             context("sellers", SELLER, "refresh_token", broker.settings.mp_client_id or ""),
         ),

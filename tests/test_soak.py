@@ -26,8 +26,15 @@ import asyncpg
 import httpx
 
 from service.config import Settings
-from service.crypto import Keyring, context
-from tests.conftest import CLIENT_ID, SellerBrowser, Simulator, create_api_key, seed_sellers
+from service.crypto import context
+from tests.conftest import (
+    CLIENT_ID,
+    SellerBrowser,
+    Simulator,
+    create_api_key,
+    seed_sellers,
+    settings_keyring,
+)
 from tests.processes import api_process, broker_process, env_for, free_port
 
 SOAK_SECONDS = min(float(os.environ.get("SOAK_SECONDS", "45")), 600.0)
@@ -138,9 +145,7 @@ async def test_soak_mixed_traffic_with_random_faults_keeps_every_rotation(
             await asyncio.sleep(0.1)
 
     grants = (await simulator.http.get("/_control/grants")).json()
-    keys = settings.broker_encryption_keys
-    assert keys is not None
-    ring = Keyring.parse(keys.get_secret_value())
+    ring = settings_keyring(settings)
     rows = await sql.fetch("SELECT * FROM sellers")
     broken, relink, rotations = [], Counter[str](), 0
     for row in rows:
