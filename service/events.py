@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import or_, select, update
+from sqlalchemy import Select, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import logs, metrics
@@ -280,6 +280,27 @@ class Dispatcher:
             )
 
 
+def expiring_query(now: datetime, horizon: datetime) -> Select[tuple[Seller]]:
+    """Sellers at risk not yet told about: the partial index `ix_sellers_expires_at_at_risk`
+    holds only sellers that cannot be refreshed, so this never reads the healthy ones."""
+    return (
+        select(Seller)
+        .where(
+            Seller.status.in_(("linked", "relink_required")),
+            Seller.expires_at > now,
+            Seller.expires_at < horizon,
+            or_(Seller.status == "relink_required", Seller.refresh_failures > 0),
+            or_(
+                Seller.expiring_notified_version.is_(None),
+                Seller.expiring_notified_version != Seller.version,
+            ),
+        )
+        .order_by(Seller.expires_at)
+        .limit(1000)
+        .with_for_update(skip_locked=True)
+    )
+
+
 async def notify_expiring(
     sessions: async_sessionmaker[AsyncSession], settings: Settings, now: datetime
 ) -> int:
@@ -287,24 +308,7 @@ async def notify_expiring(
     `BROKER_EXPIRING_SOON_DAYS` and cannot be refreshed (relink required, or failing)."""
     horizon = now + timedelta(days=settings.broker_expiring_soon_days)
     async with transaction(sessions) as session:
-        sellers = list(
-            await session.scalars(
-                select(Seller)
-                .where(
-                    Seller.status.in_(("linked", "relink_required")),
-                    Seller.expires_at > now,
-                    Seller.expires_at < horizon,
-                    or_(Seller.status == "relink_required", Seller.refresh_failures > 0),
-                    or_(
-                        Seller.expiring_notified_version.is_(None),
-                        Seller.expiring_notified_version != Seller.version,
-                    ),
-                )
-                .order_by(Seller.expires_at)
-                .limit(1000)
-                .with_for_update(skip_locked=True)
-            )
-        )
+        sellers = list(await session.scalars(expiring_query(now, horizon)))
         for seller in sellers:
             seller.expiring_notified_version = seller.version
             emit_for(session, settings, now, "seller.expiring_soon", seller)

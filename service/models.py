@@ -129,6 +129,12 @@ class Seller(Base):
             "next_refresh_at",
             postgresql_where=text("status = 'linked'"),
         ),
+        # The "expiring soon" scan: only sellers that cannot be refreshed (a few, one hopes).
+        Index(
+            "ix_sellers_expires_at_at_risk",
+            "expires_at",
+            postgresql_where=text("status = 'relink_required' OR refresh_failures > 0"),
+        ),
     )
 
 

@@ -64,34 +64,43 @@ GATE_CLEAR_SECONDS = 1.0
 
 # The statements every refresh of a wave runs, as plain SQL on the direct asyncpg pool
 # (service/db.py): SQLAlchemy's statement building and execution cost more CPU than
-# PostgreSQL spends on them. Parameters: $1 owner, $2 lease_until, $3 now, $4 client_id.
+# PostgreSQL spends on them. Parameters: $1 owner, $2 lease_until, $3 now, $4 client_id,
+# $5 the late-reply grace in seconds (see FREE).
+#
+# FREE: whether nobody may be refreshing the seller. A lease that lapsed over an attempt
+# still marked 'sent' (its owner never said how it ended: it may be paused, its clock may lag,
+# or it died) stays taken for one grace more. The request's own deadline is shorter than a
+# lease, so by then any reply to it has landed or been dropped, and re-sending that refresh
+# token cannot burn a pair that is still on its way to be stored.
+FREE = """(lease_until IS NULL OR lease_until < {now}::timestamptz
+    - CASE WHEN attempt_outcome = 'sent' THEN make_interval(secs => {grace}) ELSE '0' END)"""
+FREE_CLAIM = FREE.format(now="$3", grace="$5")
 _CLAIM = """
 UPDATE sellers SET lease_owner = $1, lease_until = $2,
-    -- If this owner dies, the background refresher retries as soon as the lease lapses
-    -- (an on-read claim may be of a seller not due for days).
-    next_refresh_at = least(coalesce(next_refresh_at, $2), $2)
+    -- If this owner dies, the background refresher retries as soon as the seller is free
+    -- again (an on-read claim may be of a seller not due for days).
+    next_refresh_at = least(coalesce(next_refresh_at, $2), $2 + make_interval(secs => $5))
 WHERE {where}
 RETURNING seller_id, client_id, version, refresh_token, attempt_fingerprint, attempt_outcome
 """
-# The due-work query ($5: how many): the oldest due sellers on the partial index. SKIP LOCKED:
+# The due-work query ($6: how many): the oldest due sellers on the partial index. SKIP LOCKED:
 # concurrent refreshers each take different due rows and never wait on one another.
-CLAIM_DUE = _CLAIM.format(
-    where="""seller_id IN (
+_DUE = """seller_id IN (
     SELECT seller_id FROM sellers
-    WHERE status = 'linked' AND next_refresh_at <= $3 AND client_id = $4
-        AND (lease_until IS NULL OR lease_until < $3)
+    WHERE status = 'linked' AND next_refresh_at <= $3 AND client_id = $4 AND {free}
         AND NOT EXISTS (SELECT FROM app_breakers WHERE client_id = $4 AND probe_after > $3)
         AND NOT EXISTS (SELECT FROM refresh_pause)  -- `broker refresher pause`
     ORDER BY next_refresh_at
-    LIMIT $5
+    LIMIT $6
     FOR UPDATE SKIP LOCKED)"""
-)
-# One seller ($5), on demand; $6, when set: at most one on-read refresh per cooldown window.
-CLAIM_ONE = _CLAIM.format(
-    where="""seller_id = $5 AND status = 'linked' AND client_id = $4
-    AND (lease_until IS NULL OR lease_until < $3)
-    AND ($6::timestamptz IS NULL OR attempt_sent_at IS NULL OR attempt_sent_at < $6)"""
-)
+CLAIM_DUE = _CLAIM.format(where=_DUE.format(free=FREE_CLAIM))
+# One seller ($6), on demand; $7, when set: at most one on-read refresh per cooldown window.
+_ONE = """seller_id = $6 AND status = 'linked' AND client_id = $4 AND {free}
+    AND ($7::timestamptz IS NULL OR attempt_sent_at IS NULL OR attempt_sent_at < $7)"""
+CLAIM_ONE = _CLAIM.format(where=_ONE.format(free=FREE_CLAIM))
+# After a failed claim: false when someone holds the seller (NULL: no such seller).
+_IS_FREE = "SELECT {free} FROM sellers WHERE seller_id = $1"
+IS_FREE = _IS_FREE.format(free=FREE.format(now="$2", grace="$3"))
 # Each claimed seller's attempt, written in the claim's transaction (one executemany).
 RECORD_ATTEMPT = """
 UPDATE sellers SET attempt_fingerprint = $2, attempt_sent_at = $3, attempt_outcome = 'sent'
@@ -181,6 +190,8 @@ class Refresher:
         self.clear_until = 0.0  # no breaker or pause seen until then (loop time)
         self.gate_check: asyncio.Task[breaker.Gate] | None = None  # one check at a time
         self.rate = RateLimiter(self.settings.broker_refresh_rate_per_second)
+        # One lease: longer than any request's deadline (settings refuse less), see FREE.
+        self.late_reply_grace = float(self.settings.broker_lease_seconds)
         self.burst = breaker.Burst(
             self.settings.broker_breaker_invalid_grant_threshold,
             self.settings.broker_breaker_window_seconds,
@@ -320,10 +331,8 @@ class Refresher:
         claims = await self._claim(CLAIM_ONE, now, seller_id, cooldown)
         if not claims:
             async with db.direct(self.rt.direct) as connection:
-                lease_until = await connection.fetchval(
-                    "SELECT lease_until FROM sellers WHERE seller_id = $1", seller_id
-                )
-            return Outcome.BUSY if lease_until and lease_until >= now else Outcome.SKIPPED
+                free = await connection.fetchval(IS_FREE, seller_id, now, self.late_reply_grace)
+            return Outcome.BUSY if free is False else Outcome.SKIPPED
         return await self._refresh_claimed(claims[0])
 
     async def _claim_due(self, limit: int) -> Sequence[Claim]:
@@ -341,7 +350,13 @@ class Refresher:
             connection.transaction(),
         ):
             rows = await connection.fetch(
-                statement, self.owner, lease_until, now, self.rt.oauth.client_id, *args
+                statement,
+                self.owner,
+                lease_until,
+                now,
+                self.rt.oauth.client_id,
+                self.late_reply_grace,
+                *args,
             )
             for row in rows:
                 token = self.rt.keyring.open(

@@ -311,7 +311,7 @@ async def recover(
     background refresher's, also for seller A, whose on-read claim left it due at the end of
     the dead owner's lease."""
     seen: Counter[int] = Counter()
-    for _ in range(600):  # 30 s at most
+    for _ in range(900):  # 45 s at most
         reply = await http.get(f"{replica}/sellers/{seller_id}/token")
         seen[reply.status_code] += 1
         if reply.status_code == 200 and reply.json()["access_token"] != old_access:
@@ -600,9 +600,10 @@ async def test_kill_9_before_the_upstream_call_then_the_next_owner_refreshes_onc
     result = await crash("before_send", settings, sockets, simulator, database_url, sql, tmp_path)
     assert_refreshed_once(result)
     assert result["log"] == {"ok": 2}  # only the next owners' requests ever left
-    # Nobody could take over before the dead owner's lease lapsed.
+    # Nobody could take over before the dead owner's lease, and then the late-reply grace (one
+    # lease more: its outcome was never recorded), had lapsed; then the next owner did.
     for rec in result["recovery"].values():
-        assert rec.seconds < lease_seconds("before_send") + TIMEOUTS["before_send"] + 5
+        assert rec.seconds < 2 * lease_seconds("before_send") + TIMEOUTS["before_send"] + 5
     assert_replica_kept_serving(result)
 
 

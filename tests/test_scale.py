@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from sqlalchemy.dialects.postgresql import asyncpg as postgresql_asyncpg
 
+from service.events import expiring_query
 from service.refresh import CLAIM_DUE
 from service.tokens import READ
 from tests.conftest import CLIENT_ID, Broker
@@ -26,11 +28,12 @@ async def test_due_work_and_token_reads_use_indexes_with_a_million_sellers(
         """
         INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token,
             refresh_token, live_mode, expires_at, next_refresh_at, version, linked_at,
-            updated_at)
+            updated_at, refresh_failures)
         SELECT 'seller-' || lpad(n::text, 7, '0'), $2, n,
                CASE WHEN n % 50 = 0 THEN 'unlinked' ELSE 'linked' END, 'x', 'x', true,
-               now() + interval '150 days',
-               now() + (n % 1000) * interval '1 hour' - interval '10 hours', 1, now(), now()
+               now() + (n % 180) * interval '1 day',
+               now() + (n % 1000) * interval '1 hour' - interval '10 hours', 1, now(), now(),
+               CASE WHEN n % 5000 = 1 THEN 2 ELSE 0 END  -- a few failing
         FROM generate_series(1, $1::int) AS n
         """,
         SELLERS,
@@ -38,11 +41,22 @@ async def test_due_work_and_token_reads_use_indexes_with_a_million_sellers(
     )
     await sql.execute("ANALYZE sellers")
     now = datetime.now(UTC)
-    # The claim as the refresher sends it ($1 owner, $2 lease_until, $3 now, $4 client, $5 n).
-    claim = (CLAIM_DUE, "bench-owner", now + timedelta(minutes=1), now, CLIENT_ID, 50)
+    # The claim as the refresher sends it ($1 owner, $2 lease_until, $3 now, $4 client,
+    # $5 late-reply grace, $6 n).
+    claim = (CLAIM_DUE, "bench-owner", now + timedelta(minutes=1), now, CLIENT_ID, 60.0, 50)
     due_plan = await plan(sql, *claim)
     assert "ix_sellers_next_refresh_at_linked" in due_plan, due_plan
     assert "Seq Scan on sellers" not in due_plan, due_plan
+
+    # The refresher's look for tokens that will lapse unrefreshed (every few minutes).
+    expiring = expiring_query(now, now + timedelta(days=7)).compile(
+        dialect=postgresql_asyncpg.dialect(), compile_kwargs={"render_postcompile": True}
+    )
+    expiring_plan = await plan(
+        sql, str(expiring), *(expiring.params[name] for name in expiring.positiontup or ())
+    )
+    assert "ix_sellers_expires_at_at_risk" in expiring_plan, expiring_plan
+    assert "Seq Scan on sellers" not in expiring_plan, expiring_plan
 
     for read in ((READ, "seller-0500000"), ("SELECT * FROM sellers WHERE seller_id = $1", "x")):
         read_plan = await plan(sql, *read)  # the token read, and what session.get runs
