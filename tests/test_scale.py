@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-from sqlalchemy.dialects.postgresql import asyncpg as postgresql_asyncpg
 
 from service.events import expiring_query
 from service.refresh import CLAIM_DUE
@@ -50,7 +49,7 @@ async def test_due_work_and_token_reads_use_indexes_with_a_million_sellers(
 
     # The refresher's look for tokens that will lapse unrefreshed (every few minutes).
     expiring = expiring_query(now, now + timedelta(days=7)).compile(
-        dialect=postgresql_asyncpg.dialect(), compile_kwargs={"render_postcompile": True}
+        dialect=broker.refresher.rt.engine.dialect, compile_kwargs={"render_postcompile": True}
     )
     expiring_plan = await plan(
         sql, str(expiring), *(expiring.params[name] for name in expiring.positiontup or ())
