@@ -260,8 +260,8 @@ class Refresher:
     async def release_leases(self) -> int:
         """At shutdown, after in-flight refreshes had their grace: give back every lease whose
         request was surely not sent, so a replacement process claims those sellers at once.
-        A lease whose request may be at Mercado Pago stays until it lapses (its outcome is
-        unknown: the next attempt's `invalid_grant` will say so)."""
+        A lease whose request may be at Mercado Pago stays until it lapses and the late-reply
+        grace after it has run (its outcome is unknown: the next attempt will tell)."""
         try:
             async with transaction(self.rt.sessions) as session:
                 released = await session.execute(
