@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from service import db
+from service import db, logs
 from service.audit import ReadCounter
 from service.cache import Cache
 from service.config import Settings
@@ -101,9 +101,11 @@ class Runtime:
         # (links, admin, failures, events), so its pool no longer grows with the concurrency.
         engine = db.make_engine(url, application_name)
         http = httpx.AsyncClient(transport=transport, follow_redirects=False)
-        # About 8 connections per upstream client at full refresh concurrency.
+        # About 8 connections per upstream client at full refresh concurrency. No httpx
+        # timeout: each call runs under one asyncio deadline (MP_TIMEOUT_SECONDS, see
+        # mercadopago.py), which httpx's 5 s per-phase default would otherwise cut short.
         upstream = [
-            httpx.AsyncClient(transport=transport, follow_redirects=False)
+            httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=None)
             for _ in range(max(1, settings.broker_refresh_concurrency // UPSTREAM_SHARD))
         ]
         return cls(
@@ -144,6 +146,7 @@ class Runtime:
     async def drain(self, grace_seconds: float = 15.0) -> None:
         """Shutdown waits for in-flight exchanges to store what Mercado Pago already answered."""
         if self.tasks:
+            logs.event(log, "shutdown.draining", {"in_flight": len(self.tasks)})
             await asyncio.wait(set(self.tasks), timeout=grace_seconds)
 
     async def close(self) -> None:

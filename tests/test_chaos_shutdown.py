@@ -130,3 +130,37 @@ async def test_sigterm_lets_every_request_in_flight_finish(
     assert [r.status_code for r in replies] == [200] * len(sellers)
     assert await sql.fetchval("SELECT count(*) FROM sellers WHERE version = 2") == len(sellers)
     assert await sql.fetchval("SELECT count(*) FROM sellers WHERE lease_owner IS NOT NULL") == 0
+
+
+async def test_sigterm_lets_a_background_refresh_inside_serve_store_its_pair(
+    settings: Settings,
+    sockets: tuple[socket.socket, socket.socket],
+    simulator: Simulator,
+    database_url: str,
+    sql: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    """No request waits on this refresh, so uvicorn would not: only the process owning the
+    task keeps Mercado Pago's new pair, rotated and on its way, from being lost at exit."""
+    [seller] = await seed_sellers(sql, simulator, settings, 1, expires_in=86400, due=True)
+    await simulator.faults(after_rotate="hold", count=1)
+    sockets[0].close()
+    log = tmp_path / "api.log"
+    async with api_process(
+        settings, database_url, free_port(), log, BROKER_SERVE_REFRESHER="true"
+    ) as process:
+        await simulator.wait_until_held()  # the refresher inside serve sent it; held
+        process.send_signal(signal.SIGTERM)
+        for _ in range(300):  # bounded (15 s): until shutdown waits on the refresh it owns
+            if "shutdown.draining" in log.read_text():
+                break
+            await asyncio.sleep(0.05)
+        assert "shutdown.draining" in log.read_text()
+        assert process.returncode is None
+        await simulator.release()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    row = await sql.fetchrow(
+        "SELECT version, status, lease_owner FROM sellers WHERE seller_id = $1", seller
+    )
+    assert (row["version"], row["status"], row["lease_owner"]) == (2, "linked", None)
+    assert await simulator.token_requests("refresh_token") == 1
