@@ -280,7 +280,7 @@ class Dispatcher:
             )
 
 
-def expiring_query(now: datetime, horizon: datetime) -> Select[tuple[Seller]]:
+def expiring_query(now: datetime, horizon: datetime) -> Select[Seller]:
     """Sellers at risk not yet told about: the partial index `ix_sellers_expires_at_at_risk`
     holds only sellers that cannot be refreshed, so this never reads the healthy ones."""
     return (
