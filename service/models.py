@@ -142,7 +142,7 @@ class AppBreaker(Base):
     """An open circuit breaker: refreshing for this application is paused on every process.
 
     No row means closed. After `probe_after`, one refresh goes through as a probe; its success
-    closes the breaker (`broker refresher resume` does too).
+    closes the breaker (`broker breaker close` does too).
     """
 
     __tablename__ = "app_breakers"
