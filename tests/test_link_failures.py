@@ -3,6 +3,9 @@ Mercado Pago only when a code may be exchanged."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import asyncpg
 import pytest
 
@@ -17,9 +20,20 @@ async def linked_sellers(sql: asyncpg.Connection) -> int:
     return count
 
 
+def logged(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, Any]]:
+    """The fields of each `event` line of the link flow; an expected failure logs no traceback."""
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    return [
+        getattr(r, "fields", {})
+        for r in caplog.records
+        if r.name == "broker.linking" and r.getMessage() == event
+    ]
+
+
 async def test_a_denied_consent_links_nothing_and_calls_no_token_endpoint(
-    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     async with SellerBrowser() as browser:
         page = await browser.link(await broker.start_link(SELLER), decision="deny")
     assert page.status_code == 200
@@ -27,11 +41,13 @@ async def test_a_denied_consent_links_nothing_and_calls_no_token_endpoint(
     assert await simulator.token_requests() == 0
     assert await linked_sellers(sql) == 0
     assert await sql.fetchval("SELECT outcome FROM link_attempts") == "denied"
+    assert [f["outcome"] for f in logged(caplog, "callback.outcome")] == ["denied"]
 
 
 async def test_a_replayed_callback_shows_the_recorded_outcome_without_a_second_exchange(
-    broker: Broker, simulator: Simulator
+    broker: Broker, simulator: Simulator, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     async with SellerBrowser() as browser:
         callback = await browser.authorize(await broker.start_link(SELLER), 9)
         first = await browser.callback(callback)
@@ -39,19 +55,36 @@ async def test_a_replayed_callback_shows_the_recorded_outcome_without_a_second_e
     assert first.status_code == again.status_code == 200
     assert "Your account is linked" in again.text
     assert await simulator.token_requests() == 1
+    assert [f["outcome"] for f in logged(caplog, "callback.replayed")] == ["linked"]
 
 
+@pytest.mark.parametrize("decision", ["allow", "deny"])
+@pytest.mark.parametrize("stranger_has_a_cookie", [False, True])
 async def test_a_callback_from_another_browser_is_refused_before_any_upstream_call(
-    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+    broker: Broker,
+    simulator: Simulator,
+    sql: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+    decision: str,
+    stranger_has_a_cookie: bool,
 ) -> None:
+    caplog.set_level(logging.INFO)
+    attempt = "SELECT consumed_at, outcome FROM link_attempts WHERE seller_id = $1"
     async with SellerBrowser() as seller, SellerBrowser() as stranger:
-        callback = await seller.authorize(await broker.start_link(SELLER), 9)
+        callback = await seller.authorize(await broker.start_link(SELLER), 9, decision)
+        if stranger_has_a_cookie:  # a binder of their own, for an attempt of their own
+            await stranger.open_link(await broker.start_link("stranger-seller"))
         page = await stranger.callback(callback)
-    assert page.status_code == 403
-    assert "same browser" in page.text
-    assert await simulator.token_requests() == 0
-    # Nothing changed: the rightful browser can still finish.
-    assert await sql.fetchval("SELECT consumed_at FROM link_attempts") is None
+        assert page.status_code == 403
+        assert "same browser" in page.text
+        assert await simulator.token_requests() == 0
+        # Nothing changed, a denial included: the rightful browser can still finish.
+        assert tuple(await sql.fetchrow(attempt, SELLER)) == (None, None)
+        finished = await seller.callback(callback)
+    assert finished.status_code == 200
+    outcome = "linked" if decision == "allow" else "denied"
+    assert (await sql.fetchrow(attempt, SELLER))["outcome"] == outcome
+    assert [f["reason"] for f in logged(caplog, "callback.refused")] == ["unbound_browser"]
 
 
 async def test_an_unknown_state_is_refused_before_any_upstream_call(
@@ -139,8 +172,13 @@ async def test_a_wrong_verifier_is_refused_by_mercado_pago_and_nothing_is_stored
 
 @pytest.mark.parametrize("fault", [{"status": 500}, {"status": 503}, {"rate_limited": True}])
 async def test_an_upstream_error_ends_on_a_retry_page_and_the_link_stays_usable(
-    broker: Broker, simulator: Simulator, sql: asyncpg.Connection, fault: dict[str, object]
+    broker: Broker,
+    simulator: Simulator,
+    sql: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+    fault: dict[str, object],
 ) -> None:
+    caplog.set_level(logging.INFO)
     link_url = await broker.start_link(SELLER)
     await simulator.faults(count=1, **fault)
     async with SellerBrowser() as browser:
@@ -151,6 +189,8 @@ async def test_an_upstream_error_ends_on_a_retry_page_and_the_link_stays_usable(
         retry = await browser.link(link_url)  # the fault was for one request only
     assert retry.status_code == 200
     assert await linked_sellers(sql) == 1
+    outcomes = [f["outcome"] for f in logged(caplog, "callback.outcome")]
+    assert outcomes == ["upstream_unavailable", "linked"]
 
 
 async def test_an_upstream_timeout_ends_on_a_retry_page(
@@ -162,6 +202,7 @@ async def test_an_upstream_timeout_ends_on_a_retry_page(
     assert page.status_code == 503
     assert await linked_sellers(sql) == 0
     assert await sql.fetchval("SELECT outcome FROM link_attempts") == "upstream_unavailable"
+    assert await simulator.token_requests() == 1  # a code is single-use: never retried
 
 
 async def test_relinking_to_another_mercado_pago_account_is_refused(
@@ -191,6 +232,27 @@ async def test_a_live_link_for_a_sandbox_seller_is_refused(broker: Broker) -> No
     reply = await broker.http.post("/link/start", json={"seller_id": SELLER})
     assert reply.status_code == 409
     assert reply.json()["code"] == "live_mode_mismatch"
+
+
+async def test_a_seller_who_went_live_during_a_sandbox_link_keeps_the_live_credentials(
+    broker: Broker, sql: asyncpg.Connection
+) -> None:
+    # Both links start while the seller holds nothing, so /link/start cannot refuse either;
+    # the live one finishes first and the sandbox callback must not overwrite it.
+    sandbox_link = await broker.start_link(SELLER, test=True)
+    live_link = await broker.start_link(SELLER)
+    async with SellerBrowser() as browser:
+        sandbox_callback = await browser.authorize(sandbox_link, 9)
+        assert (await browser.link(live_link, 9)).status_code == 200
+        page = await browser.callback(sandbox_callback)
+    assert page.status_code == 409
+    assert "Test and live accounts do not mix" in page.text
+    token = (await broker.http.get(f"/sellers/{SELLER}/token")).json()
+    assert token["access_token"].startswith("APP_USR-")
+    assert token["live_mode"] is True
+    assert await sql.fetchval("SELECT version FROM sellers") == 1
+    outcome = "SELECT outcome FROM link_attempts WHERE test"
+    assert await sql.fetchval(outcome) == "live_mode_mismatch"
 
 
 @pytest.mark.parametrize(

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import datetime, timedelta
 
 import asyncpg
 import pytest
 
 from service import pkce
+from service.crypto import context
 from service.linking import Outcome
 from tests.conftest import (
+    CLIENT_ID,
     SIM_EXPIRES_IN,
     Broker,
     FakeClock,
     SellerBrowser,
     Simulator,
     query_of,
+    settings_keyring,
 )
 
 SELLER = "billing/seller-42"
+PUBLIC_KEY = re.compile(r"APP_USR-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 async def test_a_seller_links_and_the_platform_reads_a_token(
@@ -35,6 +40,13 @@ async def test_a_seller_links_and_the_platform_reads_a_token(
         assert params["code_challenge_method"] == "S256"
         assert len(params["state"]) >= 43
         assert "code_verifier" not in authorization_url
+        # The verifier never leaves the server: its value is nowhere in the URL, only its hash.
+        attempt_id, verifier = await sql.fetchrow("SELECT id, code_verifier FROM link_attempts")
+        verifier = settings_keyring(broker.settings).open(
+            verifier, context("link_attempts", attempt_id, "code_verifier", CLIENT_ID)
+        )
+        assert params["code_challenge"] == pkce.challenge(verifier, "S256")
+        assert verifier not in authorization_url
         page = await browser.callback(await browser.consent(authorization_url, "allow", 555))
 
     assert page.status_code == 200
@@ -57,6 +69,10 @@ async def test_a_seller_links_and_the_platform_reads_a_token(
     row = await sql.fetchrow("SELECT * FROM sellers WHERE seller_id = $1", SELLER)
     assert row["status"] == "linked"
     assert row["version"] == 1
+    assert PUBLIC_KEY.fullmatch(row["public_key"] or "")
+    # The application is kept on every row, so serving several later is configuration.
+    assert row["client_id"] == CLIENT_ID
+    assert await sql.fetchval("SELECT client_id FROM link_attempts") == CLIENT_ID
     # A dump of the table holds no usable token.
     dump = " ".join(str(v) for v in row.values())
     assert token["access_token"] not in dump
@@ -71,12 +87,33 @@ async def test_a_seller_links_and_the_platform_reads_a_token(
 async def test_expires_at_counts_from_when_the_exchange_was_sent(
     broker: Broker, simulator: Simulator, clock: FakeClock
 ) -> None:
-    start = clock.now
+    await simulator.faults(after_rotate="hold")
     async with SellerBrowser() as browser:
-        await browser.link(await broker.start_link(SELLER))
+        pending = asyncio.create_task(browser.link(await broker.start_link(SELLER)))
+        await simulator.wait_until_held()
+        sent_at = clock.now
+        clock.advance(minutes=30)  # Mercado Pago answers half an hour after the request left
+        await simulator.release()
+        assert (await pending).status_code == 200
     token = (await broker.http.get(f"/sellers/{SELLER}/token")).json()
     # The simulator issues 15768000 s, not the usual 180 days: the broker must read expires_in.
-    assert datetime.fromisoformat(token["expires_at"]) == start + timedelta(seconds=SIM_EXPIRES_IN)
+    assert datetime.fromisoformat(token["expires_at"]) == sent_at + timedelta(
+        seconds=SIM_EXPIRES_IN
+    )
+
+
+async def test_a_link_is_usable_until_its_ttl_and_says_when_that_ends(
+    broker: Broker, clock: FakeClock
+) -> None:
+    ttl = broker.settings.broker_link_ttl_seconds
+    reply = await broker.http.post("/link/start", json={"seller_id": SELLER})
+    assert reply.status_code == 201
+    assert datetime.fromisoformat(reply.json()["expires_at"]) == clock.now + timedelta(seconds=ttl)
+    clock.advance(seconds=ttl - 1)  # the other side, ttl + 1, is in test_link_failures.py
+    async with SellerBrowser() as browser:
+        page = await browser.link(reply.json()["link_url"])
+    assert page.status_code == 200
+    assert "Your account is linked" in page.text
 
 
 async def test_a_sandbox_link_stores_test_credentials(broker: Broker) -> None:
@@ -162,15 +199,75 @@ async def test_the_binding_cookie_is_httponly_lax_and_short_lived(broker: Broker
 
 
 @pytest.mark.parametrize("settings_overrides", [{"broker_public_url": "https://broker.example"}])
-async def test_behind_https_the_cookie_is_secure_and_host_prefixed(broker: Broker) -> None:
+async def test_behind_https_the_host_prefixed_cookie_binds_the_browser_through_the_callback(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+) -> None:
     link_url = await broker.start_link(SELLER)
     assert link_url.startswith("https://broker.example/link/")
     async with SellerBrowser() as browser:
+        # A TLS proxy would stand in front of the broker; the test talks to it directly.
         reply = await browser.http.get(link_url.replace("https://broker.example", broker.url))
-    cookie = reply.headers["set-cookie"]
-    assert cookie.startswith("__Host-mpb_link=")
-    assert "Secure" in cookie
-    assert "Domain" not in cookie
+        cookie = reply.headers["set-cookie"]
+        assert cookie.startswith("__Host-mpb_link=")
+        assert "Secure" in cookie
+        assert "Path=/" in cookie
+        assert "Domain" not in cookie
+        binder = cookie.split(";")[0].split("=", 1)[1]
+        callback = await browser.consent(reply.headers["location"], "allow", 5)
+        # Over plain HTTP the jar would withhold a Secure cookie: send exactly what is named.
+        browser.http.cookies.clear()
+        without = await browser.callback(callback)
+        # The unprefixed name could be planted by a sibling subdomain: it binds nothing here.
+        planted = await browser.http.get(callback, headers={"Cookie": f"mpb_link={binder}"})
+        assert without.status_code == planted.status_code == 403
+        assert await simulator.token_requests() == 0
+        page = await browser.http.get(callback, headers={"Cookie": f"__Host-mpb_link={binder}"})
+    assert page.status_code == 200
+    assert "Your account is linked" in page.text
+    assert await sql.fetchval("SELECT status FROM sellers WHERE seller_id = $1", SELLER) == "linked"
+    assert await simulator.token_requests() == 1
+
+
+async def wait_for_lock_waiters(sql: asyncpg.Connection, count: int) -> None:
+    """Bounded wait until `count` sessions of this database wait on a lock."""
+    for _ in range(400):
+        await sql.execute("SELECT pg_stat_clear_snapshot()")  # else a transaction sees one view
+        waiting = await sql.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"{count} sessions never waited on a lock")
+
+
+async def test_two_concurrent_submissions_of_one_callback_exchange_the_code_once(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+) -> None:
+    async with SellerBrowser() as browser:
+        callback = await browser.authorize(await broker.start_link(SELLER), 5)
+        await simulator.faults(after_rotate="hold")
+        # Hold the attempt's row so that both submissions are inside the claim at once (as
+        # when the first one's transaction is still open); then let them race for it.
+        async with sql.transaction():
+            await sql.execute("SELECT 1 FROM link_attempts FOR UPDATE")
+            submissions = [asyncio.create_task(browser.callback(callback)) for _ in range(2)]
+            await wait_for_lock_waiters(sql, 2)
+        # The winner's reply is held by Mercado Pago; the loser must answer without it.
+        done, pending = await asyncio.wait(
+            submissions, timeout=30, return_when=asyncio.FIRST_COMPLETED
+        )
+        assert len(done) == len(pending) == 1
+        loser = done.pop().result()
+        assert loser.status_code == 409
+        assert "Still linking" in loser.text
+        await simulator.release()
+        winner = await pending.pop()
+    assert winner.status_code == 200
+    assert await simulator.token_requests() == 1
+    assert await sql.fetchval("SELECT count(*) FROM sellers WHERE status = 'linked'") == 1
+    assert await sql.fetchval("SELECT outcome FROM link_attempts") == "linked"
 
 
 async def test_the_attempt_is_consumed_and_committed_before_mercado_pago_answers(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,21 @@ def test_secrets_never_print() -> None:
 def test_a_plain_postgresql_url_gets_the_asyncpg_driver() -> None:
     url = make(database_url="postgresql://u@h/db").database_url
     assert url == "postgresql+asyncpg://u@h/db"
+
+
+def test_defaults_point_at_mercado_pago_and_keep_dev_data_local(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in list(os.environ):
+        if name.lower() in Settings.model_fields:
+            monkeypatch.delenv(name)
+    settings = Settings(_env_file=None)
+    assert settings.mp_auth_url == "https://auth.mercadopago.com/authorization"
+    assert settings.mp_token_url == "https://api.mercadopago.com/oauth/token"
+    assert settings.broker_link_ttl_seconds == 7 * 24 * 3600
+    assert settings.broker_env == "dev"
+    assert settings.broker_data_dir == Path("./.broker")
+    assert settings.mp_pkce_method == "S256"
 
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

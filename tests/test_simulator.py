@@ -140,7 +140,9 @@ async def exchange(client: httpx.AsyncClient, code: str, **overrides: Any) -> ht
     return await post_token(client, {k: v for k, v in params.items() if v is not None})
 
 
-async def refresh(client: httpx.AsyncClient, refresh_token: str) -> httpx.Response:
+async def refresh(
+    client: httpx.AsyncClient, refresh_token: str, as_json: bool = False
+) -> httpx.Response:
     return await post_token(
         client,
         {
@@ -149,6 +151,7 @@ async def refresh(client: httpx.AsyncClient, refresh_token: str) -> httpx.Respon
             "grant_type": "refresh_token",
             "refresh_token": refresh_token,
         },
+        as_json=as_json,
     )
 
 
@@ -562,12 +565,15 @@ async def test_an_access_token_stops_working_after_expires_in(client: httpx.Asyn
     assert (await me(client, tokens["access_token"])).status_code == 401
 
 
-async def test_refresh_rotates_and_the_old_refresh_token_dies(client: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize("as_json", [False, True])
+async def test_refresh_rotates_and_the_old_refresh_token_dies(
+    client: httpx.AsyncClient, as_json: bool
+) -> None:
     first = await linked_seller(client)
 
-    second = await refresh(client, first["refresh_token"])
-    replay = await refresh(client, first["refresh_token"])
-    third = await refresh(client, second.json()["refresh_token"])
+    second = await refresh(client, first["refresh_token"], as_json)
+    replay = await refresh(client, first["refresh_token"], as_json)
+    third = await refresh(client, second.json()["refresh_token"], as_json)
 
     assert second.status_code == 200
     assert second.json()["refresh_token"] != first["refresh_token"]
@@ -577,6 +583,8 @@ async def test_refresh_rotates_and_the_old_refresh_token_dies(client: httpx.Asyn
     assert third.status_code == 200
     # Like Mercado Pago, the previous access token lives until its own expiry.
     assert (await me(client, first["access_token"])).status_code == 200
+    sent = [e["content_type"] for e in await log(client) if e["grant_type"] == "refresh_token"]
+    assert sent == ["json" if as_json else "form"] * 3
 
 
 async def test_a_refresh_token_of_another_app_is_an_invalid_grant(
