@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import uuid
 from datetime import datetime
@@ -21,8 +22,32 @@ from service import audit
 from service.cache import KeyView
 from service.errors import Forbidden, Unauthorized
 from service.models import ApiKey
+from service.schemas import SELLER_ID_MAX, SELLER_ID_PATTERN
 
 SCOPES = ("links:write", "tokens:read", "sellers:admin")
+
+
+def check_namespace(namespace: str) -> None:
+    """A namespace is whole seller-id segments ending in `/`: `billing/` must not reach
+    `billing2/…`, which a bare `billing` prefix would."""
+    segments = namespace[:-1]
+    if (
+        not namespace.endswith("/")
+        or len(namespace) > SELLER_ID_MAX
+        or not re.fullmatch(SELLER_ID_PATTERN, segments)
+    ):
+        raise ValueError(
+            f"namespace {namespace!r} must be seller id segments ending in '/', "
+            "such as 'billing/' (a bare 'billing' would also match 'billing2/…')"
+        )
+
+
+def _as_namespace(stored: str | None) -> str | None:
+    """A namespace stored before `check_namespace` existed may lack its `/`: read it as if it
+    had one, so it never reaches a longer name."""
+    if not stored:
+        return stored
+    return stored if stored.endswith("/") else f"{stored}/"
 
 
 def _digest(key: str) -> str:
@@ -47,6 +72,8 @@ async def create(
     unknown = set(scopes) - set(SCOPES)
     if unknown:
         raise ValueError(f"unknown scopes: {', '.join(sorted(unknown))}")
+    if namespace is not None:
+        check_namespace(namespace)
     prefix = secrets.token_hex(4)
     secret = f"mpb_{prefix}_{secrets.token_urlsafe(32)}"
     key = ApiKey(
@@ -81,7 +108,7 @@ def view_of(key: Any) -> KeyView:
         prefix=key.prefix,
         digest=key.digest,
         scopes=tuple(key.scopes),
-        namespace=key.namespace,
+        namespace=_as_namespace(key.namespace),
         revoked=key.revoked_at is not None,
     )
 

@@ -55,6 +55,9 @@ def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
         log_config=None,
         # No access log: the callback's query string holds an authorization code and a state.
         access_log=False,
+        # uvicorn would believe X-Forwarded-For from any loopback peer; the broker reads it
+        # itself, only from BROKER_TRUSTED_PROXIES (service/limits.py).
+        proxy_headers=False,
         # libuv's event loop and the C HTTP parser: the hot path's per-request cost halves.
         loop="uvloop",
         http="httptools",

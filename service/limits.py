@@ -2,8 +2,10 @@
 
 `RequestLimits` is pure ASGI middleware (no per-request task or body buffering): it refuses
 oversized query strings (414), headers (431) and bodies (413) before any route runs, and rate
-limits the seller-facing pages per client address (429 + Retry-After). API keys are rate
-limited in the auth dependency, once the key is known.
+limits the seller-facing pages (`GET /link/{id}`, `GET /oauth/callback`) per client address
+(429 + Retry-After). Internal callers (`POST /link/start` included) are rate limited per API
+key in the auth dependency, once the key is known, never per address: many of them may share
+one address (a NAT, a sidecar).
 
 Limits are per replica: each process keeps its own buckets (no shared state on the hot path).
 With N replicas behind a balancer, a caller gets up to N times the configured rate.
@@ -33,7 +35,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-SELLER_FACING = ("/link/", "/oauth/callback")
+SELLER_FACING = ("/link/", "/oauth/callback")  # the pages a seller's browser opens: GET only
+
+
+def seller_facing(scope: Scope) -> bool:
+    """`GET /link/{id}` and `GET /oauth/callback`; not the internal `POST /link/start`."""
+    return scope["method"] in ("GET", "HEAD") and scope["path"].startswith(SELLER_FACING)
 
 
 class Buckets:
@@ -60,14 +67,17 @@ def client_address(
 ) -> str:
     """The caller's address; `X-Forwarded-For` counts only when the peer is a trusted proxy.
 
-    Walk the chain from the right, skipping trusted proxies: the first untrusted hop is the
-    client (anything further left could be forged by it).
+    Several header lines are one list, in the order received (RFC 9110 §5.3), so a proxy that
+    appends a line of its own adds to the right. Walk that list from the right, skipping
+    trusted proxies: the first untrusted hop is the client (anything further left could be
+    forged by it).
     """
     peer: str = (scope.get("client") or ("unknown", 0))[0]
-    chain: list[str] = [peer]
+    chain: list[str] = []
     for name, value in scope.get("headers", []):
         if name == b"x-forwarded-for":
-            chain = [*value.decode("latin-1").split(","), *chain]
+            chain += value.decode("latin-1").split(",")
+    chain.append(peer)
     for hop in reversed([h.strip() for h in chain]):
         try:
             address = ipaddress.ip_address(hop)
@@ -113,7 +123,7 @@ class RequestLimits:
         for name, value in headers:
             if name == b"content-length" and (not value.isdigit() or int(value) > self.max_body):
                 return BodyTooLarge.status, BodyTooLarge.code, BodyTooLarge.title, {}
-        if scope["path"].startswith(SELLER_FACING):
+        if seller_facing(scope):
             wait = self.addresses.take(client_address(scope, self.trusted))
             if wait:
                 retry = {"Retry-After": str(math.ceil(wait))}

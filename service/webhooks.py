@@ -6,12 +6,14 @@ with the application's webhook secret over
     id:<data.id>;request-id:<x-request-id>;ts:<ts>;
 
 where `data.id` comes from the query string (lower-cased when alphanumeric) and absent parts
-are left out. The signature does not cover the body, so a notification is only a hint: before
-unlinking, the seller's own token is tried on `GET /users/me`, and only a 401 unlinks.
+are left out. The signature does not cover the body, so a notification is only a hint: only
+the signed `data.id` is acted on (a body naming another user changes nothing), and before
+unlinking, the seller's own token is tried on `GET /users/me`: only a 401 unlinks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -19,16 +21,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+import httpx
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 
+from service import metrics
 from service.crypto import context
 from service.db import transaction
+from service.mercadopago import TransientUpstreamError
 from service.models import Seller, WebhookReceipt
 from service.runtime import Runtime
 from service.sellers import unlink
 
 log = logging.getLogger("broker.webhooks")
+
+TOPIC = "mp-connect"
 
 
 def manifest(data_id: str | None, request_id: str | None, ts: str) -> str:
@@ -73,41 +80,74 @@ def verify(
 
 @dataclass(frozen=True)
 class Handled:
-    action: str  # "unlinked" | "ignored" | "duplicate" | "still_authorized"
+    # "unlinked" | "ignored" | "duplicate" | "still_authorized" | "unconfirmed"
+    action: str
     sellers: int = 0
 
 
-async def handle(rt: Runtime, request_id: str | None, body: dict[str, Any]) -> Handled:
-    """Act on a verified notification: de-duplicated, checked, confirmed with Mercado Pago."""
+async def handle(
+    rt: Runtime, request_id: str | None, data_id: str | None, body: dict[str, Any]
+) -> Handled:
+    """Act on a verified notification (`data_id`: the signed one, from the query string):
+    de-duplicated, checked, confirmed with Mercado Pago."""
     request_id = (request_id or "")[:128] or None
-    if request_id:
-        async with rt.sessions() as session:
-            if await session.get(WebhookReceipt, request_id) is not None:
-                return Handled("duplicate")
-    handled = await _act(rt, body)
-    if request_id:
-        # Recorded once handled: a notification that failed half-way (Mercado Pago down) is
-        # retried by Mercado Pago and must not be dropped as a duplicate.
-        async with transaction(rt.sessions) as session:
-            await session.execute(
-                insert(WebhookReceipt)
-                .values(request_id=request_id, received_at=rt.clock())
-                .on_conflict_do_nothing()
-            )
+    if request_id and not await _claim(rt, request_id):
+        return Handled("duplicate")
+    try:
+        handled = await _act(rt, data_id, body)
+    except BaseException:
+        if request_id:
+            # Mercado Pago retries a notification that failed half-way (it could not
+            # confirm): the retry must not be dropped as a duplicate.
+            await _release(rt, request_id)
+        raise
     log.info(
         "webhook.handled", extra={"fields": {"action": handled.action, "request_id": request_id}}
     )
     return handled
 
 
-async def _act(rt: Runtime, body: dict[str, Any]) -> Handled:
+async def _claim(rt: Runtime, request_id: str) -> bool:
+    """Record the request id; True only for the one delivery whose row went in, so two
+    deliveries at once act once (the other is a duplicate)."""
+    async with transaction(rt.sessions) as session:
+        inserted = await session.scalar(
+            insert(WebhookReceipt)
+            .values(request_id=request_id, received_at=rt.clock())
+            .on_conflict_do_nothing()
+            .returning(WebhookReceipt.request_id)
+        )
+    return inserted is not None
+
+
+async def _release(rt: Runtime, request_id: str) -> None:
+    async with transaction(rt.sessions) as session:
+        await session.execute(delete(WebhookReceipt).where(WebhookReceipt.request_id == request_id))
+
+
+def _user_id(value: Any) -> int | None:
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
+async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Handled:
+    if (body.get("type") or body.get("topic")) != TOPIC:
+        return Handled("ignored")
     if str(body.get("application_id", "")) != rt.oauth.client_id:
         return Handled("ignored")  # another application's notification
     if body.get("action") != "application.deauthorized":
         return Handled("ignored")
-    try:
-        user_id = int(str((body.get("data") or {}).get("id") or body.get("user_id")))
-    except (TypeError, ValueError):
+    user_id = _user_id(signed_id)
+    if user_id is None:
+        return Handled("ignored")  # no signed user: nothing the signature vouches for
+    data = body.get("data")
+    named = data.get("id") if isinstance(data, dict) else None
+    named = named if named is not None else body.get("user_id")
+    if named is not None and _user_id(named) != user_id:
+        # The body is not signed: one naming another user than `data.id` is not believed.
+        log.warning("webhook.user_mismatch", extra={"fields": {"mp_user_id": user_id}})
         return Handled("ignored")
     async with rt.sessions() as session:
         sellers = list(
@@ -119,18 +159,51 @@ async def _act(rt: Runtime, body: dict[str, Any]) -> Handled:
                 )
             )
         )
-    unlinked = 0
+    unlinked = unconfirmed = 0
     for seller in sellers:
         assert seller.access_token is not None
         token = rt.keyring.open(
             seller.access_token,
             context("sellers", seller.seller_id, "access_token", seller.client_id),
         )
-        if await rt.mercadopago.token_works(rt.settings.mp_api_url, token):
+        status = await _users_me(rt, token)
+        if status == 200:
             continue  # the hint was wrong (or forged): the token still works
+        if status != 401:
+            unconfirmed += 1  # a 403 does not say the grant is gone: change nothing
+            log.warning(
+                "webhook.unconfirmed",
+                extra={"fields": {"seller_id": seller.seller_id, "upstream_status": status}},
+            )
+            continue
         if await unlink(rt, seller.seller_id, "deauthorized", expected_version=seller.version):
             unlinked += 1
     log.warning(
         "webhook.deauthorized", extra={"fields": {"mp_user_id": user_id, "unlinked": unlinked}}
     )
-    return Handled("unlinked" if unlinked else "still_authorized", unlinked)
+    if unlinked:
+        return Handled("unlinked", unlinked)
+    return Handled("unconfirmed" if unconfirmed else "still_authorized")
+
+
+async def _users_me(rt: Runtime, access_token: str) -> int:
+    """`GET /users/me` with the seller's token: 200 (it works), 401 (revoked) or 403.
+
+    Not `MercadoPagoClient.token_works`, which folds 403 into "does not work": only a 401 may
+    unlink. Anything else is transient (Mercado Pago is asked to send it again).
+    """
+    try:
+        with metrics.UPSTREAM_SECONDS.labels("users_me").time():
+            async with asyncio.timeout(rt.settings.mp_timeout_seconds):
+                reply = await rt.http.get(
+                    f"{rt.settings.mp_api_url.rstrip('/')}/users/me",
+                    headers={
+                        "Authorization": f"Bearer {access_token}",
+                        "Accept": "application/json",
+                    },
+                )
+    except (TimeoutError, httpx.HTTPError) as exc:
+        raise TransientUpstreamError(type(exc).__name__) from None
+    if reply.status_code in (200, 401, 403):
+        return reply.status_code
+    raise TransientUpstreamError("upstream_unavailable", reply.status_code)

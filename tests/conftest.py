@@ -152,7 +152,9 @@ class Loopback:
         self.sock = sock
         self.url = _url(sock)
         self.server = QuietServer(
-            uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
+            uvicorn.Config(
+                app, log_config=None, access_log=False, lifespan="on", proxy_headers=False
+            )
         )
         self.task: asyncio.Task[None] | None = None
 

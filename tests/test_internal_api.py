@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
 import asyncpg
 import httpx
 import pytest
 
+from service import apikeys, db
 from service.errors import PROBLEM_JSON
 from service.linking import check_return_url
-from tests.conftest import Broker, create_api_key
+from tests.conftest import Broker, SellerBrowser, create_api_key
 
 
 def assert_problem(reply: httpx.Response, status: int, code: str) -> None:
@@ -19,6 +24,33 @@ def assert_problem(reply: httpx.Response, status: int, code: str) -> None:
     assert body["status"] == status
     assert body["title"]
     assert body["detail"]
+
+
+async def new_key(
+    database_url: str, scopes: tuple[str, ...] = apikeys.SCOPES, namespace: str | None = None
+) -> str:
+    engine = db.make_engine(database_url, "tests", pool_size=1)
+    try:
+        async with db.transaction(db.make_sessionmaker(engine)) as session:
+            _, secret = await apikeys.create(
+                session, f"k-{namespace}", datetime.now(UTC), scopes, namespace
+            )
+    finally:
+        await engine.dispose()
+    return secret
+
+
+@asynccontextmanager
+async def calling_with(broker: Broker, key: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=broker.url, headers={"Authorization": f"Bearer {key}"}
+    ) as caller:
+        yield caller
+
+
+async def linked(broker: Broker, seller_id: str, user_id: int) -> None:
+    async with SellerBrowser() as browser:
+        assert (await browser.link(await broker.start_link(seller_id), user_id)).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -56,6 +88,53 @@ async def test_a_key_without_the_scope_is_403(broker: Broker, database_url: str)
     ) as caller:
         assert_problem(await caller.post("/link/start", json={"seller_id": "x"}), 403, "forbidden")
         assert_problem(await caller.get("/sellers/x/token"), 404, "seller_not_found")
+
+
+async def test_a_key_without_tokens_read_is_403_on_reading_or_reporting_a_token(
+    broker: Broker, database_url: str
+) -> None:
+    await linked(broker, "seller-1", 11)
+    key = await new_key(database_url, scopes=("links:write", "sellers:admin"))
+    async with calling_with(broker, key) as caller:
+        assert_problem(await caller.get("/sellers/seller-1/token"), 403, "forbidden")
+        assert_problem(await caller.post("/sellers/seller-1/token/invalid"), 403, "forbidden")
+    assert (await broker.token("seller-1")).status_code == 200  # and nothing was marked invalid
+
+
+async def test_a_namespaced_key_reaches_only_its_own_sellers(
+    broker: Broker, database_url: str
+) -> None:
+    await linked(broker, "other/1", 11)
+    await linked(broker, "billing2/1", 12)
+    await linked(broker, "billing/1", 13)
+    key = await new_key(database_url, namespace="billing/")
+    async with calling_with(broker, key) as billing:
+        assert_problem(await billing.get("/sellers/other/1/token"), 403, "forbidden")
+        assert_problem(await billing.get("/sellers/billing2/1/token"), 403, "forbidden")
+        refused = await billing.post("/link/start", json={"seller_id": "other/2"})
+        assert_problem(refused, 403, "forbidden")
+        assert (await billing.get("/sellers/billing/1/token")).status_code == 200
+        started = await billing.post("/link/start", json={"seller_id": "billing/2"})
+        assert started.status_code == 201, started.text
+
+
+@pytest.mark.parametrize("namespace", ["billing", "", "/", "billing//", "../", "has space/"])
+async def test_a_namespace_must_be_a_seller_id_prefix_ending_in_a_slash(
+    database_url: str, sql: asyncpg.Connection, namespace: str
+) -> None:
+    with pytest.raises(ValueError, match="namespace"):
+        await new_key(database_url, namespace=namespace)
+    assert await sql.fetchval("SELECT count(*) FROM api_keys") == 0
+
+
+async def test_a_stored_namespace_without_its_slash_does_not_reach_a_longer_one(
+    broker: Broker, database_url: str, sql: asyncpg.Connection
+) -> None:
+    await linked(broker, "billing2/1", 12)
+    key = await new_key(database_url, namespace="billing/")
+    await sql.execute("UPDATE api_keys SET namespace = 'billing' WHERE namespace IS NOT NULL")
+    async with calling_with(broker, key) as billing:  # a key created before the check
+        assert_problem(await billing.get("/sellers/billing2/1/token"), 403, "forbidden")
 
 
 async def test_an_unknown_seller_is_404(broker: Broker) -> None:

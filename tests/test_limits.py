@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
 
+from service.config import Settings
 from service.limits import Buckets, client_address
 from tests.conftest import Broker, SellerBrowser
+from tests.processes import api_process, free_port
+from tests.test_internal_api import assert_problem
 
 
 async def test_an_oversized_body_is_413_and_stores_nothing(
@@ -77,11 +81,75 @@ async def test_api_keys_are_rate_limited_per_key(broker: Broker, database_url: s
         assert (await caller.get("/sellers/nobody/token")).status_code == 404
 
 
+@pytest.mark.parametrize("settings_overrides", [{"broker_rate_limit_per_key_per_second": 1}])
+async def test_the_per_key_429_is_a_problem_with_retry_after(broker: Broker) -> None:
+    for _ in range(20):  # bounded: a budget of 1 a second is spent within a few requests
+        reply = await broker.token("nobody")
+        if reply.status_code == 429:
+            break
+    assert_problem(reply, 429, "rate_limited")
+    assert int(reply.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize("settings_overrides", [{"broker_rate_limit_per_address_per_minute": 2}])
+async def test_internal_link_starts_are_not_limited_per_address(broker: Broker) -> None:
+    started = [
+        (await broker.http.post("/link/start", json={"seller_id": f"s-{n}"})).status_code
+        for n in range(4)
+    ]
+    assert started == [201] * 4
+    async with SellerBrowser() as browser:  # the same address, on a seller page: limited
+        pages = [
+            (await browser.http.get(f"{broker.url}/link/{'x' * 43}")).status_code for _ in range(3)
+        ]
+    assert pages == [404, 404, 429]
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"broker_rate_limit_per_address_per_minute": 2, "broker_trusted_proxies": ["127.0.0.1/32"]}],
+)
+async def test_clients_behind_a_trusted_proxy_get_their_own_buckets_and_cannot_forge_one(
+    broker: Broker,
+) -> None:
+    page = f"{broker.url}/link/{'x' * 43}"
+
+    async def status(*forwarded: str) -> int:
+        headers = [("x-forwarded-for", line) for line in forwarded]  # one line each
+        async with httpx.AsyncClient() as client:  # the proxy: a loopback peer
+            return (await client.get(page, headers=headers)).status_code
+
+    assert [await status("198.51.100.1") for _ in range(2)] == [404, 404]
+    assert await status("198.51.100.1") == 429
+    assert await status("198.51.100.2") == 404  # another client, its own bucket
+    assert await status("6.6.6.6, 198.51.100.1") == 429  # a forged leftmost entry
+    assert await status("6.6.6.7", "198.51.100.1") == 429  # the proxy appended its own line
+
+
+async def test_a_served_broker_believes_no_forwarded_for_from_an_untrusted_peer(
+    settings: Settings, database_url: str, tmp_path: Path
+) -> None:
+    """uvicorn would take a loopback peer's X-Forwarded-For as the client by default; the
+    served broker leaves that to its own reading, and trusts no proxy unless configured."""
+    port = free_port()
+    limited = {"BROKER_RATE_LIMIT_PER_ADDRESS_PER_MINUTE": "2"}
+    async with (
+        api_process(settings, database_url, port, tmp_path / "api.log", **limited),
+        httpx.AsyncClient() as client,
+    ):
+        page = f"http://127.0.0.1:{port}/link/{'x' * 43}"
+        statuses = [
+            (await client.get(page, headers={"x-forwarded-for": f"198.51.100.{n}"})).status_code
+            for n in range(3)
+        ]
+    assert statuses == [404, 404, 429]  # one peer, one bucket, whatever it claims
+
+
 PROXIES = [ipaddress.ip_network("10.0.0.0/8")]
 
 
-def scope(peer: str, forwarded: str | None = None) -> dict[str, object]:
-    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+def scope(peer: str, *forwarded: str) -> dict[str, object]:
+    headers = [(b"x-forwarded-for", line.encode()) for line in forwarded]
     return {"client": (peer, 1234), "headers": headers}
 
 
@@ -98,7 +166,21 @@ def scope(peer: str, forwarded: str | None = None) -> dict[str, object]:
 def test_forwarded_for_counts_only_through_trusted_proxies(
     peer: str, forwarded: str | None, expected: str
 ) -> None:
-    assert client_address(scope(peer, forwarded), PROXIES) == expected
+    assert client_address(scope(peer, *([forwarded] if forwarded else [])), PROXIES) == expected
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (("6.6.6.6", "198.51.100.1"), "198.51.100.1"),  # the client's line, then our proxy's
+        (("6.6.6.6, 198.51.100.1", "10.9.9.9"), "198.51.100.1"),  # two of our proxies
+        (("198.51.100.1", "10.9.9.9, 10.8.8.8"), "198.51.100.1"),
+    ],
+)
+def test_several_forwarded_for_lines_are_read_in_order_from_the_right(
+    lines: tuple[str, ...], expected: str
+) -> None:
+    assert client_address(scope("10.1.2.3", *lines), PROXIES) == expected
 
 
 def test_a_bucket_refills_at_its_rate_and_forgets_the_least_recent() -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncpg
 import httpx
+import pytest
 
 from service.config import Settings
 from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, seed_sellers
+from tests.test_internal_api import assert_problem, calling_with, new_key
 
 
 async def test_sellers_are_listed_by_status_and_expiry_a_page_at_a_time(
@@ -101,3 +103,23 @@ async def test_a_namespaced_admin_key_lists_only_its_sellers(
         listed = (await billing.get("/sellers")).json()
         assert [s["seller_id"] for s in listed["items"]] == ["billing/seller-00001"]
         assert (await billing.delete("/sellers/seller-00000")).status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/sellers"), ("GET", "/sellers/seller-00000"), ("DELETE", "/sellers/seller-00000")],
+)
+async def test_a_key_without_sellers_admin_is_403_on_the_admin_routes(
+    broker: Broker,
+    simulator: Simulator,
+    settings: Settings,
+    sql: asyncpg.Connection,
+    database_url: str,
+    method: str,
+    path: str,
+) -> None:
+    await seed_sellers(sql, simulator, settings, 1, expires_in=3600, due=False)
+    key = await new_key(database_url, scopes=("links:write", "tokens:read"))
+    async with calling_with(broker, key) as caller:
+        assert_problem(await caller.request(method, path), 403, "forbidden")
+    assert await sql.fetchval("SELECT status FROM sellers") == "linked"

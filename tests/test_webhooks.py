@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
 from service.webhooks import manifest, signature, verify
-from tests.conftest import CLIENT_ID, Broker, FakeClock, SellerBrowser, Simulator
+from tests.conftest import CLIENT_ID, Broker, FakeClock, Loopback, SellerBrowser, Simulator
 
 NEW, OLD = "whsec-new-0123456789", "whsec-old-0123456789"
 SECRETS = pytest.mark.parametrize(
@@ -46,9 +50,12 @@ async def deliver(
     request_id: str = "req-1",
     ts: datetime | None = None,
     signature_value: str | None = None,
+    data_id: str | None = None,
 ) -> httpx.Response:
+    """Sent and signed as Mercado Pago does: the signature covers the query's `data.id` (the
+    body's unless given), the request id and the time, never the body."""
     stamp = str(int((ts or datetime.now(UTC)).timestamp()))
-    data_id = body["data"]["id"]
+    data_id = data_id or body["data"]["id"]
     v1 = signature_value or signature(secret, data_id, request_id, stamp)
     async with httpx.AsyncClient(base_url=broker.url) as mercadopago:
         return await mercadopago.post(
@@ -176,3 +183,142 @@ async def test_a_refresh_in_flight_cannot_store_tokens_into_an_unlinked_seller(
     assert (await read).status_code == 404
     row = await sql.fetchrow("SELECT * FROM sellers")
     assert (row["status"], row["access_token"], row["refresh_token"]) == ("unlinked", None, None)
+
+
+@SECRETS
+@pytest.mark.parametrize(
+    ("signed_id", "body"),
+    [
+        (str(USER + 1), notification()),  # the body names a seller the signature does not
+        (str(USER), notification(user_id=USER + 1)),  # and the other way round
+        (str(USER), notification(data={"id": str(USER + 1)})),
+    ],
+)
+async def test_a_body_naming_another_user_than_the_signed_data_id_changes_nothing(
+    broker: Broker,
+    simulator: Simulator,
+    sql: asyncpg.Connection,
+    signed_id: str,
+    body: dict[str, Any],
+) -> None:
+    await linked_seller(broker)
+    await simulator.http.post("/_control/revoke", json={"user_id": USER})
+    reply = await deliver(broker, body, data_id=signed_id)
+    assert reply.status_code == 200
+    assert reply.json() == {"action": "ignored"}
+    assert await sql.fetchval("SELECT status FROM sellers") == "linked"
+
+
+@SECRETS
+async def test_the_signed_data_id_is_the_user_acted_on(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+) -> None:
+    await linked_seller(broker)
+    await simulator.http.post("/_control/revoke", json={"user_id": USER})
+    body = notification(data={})  # only the query string names the user
+    del body["user_id"]
+    reply = await deliver(broker, body, data_id=str(USER))
+    assert reply.json() == {"action": "unlinked"}
+    assert await sql.fetchval("SELECT status FROM sellers") == "unlinked"
+
+
+@SECRETS
+@pytest.mark.parametrize("changes", [{"type": "payment"}, {"type": None}])
+async def test_a_notification_of_another_topic_changes_nothing(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection, changes: dict[str, Any]
+) -> None:
+    await linked_seller(broker)
+    await simulator.http.post("/_control/revoke", json={"user_id": USER})
+    reply = await deliver(broker, notification(**changes))
+    assert reply.json() == {"action": "ignored"}
+    assert await sql.fetchval("SELECT status FROM sellers") == "linked"
+
+
+# -- confirmation, against a stand-in for Mercado Pago's API the test controls ------------------
+
+
+class UsersMe:
+    """`GET /users/me` answering `status` with Mercado Pago's error shape; while `holding`,
+    each reply waits for `release`."""
+
+    def __init__(self) -> None:
+        self.status = 401
+        self.calls = 0
+        self.holding = False
+        self.release = asyncio.Event()
+        self.url = ""
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/users/me")
+        async def users_me() -> JSONResponse:
+            self.calls += 1
+            if self.holding:
+                await self.release.wait()
+            body = {"message": "m", "error": "e", "status": self.status, "cause": []}
+            return JSONResponse(body, status_code=self.status)
+
+        return app
+
+
+@pytest.fixture
+async def users_me() -> AsyncIterator[UsersMe]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    fake = UsersMe()
+    async with Loopback(fake.app(), sock) as server:
+        fake.url = server.url
+        yield fake
+        fake.release.set()  # a failed test must not leave a reply held
+
+
+class TestConfirmationWithMercadoPago:
+    @pytest.fixture
+    def settings_overrides(self, users_me: UsersMe) -> dict[str, Any]:
+        return {"mp_webhook_secret": SecretStr(f"{NEW},{OLD}"), "mp_api_url": users_me.url}
+
+    async def test_only_a_401_from_users_me_unlinks_and_a_403_changes_nothing(
+        self, broker: Broker, users_me: UsersMe, sql: asyncpg.Connection
+    ) -> None:
+        await linked_seller(broker)
+        users_me.status = 403
+        reply = await deliver(broker, notification(), request_id="req-1")
+        assert (reply.status_code, reply.json()) == (200, {"action": "unconfirmed"})
+        assert users_me.calls == 1
+        assert await sql.fetchval("SELECT status FROM sellers") == "linked"
+        users_me.status = 401
+        reply = await deliver(broker, notification(), request_id="req-2")
+        assert reply.json() == {"action": "unlinked"}
+        assert await sql.fetchval("SELECT status FROM sellers") == "unlinked"
+
+    async def test_two_concurrent_deliveries_of_one_notification_confirm_and_unlink_once(
+        self, broker: Broker, users_me: UsersMe, sql: asyncpg.Connection
+    ) -> None:
+        await linked_seller(broker)
+        users_me.holding = True
+        first = asyncio.create_task(deliver(broker, notification()))
+        second = asyncio.create_task(deliver(broker, notification()))
+        for _ in range(400):  # bounded: until both asked Mercado Pago, or one was turned away
+            if users_me.calls >= 2 or (users_me.calls and (first.done() or second.done())):
+                break
+            await asyncio.sleep(0.01)
+        users_me.release.set()
+        replies = await asyncio.gather(first, second)
+        assert users_me.calls == 1
+        assert sorted(r.json()["action"] for r in replies) == ["duplicate", "unlinked"]
+        unlinks = "SELECT count(*) FROM audit_events WHERE action = 'seller.unlinked'"
+        assert await sql.fetchval(unlinks) == 1
+
+    async def test_a_notification_mercado_pago_could_not_confirm_is_acted_on_when_sent_again(
+        self, broker: Broker, users_me: UsersMe, sql: asyncpg.Connection
+    ) -> None:
+        await linked_seller(broker)
+        users_me.status = 500
+        failed = await deliver(broker, notification())
+        assert (failed.status_code, failed.json()["code"]) == (503, "upstream_unavailable")
+        users_me.status = 401
+        again = await deliver(broker, notification())  # the same x-request-id, retried
+        assert again.json() == {"action": "unlinked"}
+        assert await sql.fetchval("SELECT status FROM sellers") == "unlinked"

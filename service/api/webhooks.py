@@ -56,7 +56,7 @@ async def mercadopago_notification(
     ):
         raise InvalidSignature("The x-signature header is missing, stale or wrong.")
     try:
-        handled = await webhooks.handle(rt, x_request_id, body)
+        handled = await webhooks.handle(rt, x_request_id, data_id, body)
     except TransientUpstreamError:
         raise UpstreamUnavailable("Mercado Pago could not confirm; send it again.") from None
     return Response(f'{{"action": "{handled.action}"}}', media_type="application/json")
