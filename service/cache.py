@@ -11,8 +11,10 @@ Three rules keep a stale entry from being served:
   (it may have read the row before the change): each load notes the `generation` it began at.
 - While the listening connection is down, nothing is cached or served from the cache, and the
   whole cache is flushed when the connection drops and again when it is back (notifications
-  sent meanwhile are lost). A ping every `PING_SECONDS` notices a silent drop, so a change is
-  never served stale for more than about a second.
+  sent meanwhile are lost). A connection closed under us (the server ended it, a reset) stops
+  the cache the moment asyncpg sees it close, and the listener reconnects without waiting for
+  a ping; a ping every `PING_SECONDS` (timeout `PING_TIMEOUT_SECONDS`) notices a silent drop,
+  so a change is never served stale for more than about a second.
 
 Decrypted tokens live only in this process's memory; `BROKER_TOKEN_CACHE_SIZE=0` turns the
 token cache off (every token read then goes to PostgreSQL; API keys are still kept).
@@ -163,28 +165,54 @@ class Cache:
         failures = 0
         while not stop.is_set():
             connection: Any = None
+            lost = asyncio.Event()
+
+            def closed(_connection: object, lost: asyncio.Event = lost) -> None:
+                # Called by asyncpg as soon as it sees the connection close: do not wait for
+                # the next ping to stop serving what a lost notification may have changed.
+                self._bypass("ConnectionLost")
+                lost.set()
+
             try:
                 connection = await asyncpg.connect(**db.asyncpg_params(url), timeout=5)
+                connection.add_termination_listener(closed)
                 await connection.add_listener(CHANNEL, self._on_notify)
                 self.flush()  # whatever changed while we were not listening
                 self.live, failures = True, 0
                 logs.event(log, "cache.listening", {})
                 while not stop.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), PING_SECONDS)
+                    await _first(stop, lost, PING_SECONDS)
+                    if lost.is_set():
+                        break
                     await connection.fetchval("SELECT 1", timeout=PING_TIMEOUT_SECONDS)
             except Exception as exc:  # any failure: stop serving from memory at once
-                if self.live:
-                    logs.event(log, "cache.bypassed", {"error": type(exc).__name__}, 30)
+                self._bypass(type(exc).__name__)
             finally:
                 self.live = False
                 self.flush()
                 if connection is not None:
+                    connection.remove_termination_listener(closed)
                     connection.terminate()
             failures += 1
             delay = RECONNECT_SECONDS[min(failures, len(RECONNECT_SECONDS)) - 1]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 
+    def _bypass(self, error: str) -> None:
+        if self.live:
+            logs.event(log, "cache.bypassed", {"error": error}, 30)
+        self.live = False
+        self.flush()
+
     def _on_notify(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
         self.notified(payload)
+
+
+async def _first(stop: asyncio.Event, lost: asyncio.Event, seconds: float) -> None:
+    """Wait until either event is set, or `seconds` pass."""
+    waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

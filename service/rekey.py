@@ -86,7 +86,7 @@ async def reencrypt(
                 if seller.lease_until is not None and seller.lease_until >= now():
                     progress.skipped_leased += 1
                     continue
-                await _reseal_seller(session, keyring, seller)
+                await reseal_seller(session, keyring, seller)
                 progress.done += 1
         if report:
             report(progress)
@@ -117,7 +117,10 @@ async def reencrypt(
     return progress
 
 
-async def _reseal_seller(session: AsyncSession, keyring: Keyring, seller: Seller) -> None:
+async def reseal_seller(session: AsyncSession, keyring: Keyring, seller: Seller) -> bool:
+    """Reseal the pair read in `seller`; False (nothing written) if the row's `version` moved
+    since that read. `reencrypt` reads under a row lock, so the guard is its second line: it
+    holds even for a caller (or a future change) that reads without one."""
     values = {}
     for column in ("access_token", "refresh_token"):
         sealed = getattr(seller, column)
@@ -125,9 +128,10 @@ async def _reseal_seller(session: AsyncSession, keyring: Keyring, seller: Seller
             ctx = context("sellers", seller.seller_id, column, seller.client_id)
             values[column] = keyring.seal(keyring.open(sealed, ctx), ctx)
     # Guarded on the version read, and the version is left alone: this is not a rotation.
-    await session.execute(
+    written = await session.execute(
         update(Seller)
         .where(Seller.seller_id == seller.seller_id, Seller.version == seller.version)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
+    return int(written.rowcount) == 1  # type: ignore[attr-defined]

@@ -24,10 +24,11 @@ async def test_no_token_verifier_state_or_key_is_stored_in_clear(
 ) -> None:
     async with SellerBrowser() as browser:
         callback = await browser.authorize(await broker.start_link("seller-1"), 4242)
-        await browser.callback(callback)
+        assert (await browser.callback(callback)).status_code == 200
         await simulator.faults(status=500, count=1)
-        await browser.link(await broker.start_link("seller-2"))  # a failed exchange
-        await browser.open_link(await broker.start_link("seller-3"))  # an attempt left open
+        failed = await browser.authorize(await broker.start_link("seller-2"), 4343)
+        assert (await browser.callback(failed)).status_code == 503  # a failed exchange
+        left_open = await browser.open_link(await broker.start_link("seller-3"))  # not answered
     first = (await broker.token("seller-1")).json()["access_token"]
     clock.advance(days=170)
     second = (await broker.token("seller-1", min_ttl=30 * 24 * 3600)).json()["access_token"]
@@ -45,14 +46,19 @@ async def test_no_token_verifier_state_or_key_is_stored_in_clear(
         for r in await sql.fetch("SELECT * FROM link_attempts")
     ]
     assert len(verifiers) == 3
+    states = {query_of(url)["state"] for url in (callback, failed, left_open)}
+    assert len(states) == 3
 
     dump = await dump_every_table(sql)
     secrets = {
         "first access token": first,
         "refreshed access token": second,
         "refresh token": refresh_token,
-        "state": query_of(callback)["state"],
-        "code": query_of(callback)["code"],
+        "state of the linked attempt": query_of(callback)["state"],
+        "state of the failed attempt": query_of(failed)["state"],
+        "state of the open attempt": query_of(left_open)["state"],
+        "code of the linked attempt": query_of(callback)["code"],
+        "code of the failed attempt": query_of(failed)["code"],
         "api key": broker.api_key,
         **{f"verifier {n}": v for n, v in enumerate(verifiers)},
     }

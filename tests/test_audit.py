@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
+import pytest
 
 from service import audit
 from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, create_api_key
+from tests.processes import base_env, run_cli
 
 SELLER = "billing/seller-1"
 
@@ -110,3 +113,90 @@ async def test_retention_prunes_old_events_and_old_link_attempts_only(
     assert (events, attempts) == (1, 1)
     kept = {r["action"] for r in await sql.fetch("SELECT action FROM audit_events")}
     assert kept == {"key.created", "link.created"}
+
+
+async def aged_rows(sql: asyncpg.Connection, now: datetime) -> None:
+    """Audit events, link attempts and webhook receipts either side of 10 and 3 days."""
+    for actor, days in (("past-audit-retention", 11), ("within-audit-retention", 9)):
+        await sql.execute(
+            "INSERT INTO audit_events (at, actor, action, count) VALUES ($1, $2, 'token.read', 1)",
+            now - timedelta(days=days),
+            actor,
+        )
+    attempts = [r["id"] for r in await sql.fetch("SELECT id FROM link_attempts ORDER BY id")]
+    assert len(attempts) == 2
+    for attempt, days in zip(attempts, (4, 2), strict=True):
+        await sql.execute(
+            "UPDATE link_attempts SET created_at = $2 WHERE id = $1",
+            attempt,
+            now - timedelta(days=days),
+        )
+    for request_id, days in (("old-receipt", 4), ("recent-receipt", 2)):
+        await sql.execute(
+            "INSERT INTO webhook_receipts (request_id, received_at) VALUES ($1, $2)",
+            request_id,
+            now - timedelta(days=days),
+        )
+
+
+async def left_after_pruning(sql: asyncpg.Connection, now: datetime) -> dict[str, object]:
+    return {
+        "actors": {r["actor"] for r in await sql.fetch("SELECT actor FROM audit_events")}
+        & {"past-audit-retention", "within-audit-retention"},
+        "attempt ages": sorted(
+            (now - r["created_at"]).days for r in await sql.fetch("SELECT * FROM link_attempts")
+        ),
+        "receipts": {r["request_id"] for r in await sql.fetch("SELECT * FROM webhook_receipts")},
+    }
+
+
+PRUNED = {
+    "actors": {"within-audit-retention"},
+    "attempt ages": [2],
+    "receipts": {"recent-receipt"},
+}
+RETENTION = {"broker_audit_retention_days": 10, "broker_attempt_retention_days": 3}
+
+
+@pytest.mark.parametrize("settings_overrides", [RETENTION])
+async def test_the_refreshers_job_prunes_by_the_retention_settings(
+    broker: Broker, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    async with SellerBrowser() as browser:
+        for n in range(2):
+            await browser.open_link(await broker.start_link(f"seller-{n}"))
+    await aged_rows(sql, clock.now)
+    stop = asyncio.Event()
+    job = asyncio.create_task(broker.refresher.run(stop))  # prunes as it starts, then hourly
+    try:
+
+        async def pruned() -> bool:
+            return await left_after_pruning(sql, clock.now) == PRUNED
+
+        for _ in range(200):  # bounded: 10 s
+            if await pruned() or job.done():
+                break
+            await asyncio.sleep(0.05)
+        assert await left_after_pruning(sql, clock.now) == PRUNED
+    finally:
+        stop.set()
+        await asyncio.wait_for(job, 10)
+
+
+async def test_broker_audit_prune_enforces_the_retention_settings_now(
+    broker: Broker, database_url: str, sql: asyncpg.Connection
+) -> None:
+    async with SellerBrowser() as browser:
+        for n in range(2):
+            await browser.open_link(await broker.start_link(f"seller-{n}"))
+    now = datetime.now(UTC)  # the command's own clock
+    await aged_rows(sql, now)
+    env = base_env(
+        DATABASE_URL=database_url,
+        BROKER_AUDIT_RETENTION_DAYS="10",
+        BROKER_ATTEMPT_RETENTION_DAYS="3",
+    )
+    code, out, err = await run_cli("audit", "prune", env=env)
+    assert code == 0, err
+    assert out.strip() == "pruned 1 audit event(s), 1 link attempt(s)"
+    assert await left_after_pruning(sql, now) == PRUNED

@@ -11,8 +11,11 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
-from service.cache import Cache, SellerView
+from service import apikeys, db
+from service import cache as cache_module
+from service.cache import Cache, KeyView, SellerView
 from service.config import Settings
 from service.main import create_app
 from service.runtime import Runtime
@@ -50,6 +53,18 @@ def view(seller_id: str = "s-1", version: int = 1, status: str = "linked") -> Se
         scope=None,
         access_token=f"token-v{version}",
         body=b"{}",
+    )
+
+
+def key_view(revoked: bool = False) -> KeyView:
+    return KeyView(
+        id="k-1",
+        name="billing",
+        prefix="0a1b2c3d",
+        digest="0" * 64,
+        scopes=("tokens:read",),
+        namespace=None,
+        revoked=revoked,
     )
 
 
@@ -95,6 +110,25 @@ def test_nothing_is_served_or_stored_while_the_listener_is_down_and_it_is_bounde
     cache.store_seller(view("s-9"), begun)  # began before the flush: may be stale
     assert cache.seller("s-9") is None
     assert Cache(0).seller("s-1") is None
+
+
+def test_a_key_is_never_served_or_stored_while_the_listener_is_down_whatever_the_size() -> None:
+    cache = live_cache(size=0)  # keys are cached whatever the token cache's size
+    cache.store_key(key_view(), cache.begin())
+    assert cache.key("0a1b2c3d") == key_view()
+    begun = cache.begin()  # a slow key lookup starts
+    cache.live = False
+    cache.flush()  # what the listener does when its connection drops
+    assert cache.key("0a1b2c3d") is None
+    cache.store_key(key_view(), begun)
+    assert cache.keys == {}
+    cache.live = True
+    cache.flush()  # and again once it listens again
+    cache.store_key(key_view(), begun)  # read before the drop: may predate a revocation
+    assert cache.key("0a1b2c3d") is None
+    cache.notified("k:0a1b2c3d")  # a revocation heard while live
+    cache.store_key(key_view(revoked=True), cache.begin())
+    assert cache.key("0a1b2c3d") == key_view(revoked=True)
 
 
 class CountingDatabase:
@@ -217,20 +251,127 @@ async def test_a_refresh_or_unlink_on_one_replica_stops_the_old_token_on_another
         assert await wait_until(gone, "the unlinked seller is gone", 5) < STALE_BOUND
 
 
-async def test_a_revoked_key_fails_on_every_replica_within_a_second(
+def prefix_of(key: str) -> str:
+    return key.split("_", 2)[1]
+
+
+async def status_with(http: httpx.AsyncClient, key: str) -> int:
+    reply = await http.get("/sellers/nobody/token", headers={"Authorization": f"Bearer {key}"})
+    return reply.status_code
+
+
+async def revoke_in_process(database_url: str, key: str) -> None:
+    """`broker api-keys revoke`'s own code, committed here so the clock starts at the commit."""
+    engine = db.make_engine(database_url, "tests", pool_size=1)
+    try:
+        async with db.transaction(db.make_sessionmaker(engine)) as session:
+            assert await apikeys.revoke(session, prefix_of(key), datetime.now(UTC))
+    finally:
+        await engine.dispose()
+
+
+async def test_a_revoked_key_fails_on_every_replica_within_a_second_of_its_commit(
+    broker: Broker, settings: Settings, database_url: str
+) -> None:
+    by_cli, timed = [await create_api_key(database_url, ("tokens:read",)) for _ in range(2)]
+    async with replica(settings, database_url, by_cli) as (other, runtime):
+        for key in (by_cli, timed):
+            assert await status_with(other, key) == 404
+            assert runtime.cache.key(prefix_of(key)) is not None  # from memory from now on
+        env = env_for(settings, database_url)
+        code, _, _ = await run_cli("api-keys", "revoke", prefix_of(by_cli), env=env)
+        assert code == 0
+
+        def refused(key: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return await status_with(other, key) == 401
+
+            return check
+
+        assert await wait_until(refused(by_cli), "the CLI-revoked key", 5) < STALE_BOUND
+        assert await status_with(other, timed) == 404  # only the revoked key went
+
+        await revoke_in_process(database_url, timed)
+        took = await wait_until(refused(timed), "the revoked key is refused", 5)
+        assert took < STALE_BOUND  # measured from the revoking commit
+        cached = runtime.cache.key(prefix_of(timed))
+        assert cached is None or cached.revoked  # remembered, if at all, as revoked
+
+
+async def test_a_key_revoked_while_the_listener_was_cut_off_is_refused_then_and_after(
     broker: Broker, settings: Settings, database_url: str, sql: asyncpg.Connection
 ) -> None:
     key = await create_api_key(database_url, ("tokens:read",))
-    name = await sql.fetchval("SELECT name FROM api_keys WHERE scopes = '{tokens:read}'")
-    async with replica(settings, database_url, key) as (other, _):
-        assert (await other.get("/sellers/nobody/token")).status_code == 404  # key cached
-        code, _, _ = await run_cli("api-keys", "revoke", name, env=env_for(settings, database_url))
-        assert code == 0
+    async with replica(settings, database_url, key) as (other, runtime):
+        assert await status_with(other, key) == 404
+        assert runtime.cache.key(prefix_of(key)) is not None
+        # Drop the LISTEN connections server side and wait until they are gone: a revocation
+        # committed now reaches no listener (unless one is back, and then it hears it).
+        pids = await sql.fetchval(
+            "SELECT array_agg(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'broker-cache' AND datname = current_database()"
+        )
+        assert len(pids) >= 1
+        await sql.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", pids)
+
+        async def gone() -> bool:
+            alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])"
+            left: int = await sql.fetchval(alive, pids)
+            return left == 0
+
+        await wait_until(gone, "the listening backends exit", 5)
+        await revoke_in_process(database_url, key)
 
         async def refused() -> bool:
-            return (await other.get("/sellers/nobody/token")).status_code == 401
+            return await status_with(other, key) == 401
 
-        assert await wait_until(refused, "the revoked key is refused", 5) < STALE_BOUND
+        assert await wait_until(refused, "the key, despite the lost notice", 5) < STALE_BOUND
+        await wait_until(_live(runtime), "the listener is back", 10)
+        for _ in range(3):  # served from memory again: still refused
+            assert await status_with(other, key) == 401
+
+
+async def test_a_dropped_listening_connection_bypasses_the_cache_at_once_not_at_the_next_ping(
+    database_url: str, sql: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No ping during this test: only the dropped connection itself can stop the cache.
+    monkeypatch.setattr(cache_module, "PING_SECONDS", 60.0)
+    cache, stop = Cache(10), asyncio.Event()
+    listening = asyncio.create_task(cache.listen(database_url, stop))
+    try:
+        await wait_until(lambda: _true(cache.live), "the cache listens", 10)
+        cache.store_key(key_view(), cache.begin())
+        cache.store_seller(view(), cache.begin())
+        pid = await sql.fetchval(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE application_name = 'broker-cache' AND datname = current_database()"
+        )
+        assert await sql.fetchval("SELECT pg_terminate_backend($1)", pid)
+
+        async def bypassed() -> bool:
+            return cache.key("0a1b2c3d") is None and cache.seller("s-1") is None
+
+        await wait_until(bypassed, "nothing is served from memory", STALE_BOUND)
+        assert cache.keys == {}
+        assert not cache.sellers
+
+        async def relistening() -> bool:
+            query = (
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'broker-cache' "
+                "AND datname = current_database() AND pid <> $1"
+            )
+            listeners: int = await sql.fetchval(query, pid)
+            return cache.live and listeners == 1
+
+        await wait_until(relistening, "a new listening connection", 10)
+    finally:
+        stop.set()
+        await listening
+    assert not cache.live
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_a_change_made_while_the_listener_was_cut_off_is_never_served_stale(

@@ -7,7 +7,9 @@ to `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?message}` and `${VAR?m
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +21,7 @@ from pydantic import ValidationError
 from service import demo
 from service.config import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Settings
 from service.crypto import generate_key_spec
-from tests.conftest import ROOT
+from tests.conftest import CLIENT_SECRET, ROOT
 
 SERVICES = {"postgres", "migrate", "broker", "refresher", "simulator"}
 LONG_RUNNING = SERVICES - {"migrate"}
@@ -371,3 +373,79 @@ def test_the_image_runs_as_a_non_root_user_in_production_mode() -> None:
     for path in copied:
         if not path.startswith("/"):
             assert (ROOT / path).exists(), f"the Dockerfile copies a missing {path}"
+
+
+# -- the committed OpenAPI document ----------------------------------------------------------
+
+OPENAPI = ROOT / "openapi" / "openapi.json"
+SECRET_SHAPES = {
+    # Mercado Pago's shapes, as the simulator issues them: APP_USR-<app>-<stamp>-<32 hex>-<user>
+    "access token": re.compile(r"(?:APP_USR|TEST)-\d+-\d+-[0-9a-f]{32}-\d+"),
+    "refresh token": re.compile(r"TG-[0-9a-f]{16,}"),
+    "API key": re.compile(r"mpb_[0-9a-f]{8}_[A-Za-z0-9_-]{43}"),
+    "encryption key": re.compile(r"[A-Za-z0-9]+:[A-Za-z0-9_-]{43}"),
+}
+RANDOM_RUN = re.compile(r"[A-Za-z0-9_-]{20,}")
+# An example value may hold a long run mixing cases or digits (`database_unavailable` does not)
+# only when the run says it is made up.
+MADE_UP = ("example", "fake", "00000000")
+
+
+def _random_looking(run: str) -> bool:
+    classes = sum(bool(re.search(c, run)) for c in ("[a-z]", "[A-Z]", "[0-9]"))
+    return classes >= 2 and not any(marker in run.lower() for marker in MADE_UP)
+
+
+KNOWN_SECRETS = {"test client secret": CLIENT_SECRET, "demo client secret": DEMO_CLIENT_SECRET}
+
+
+def _strings(node: Any, in_example: bool = False) -> list[tuple[str, bool]]:
+    """Every string of the document, marked when it is a value inside an example (keys are
+    names, not example data)."""
+    if isinstance(node, dict):
+        found = []
+        for key, value in node.items():
+            found.append((str(key), False))
+            found += _strings(value, in_example or key in ("example", "examples"))
+        return found
+    if isinstance(node, list):
+        return [s for item in node for s in _strings(item, in_example)]
+    return [(str(node), in_example)]
+
+
+def secrets_in(document: Any) -> list[str]:
+    """What in `document` looks like a secret: a known one, a token or key shape, or a long
+    random-looking string in an example."""
+    found = []
+    for text, in_example in _strings(document):
+        found += [name for name, secret in KNOWN_SECRETS.items() if secret in text]
+        found += [name for name, shape in SECRET_SHAPES.items() if shape.search(text)]
+        if in_example:
+            found += [
+                f"random-looking example {run[:6]}…"
+                for run in RANDOM_RUN.findall(text)
+                if _random_looking(run)
+            ]
+    return found
+
+
+def test_the_committed_openapi_document_holds_no_secret_or_real_looking_token() -> None:
+    assert secrets_in(json.loads(OPENAPI.read_text())) == []
+
+
+def test_the_openapi_secret_scan_finds_each_kind_of_planted_secret() -> None:
+    planted = {
+        "access token": f"APP_USR-{DEMO_CLIENT_ID}-112233-{secrets.token_hex(16)}-241983636",
+        "refresh token": f"TG-{secrets.token_hex(12)}-241983636",
+        "API key": f"mpb_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}",
+        "encryption key": generate_key_spec("k9"),
+        "test client secret": f"secret: {CLIENT_SECRET}",
+    }
+    for name, value in planted.items():
+        document = {"info": {"description": f"see {value}"}}
+        assert name in secrets_in(document), name
+    link = f"https://broker.example/link/{secrets.token_urlsafe(32)}"
+    example = {"components": {"schemas": {"X": {"examples": [{"link_url": link}]}}}}
+    assert secrets_in(example) == [f"random-looking example {link.rsplit('/', 1)[1][:6]}…"]
+    made_up = {"examples": [{"link_url": "https://broker.example/link/q0ExAmPlEoNlYq0ExAmPlE"}]}
+    assert secrets_in(made_up) == []
