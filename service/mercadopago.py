@@ -7,6 +7,8 @@ Exceptions, the way callers see them:
     │                         or refresh token, a redirect_uri mismatch). Retrying cannot help.
     ├── ApplicationError      the application itself is refused: invalid_client,
     │                         unauthorized_client, invalid_scope, ... Every seller is affected.
+    │                         Any other 4xx code we do not know lands here too: only
+    │                         `invalid_grant` may ever send a seller to relink.
     └── TransientUpstreamError  5xx, 429 local_rate_limited, a timeout or a broken connection.
                               `not_sent` is True only when the request surely did not reach
                               Mercado Pago (connection refused, 429); otherwise its outcome is
@@ -31,15 +33,6 @@ from urllib.parse import urlencode
 import httpx
 
 from service import metrics
-
-APPLICATION_ERRORS = {
-    "invalid_client",
-    "unauthorized_client",
-    "invalid_scope",
-    "unsupported_grant_type",
-    "invalid_request",
-    "forbidden",
-}
 
 
 class MercadoPagoError(Exception):
@@ -119,9 +112,12 @@ def classify_error(status: int, body: Any) -> MercadoPagoError:
         return TransientUpstreamError(error or "upstream_unavailable", status)
     if error == "invalid_grant":
         return PermanentGrantError(error, status)
-    if error in APPLICATION_ERRORS or status in (401, 403):
-        return ApplicationError(error or "unauthorized", status)
-    return PermanentGrantError(error or "invalid_grant", status)
+    # The documented application codes (invalid_client, unauthorized_client, invalid_scope,
+    # invalid_request, unsupported_grant_type, forbidden) and anything we cannot read: the
+    # breaker pauses the application, while relinking a seller cannot be undone.
+    if not error:
+        error = "unauthorized" if status in (401, 403) else "bad_request"
+    return ApplicationError(error, status)
 
 
 @dataclass(frozen=True, repr=False)

@@ -416,7 +416,7 @@ class Refresher:
     async def _refresh_claimed(self, claim: Claim) -> Outcome:
         gate = await self._gate(claim.client_id)
         if gate == breaker.Gate.OPEN:
-            await self._release(claim, attempt_outcome="not_sent")
+            await self._on_refused(claim, "not_sent", "refresh_paused")
             metrics.REFRESHES.labels(Outcome.PAUSED, "").inc()
             return Outcome.PAUSED
         try:
@@ -590,9 +590,26 @@ class Refresher:
             now,
             self.settings.broker_breaker_probe_seconds,
         )
-        # The seller's grant is not at fault: its status stays, it stays due.
-        await self._release(claim, attempt_outcome="rejected", error=exc.error)
+        await self._on_refused(claim, "rejected", exc.error)
         metrics.REFRESHES.labels(Outcome.APPLICATION_ERROR, exc.error).inc()
+
+    async def _on_refused(self, claim: Claim, attempt_outcome: str, error: str) -> None:
+        """The application's refreshing was refused (an application-wide error, an open
+        breaker, a pause). The seller's grant is not at fault: its status stays and it stays
+        due. But its refresh failed, so it counts as failing (reads carry the warning, the
+        streak's first failure is an event) as after a transient error."""
+        async with transaction(self.rt.sessions) as session:
+            seller = await session.get(Seller, claim.seller_id, with_for_update=True)
+            if seller is None or seller.lease_owner != self.owner:
+                return
+            seller.refresh_failures += 1
+            seller.last_refresh_error = error
+            seller.attempt_outcome = attempt_outcome
+            seller.lease_owner = seller.lease_until = None
+            if seller.refresh_failures == 1:  # once per failing streak, not once per retry
+                events.emit_for(
+                    session, self.settings, self.rt.clock(), "token.refresh_failed", seller
+                )
 
     async def _on_transient(self, claim: Claim, exc: TransientUpstreamError) -> None:
         async with transaction(self.rt.sessions) as session:
@@ -618,16 +635,3 @@ class Refresher:
             error=exc.error,
             outcome_unknown=not exc.not_sent,
         )
-
-    async def _release(
-        self, claim: Claim, attempt_outcome: str | None = None, error: str | None = None
-    ) -> None:
-        values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
-        if attempt_outcome:
-            values |= {"attempt_outcome": attempt_outcome, "last_refresh_error": error}
-        async with transaction(self.rt.sessions) as session:
-            await session.execute(
-                update(Seller)
-                .where(Seller.seller_id == claim.seller_id, Seller.lease_owner == self.owner)
-                .values(**values)
-            )

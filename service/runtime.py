@@ -105,7 +105,7 @@ class Runtime:
         # timeout: each call runs under one asyncio deadline (MP_TIMEOUT_SECONDS, see
         # mercadopago.py), which httpx's 5 s per-phase default would otherwise cut short.
         upstream = [
-            httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=None)
+            httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=None)  # noqa: S113
             for _ in range(max(1, settings.broker_refresh_concurrency // UPSTREAM_SHARD))
         ]
         return cls(

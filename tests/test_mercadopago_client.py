@@ -104,6 +104,41 @@ def test_invalid_client_is_an_application_error_as_400_or_401(status: int) -> No
     assert isinstance(classify_error(status, {"error": "invalid_client"}), ApplicationError)
 
 
+@pytest.mark.parametrize("status", [400, 401])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "invalid_client",
+        "unauthorized_client",
+        "invalid_scope",
+        "invalid_request",
+        "unsupported_grant_type",
+        "forbidden",
+    ],
+)
+def test_every_documented_application_error_is_application_wide(code: str, status: int) -> None:
+    error = classify_error(status, {"error": code})
+    assert isinstance(error, ApplicationError)
+    assert error.error == code
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, {"error": "a_code_mercado_pago_never_documented"}),
+        (400, {"errorKey": "invalid_token"}),
+        (400, None),  # no code at all, e.g. a proxy's HTML page
+        (404, {"error": "not_found"}),
+        (403, {"error": "policy_agent_refused"}),
+    ],
+)
+def test_an_error_we_do_not_understand_is_application_wide_never_a_dead_grant(
+    status: int, body: Any
+) -> None:
+    # A dead grant relinks the seller; only `invalid_grant` itself may say so.
+    assert isinstance(classify_error(status, body), ApplicationError)
+
+
 def test_a_refresh_reply_without_account_fields_keeps_them_unknown() -> None:
     minimal = {k: REPLY[k] for k in ("access_token", "token_type", "expires_in", "scope")}
     tokens = parse_token_reply(minimal)

@@ -4,15 +4,22 @@ Fault points are driven through the simulator's control API, never by sleeping."
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+import json
+import logging
+from datetime import datetime, timedelta
 
 import asyncpg
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
+from service import metrics
+from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
 from service.refresh import Outcome, Refresher
+from service.runtime import Runtime
+from service.tokens import read_token
 from tests.conftest import (
     CLIENT_SECRET,
     SIM_EXPIRES_IN,
@@ -45,6 +52,18 @@ async def stored_refresh_token(broker: Broker, sql: asyncpg.Connection, seller_i
     return ring.open(
         row["refresh_token"], context("sellers", seller_id, "refresh_token", row["client_id"])
     )
+
+
+def sample(name: str, **labels: str) -> float:
+    """A metric's current value in this process (0 when it was never set)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def event_types(sql: asyncpg.Connection, seller_id: str = SELLER) -> list[str]:
+    rows = await sql.fetch(
+        "SELECT type FROM events WHERE seller_id = $1 ORDER BY created_at, type", seller_id
+    )
+    return [r["type"] for r in rows]
 
 
 async def seller_row(sql: asyncpg.Connection, seller_id: str = SELLER) -> asyncpg.Record:
@@ -147,6 +166,20 @@ async def test_a_fresh_token_is_served_even_when_it_cannot_meet_min_ttl(
     assert await simulator.token_requests("refresh_token") == 1
 
 
+# The one slow test: Mercado Pago answers after httpx's default 5 s timeout would have given up.
+@pytest.mark.parametrize("settings_overrides", [{"mp_timeout_seconds": 8.0}])
+async def test_a_reply_slower_than_five_seconds_but_within_the_deadline_is_stored(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    clock.advance(days=160)
+    await simulator.faults(latency_ms=5500)
+    assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
+    row = await seller_row(sql)
+    assert (row["version"], row["refresh_failures"], row["attempt_outcome"]) == (2, 0, "ok")
+    assert await simulator.token_requests("refresh_token") == 1
+
+
 # -- exactly once ------------------------------------------------------------------------------
 
 
@@ -154,7 +187,14 @@ async def test_a_lease_that_lapses_while_the_reply_is_held_still_stores_the_late
     broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
 ) -> None:
     first_reader = await start_held_refresh(broker, simulator, clock, count=1)
-    clock.advance(seconds=broker.settings.broker_lease_seconds + 1)  # the lease has lapsed
+    # The lease lapses while the reply is on its way (a paused owner, a clock running ahead).
+    clock.advance(seconds=broker.settings.broker_lease_seconds + 1)
+    # Another replica (its own owner and single-flight map) neither takes the seller in its
+    # background claim, though the seller is due, nor refreshes it on demand.
+    other = Refresher(broker.refresher.rt)
+    assert await other._claim_due(10) == []
+    assert await other.refresh(SELLER) == Outcome.BUSY
+    assert await simulator.token_requests("refresh_token") == 1
     second_reader = asyncio.create_task(broker.token(SELLER, min_ttl=MONTH))
     for _ in range(200):  # bounded: until the second reader joined the refresh in flight
         if broker.refresher.joined:
@@ -170,6 +210,7 @@ async def test_a_lease_that_lapses_while_the_reply_is_held_still_stores_the_late
     assert (row["status"], row["version"]) == ("linked", 2)
     log = await simulator.log()
     assert "invalid_grant" not in [e["outcome"] for e in log]
+    assert await other._claim_due(10) == []  # stored: not due again for months
 
 
 async def test_a_store_whose_connection_is_killed_is_sent_again_until_it_lands(
@@ -217,10 +258,23 @@ async def test_a_late_success_recovers_a_seller_marked_relink_required_meanwhile
     await sql.execute(
         "UPDATE sellers SET status = 'relink_required', status_reason = 'rotation_lost'"
     )
+    recovered_before = sample("broker_refreshes_total", outcome="recovered", reason="")
     await simulator.release()
     assert (await reader).status_code == 200
     row = await seller_row(sql)
     assert (row["status"], row["status_reason"], row["version"]) == ("linked", None, 2)
+    # Recorded as a recovery: the audit trail, the outbox and the metric all say so.
+    actions = await sql.fetch(
+        "SELECT actor, action FROM audit_events WHERE seller_id = $1 AND action LIKE 'seller.r%'",
+        SELLER,
+    )
+    assert [tuple(a) for a in actions] == [("system", "seller.recovered")]
+    event = await sql.fetchrow(
+        "SELECT seller_version, data FROM events WHERE type = $1", "seller.recovered"
+    )
+    assert event["seller_version"] == 2
+    assert json.loads(event["data"])["status"] == "linked"
+    assert sample("broker_refreshes_total", outcome="recovered", reason="") == recovered_before + 1
 
 
 async def test_invalid_grant_after_someone_else_rotated_is_a_race_not_a_revocation(
@@ -241,35 +295,139 @@ async def test_invalid_grant_after_someone_else_rotated_is_a_race_not_a_revocati
     assert (row["status"], row["version"]) == ("linked", 2)
 
 
+async def test_a_seller_unlinked_while_its_refresh_is_in_flight_stays_unlinked(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    reader = await start_held_refresh(broker, simulator, clock)
+    unlinked = await broker.http.delete(f"/sellers/{SELLER}")  # moves the rotation version
+    assert unlinked.status_code == 200, unlinked.text
+    await simulator.release()  # the late pair arrives for a version that is gone
+    assert (await reader).status_code == 404
+    row = await seller_row(sql)
+    assert (row["status"], row["version"]) == ("unlinked", 2)
+    assert (row["access_token"], row["refresh_token"], row["last_refreshed_at"]) == (
+        None,
+        None,
+        None,
+    )
+    assert await simulator.token_requests("refresh_token") == 1
+
+
+async def test_a_claim_whose_lease_ran_down_before_the_send_sends_nothing(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    clock.advance(days=160)
+    [claim] = await broker.refresher._claim_due(10)
+    # Between the claim and the send (a slow breaker check, a paused process) the lease ran
+    # down to less than the request's deadline plus the margin.
+    deadline = broker.settings.mp_timeout_seconds + LEASE_MARGIN_SECONDS
+    clock.advance(seconds=broker.settings.broker_lease_seconds - deadline + 1)
+    assert await broker.refresher._refresh_claimed(claim) == Outcome.TRANSIENT
+    assert await simulator.token_requests("refresh_token") == 0
+    row = await seller_row(sql)
+    assert (row["attempt_outcome"], row["last_refresh_error"]) == ("not_sent", "lease_too_short")
+    assert (row["lease_owner"], row["lease_until"]) == (None, None)
+    # Known not sent, so the same refresh token is simply sent next time (no rotation_lost).
+    clock.advance(seconds=broker.settings.broker_backoff_max_seconds + 1)
+    assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
+
+
+async def test_a_seller_leased_by_another_owner_is_busy_and_nothing_is_sent(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    clock.advance(days=160)
+    await sql.execute(
+        "UPDATE sellers SET lease_owner = 'other-replica', lease_until = $1",
+        clock.now + timedelta(seconds=30),
+    )
+    # Not on read: the claim has no cooldown condition, so only the lease can refuse it.
+    assert await broker.refresher.refresh(SELLER, on_read=False) == Outcome.BUSY
+    assert await simulator.token_requests("refresh_token") == 0
+    row = await seller_row(sql)
+    assert (row["lease_owner"], row["version"], row["attempt_sent_at"]) == (
+        "other-replica",
+        1,
+        None,
+    )
+    clock.advance(seconds=31)  # that lease lapsed: now it is ours to take
+    assert await broker.refresher.refresh(SELLER, on_read=False) == Outcome.REFRESHED
+
+
 async def test_a_client_disconnecting_mid_refresh_does_not_lose_the_new_pair(
     broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
 ) -> None:
-    impatient = await start_held_refresh(broker, simulator, clock)
-    impatient.cancel()  # the caller goes away while Mercado Pago already rotated the token
+    await link(broker)
+    clock.advance(days=160)
+    await simulator.faults(after_rotate="hold", count=1)
+    runtime: Runtime = broker.app.state.runtime
+    # uvicorn does not cancel a handler whose client went away, so an HTTP disconnect would
+    # prove nothing: cancel the reading task itself (what a timeout wrapper or a server that
+    # cancels would do) while Mercado Pago has rotated the token and holds the reply.
+    caller = asyncio.create_task(read_token(runtime, broker.refresher, SELLER, MONTH))
+    await simulator.wait_until_held()
+    caller.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await impatient
+        await caller
     await simulator.release()
     await wait_for(sql, "SELECT version FROM sellers", 2)
     reply = await broker.token(SELLER, min_ttl=MONTH)
     assert reply.status_code == 200
+    assert "broker-token-warning" not in reply.headers
     assert await simulator.token_requests("refresh_token") == 1
+    clock.advance(days=160)  # the stored refresh token is the live one: the next one works
+    assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
 
 
 # -- failures ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status", [400, 401])
-async def test_invalid_client_trips_the_breaker_and_no_seller_changes_status(
-    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection, status: int
+async def breakers_open(broker: Broker, clock: FakeClock) -> float:
+    """`broker_breakers_open` as the periodic gauge collection computes it now."""
+    runtime: Runtime = broker.app.state.runtime
+    async with runtime.sessions() as session:
+        await metrics.collect_database_gauges(session, clock(), 7)
+    return sample("broker_breakers_open")
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        ("invalid_client", 400),
+        ("invalid_client", 401),
+        ("unauthorized_client", 400),
+        ("invalid_scope", 400),
+        ("invalid_request", 400),
+        ("unsupported_grant_type", 400),
+        ("a_code_mercado_pago_never_documented", 400),  # not understood: never relinks anyone
+    ],
+)
+async def test_an_application_wide_error_trips_the_breaker_loudly_and_no_seller_changes_status(
+    broker: Broker,
+    simulator: Simulator,
+    clock: FakeClock,
+    sql: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+    error: str,
+    status: int,
 ) -> None:
     await link(broker)
     await link(broker, "seller-2", user_id=4343)
     clock.advance(days=160)
-    await simulator.faults(status=status, error="invalid_client", count=1)
+    await simulator.faults(status=status, error=error, count=1)
     reply = await broker.token(SELLER, min_ttl=MONTH)
     assert reply.status_code == 503
-    assert await sql.fetchval("SELECT reason FROM app_breakers") == "invalid_client"
-    assert {r["status"] for r in await sql.fetch("SELECT status FROM sellers")} == {"linked"}
+    assert await sql.fetchval("SELECT reason FROM app_breakers") == error
+    statuses = await sql.fetch("SELECT status, status_reason, next_refresh_at FROM sellers")
+    assert {(r["status"], r["status_reason"]) for r in statuses} == {("linked", None)}
+    assert all(r["next_refresh_at"] <= clock.now for r in statuses)  # both still due
+    # Loud: an ERROR line naming the reason, and the gauge the alert watches.
+    tripped = [r for r in caplog.records if r.getMessage() == "breaker.tripped"]
+    assert [(r.levelno, getattr(r, "fields", {}).get("reason")) for r in tripped] == [
+        (logging.ERROR, error)
+    ]
+    assert await breakers_open(broker, clock) == 1
     # Paused everywhere: the background loop claims nothing for this application.
     assert await broker.refresher._claim_due(10) == []
     # After the probe delay one refresh goes through; its success closes the breaker.
@@ -278,6 +436,42 @@ async def test_invalid_client_trips_the_breaker_and_no_seller_changes_status(
     outcomes = [await broker.refresher._refresh_claimed(c) for c in claims]
     assert Outcome.REFRESHED in outcomes
     assert await sql.fetchval("SELECT count(*) FROM app_breakers") == 0
+    assert await breakers_open(broker, clock) == 0
+
+
+async def test_while_the_breaker_is_open_valid_tokens_are_served_with_the_failing_warning(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    tokens = {SELLER: await link(broker), "seller-2": await link(broker, "seller-2", 4343)}
+    clock.advance(days=160)  # 22 days left: both due, both still valid
+    await simulator.faults(status=400, error="invalid_client", count=1)
+    assert (await broker.token(SELLER, min_ttl=MONTH)).status_code == 503  # trips the breaker
+    assert (await broker.token("seller-2", min_ttl=MONTH)).status_code == 503  # refused by it
+    assert await simulator.token_requests("refresh_token") == 1
+    for seller_id, token in tokens.items():  # reads as after a transient error
+        served = await broker.token(seller_id)
+        assert served.status_code == 200
+        assert served.json()["access_token"] == token
+        assert served.headers.get("broker-token-warning") == "refresh-failing"
+    rows = await sql.fetch(
+        "SELECT status, refresh_failures, last_refresh_error FROM sellers ORDER BY seller_id"
+    )
+    assert [tuple(r) for r in rows] == [
+        ("linked", 1, "invalid_client"),
+        ("linked", 1, "refresh_paused"),
+    ]
+    # The probe's success closes the breaker; both recover and the warning goes away.
+    clock.advance(seconds=broker.settings.broker_breaker_probe_seconds + 1)
+    for seller_id in tokens:
+        assert await broker.refresher.refresh(seller_id) == Outcome.REFRESHED
+        served = await broker.token(seller_id)
+        assert served.status_code == 200
+        assert "broker-token-warning" not in served.headers
+        assert await event_types(sql, seller_id) == [
+            "seller.linked",
+            "token.refresh_failed",
+            "seller.recovered",
+        ]
 
 
 @pytest.mark.parametrize(
@@ -379,6 +573,27 @@ async def test_a_reply_without_refresh_token_keeps_the_old_one(
     assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
     assert await stored_refresh_token(broker, sql, SELLER) == old
     assert (await seller_row(sql))["version"] == 2
+
+
+async def test_a_reply_without_refresh_token_to_a_failing_seller_keeps_the_old_one(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    await link(broker)
+    old = await stored_refresh_token(broker, sql, SELLER)
+    clock.advance(days=160)
+    await simulator.faults(status=500, count=1)
+    assert await broker.refresher.refresh(SELLER) == Outcome.TRANSIENT  # now a failing seller
+    await simulator.faults(omit_refresh_token=True)
+    clock.advance(seconds=broker.settings.broker_backoff_max_seconds + 1)
+    assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
+    assert await stored_refresh_token(broker, sql, SELLER) == old
+    row = await seller_row(sql)
+    assert (row["version"], row["refresh_failures"]) == (2, 0)
+    # The failing seller's store (the one that closes the streak) took this path.
+    assert await event_types(sql) == ["seller.linked", "token.refresh_failed", "seller.recovered"]
+    await simulator.faults()
+    clock.advance(days=160)  # the kept refresh token is the live one: the next refresh works
+    assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
 
 
 async def test_a_minimal_refresh_reply_keeps_the_stored_account_fields(
@@ -517,6 +732,44 @@ async def test_an_admin_sees_a_sellers_status_and_never_a_secret(
     assert token not in reply.text
     assert "TG-" not in reply.text
     assert (await broker.http.get("/sellers/nobody")).json()["code"] == "seller_not_found"
+
+
+async def test_an_admin_sees_a_transient_failure_and_then_the_success(
+    broker: Broker, simulator: Simulator, clock: FakeClock
+) -> None:
+    await link(broker)
+    linked_at = clock.now
+    clock.advance(days=160)
+    await simulator.faults(status=500, count=1)
+    assert await broker.refresher.refresh(SELLER) == Outcome.TRANSIENT
+
+    async def status() -> dict[str, object]:
+        reply = await broker.http.get(f"/sellers/{SELLER}")
+        assert reply.status_code == 200
+        body = reply.json()
+        for name in ("expires_at", "last_refreshed_at"):
+            body[name] = body[name] and datetime.fromisoformat(body[name])
+        fields = ("status", "status_reason", "expires_at", "last_refreshed_at")
+        return {k: body[k] for k in (*fields, "last_refresh_error", "refresh_failures")}
+
+    assert await status() == {
+        "status": "linked",
+        "status_reason": None,
+        "expires_at": linked_at + timedelta(seconds=SIM_EXPIRES_IN),
+        "last_refreshed_at": None,
+        "last_refresh_error": "internal_server_error",
+        "refresh_failures": 1,
+    }
+    clock.advance(seconds=broker.settings.broker_backoff_max_seconds + 1)
+    assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
+    assert await status() == {
+        "status": "linked",
+        "status_reason": None,
+        "expires_at": clock.now + timedelta(seconds=SIM_EXPIRES_IN),
+        "last_refreshed_at": clock.now,
+        "last_refresh_error": None,
+        "refresh_failures": 0,
+    }
 
 
 @pytest.mark.parametrize(

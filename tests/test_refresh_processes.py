@@ -4,6 +4,7 @@ simulator over real HTTP, every wait bounded."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import socket
@@ -17,6 +18,19 @@ from tests.conftest import Simulator, create_api_key, seed_sellers
 from tests.processes import api_process, broker_process, env_for, free_port
 
 SIMULATED_LIFETIME = 3600
+
+
+def refreshed_in(log: Path) -> list[str]:
+    """The sellers whose new pair this process stored, from its JSON log lines."""
+    sellers = []
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") in ("refresh.refreshed", "refresh.recovered"):
+            sellers.append(entry["seller_id"])
+    return sellers
 
 
 async def test_fifty_reads_through_three_brokers_make_exactly_one_refresh(
@@ -65,7 +79,8 @@ async def test_two_refreshers_and_on_read_refreshes_refresh_a_thousand_sellers_o
     sql: asyncpg.Connection,
     tmp_path: Path,
 ) -> None:
-    sellers = await seed_sellers(sql, simulator, settings, 1000, expires_in=3600, due=True)
+    # Not due yet: every process is up before the first seller comes due, so they all race.
+    sellers = await seed_sellers(sql, simulator, settings, 1000, expires_in=3600, due=False)
     api_key = await create_api_key(database_url)
     sockets[0].close()
     port = free_port()
@@ -86,6 +101,7 @@ async def test_two_refreshers_and_on_read_refreshes_refresh_a_thousand_sellers_o
         api_process(settings, database_url, port, tmp_path / "api.log", **fast),
         httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http,
     ):
+        await sql.execute("UPDATE sellers SET next_refresh_at = now() - interval '1 second'")
         picked = random.sample(sellers, 200)
         for start in range(0, len(picked), 50):  # on-read refreshes racing the refreshers
             replies = await asyncio.gather(
@@ -117,6 +133,14 @@ async def test_two_refreshers_and_on_read_refreshes_refresh_a_thousand_sellers_o
     assert sorted(g["refreshes"] for g in grants.values()) == [1] * 1000
     outcomes = [e["outcome"] for e in await simulator.log() if e["grant_type"] == "refresh_token"]
     assert outcomes == ["ok"] * 1000
+    # Shared, and still once: each seller's pair was stored by exactly one process, and every
+    # process (both refreshers, and the replica's on-read refreshes) stored some.
+    by_process = {name: refreshed_in(tmp_path / f"{name}.log") for name in ("r1", "r2", "api")}
+    stored = sorted(s for refreshed in by_process.values() for s in refreshed)
+    assert stored == sorted(sellers)
+    shares = {name: len(refreshed) for name, refreshed in by_process.items()}
+    print(f"refreshes stored per process: {shares}")
+    assert all(shares.values()), shares
 
 
 async def test_sigterm_waits_for_the_refresh_in_flight_to_store_its_pair(
