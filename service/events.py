@@ -228,14 +228,16 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            reply = await self.http.post(
-                due.subscriber.url,
-                content=payload,
-                headers=headers,
-                timeout=self.settings.broker_event_timeout_seconds,
-            )
+            # One deadline for the whole delivery: httpx's timeout is per phase, and a
+            # subscriber answering a byte at a time would stretch it without end.
+            async with asyncio.timeout(self.settings.broker_event_timeout_seconds):
+                reply = await self.http.post(
+                    due.subscriber.url, content=payload, headers=headers, timeout=None
+                )
             if not 200 <= reply.status_code < 300:
                 error = f"http_{reply.status_code}"
+        except TimeoutError:
+            error = "Timeout"
         except httpx.HTTPError as exc:
             error = type(exc).__name__
         metrics.EVENT_DELIVERY_SECONDS.observe(loop.time() - started)

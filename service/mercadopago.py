@@ -27,12 +27,22 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Literal
 from urllib.parse import urlencode
 
 import httpx
 
 from service import metrics
+
+
+class TokenCheck(StrEnum):
+    WORKS = "works"  # 200
+    REVOKED = "revoked"  # 401: the grant is gone (the only answer that may unmark a seller)
+    FORBIDDEN = "forbidden"  # 403: this call is not allowed; it says nothing about the grant
+
+
+TOKEN_CHECKS = {200: TokenCheck.WORKS, 401: TokenCheck.REVOKED, 403: TokenCheck.FORBIDDEN}
 
 
 class MercadoPagoError(Exception):
@@ -241,8 +251,9 @@ class MercadoPagoClient:
             raise classify_error(reply.status_code, body)
         return parse_token_reply(body), sent_at
 
-    async def token_works(self, api_url: str, access_token: str) -> bool:
-        """Whether Mercado Pago still accepts an access token (`GET /users/me`)."""
+    async def check_token(self, api_url: str, access_token: str) -> TokenCheck:
+        """What Mercado Pago says of an access token (`GET /users/me`). Anything but 200, 401
+        or 403 is transient: the check could not be made."""
         try:
             with _timed("users_me"):
                 async with asyncio.timeout(self.timeout):
@@ -255,8 +266,6 @@ class MercadoPagoClient:
                     )
         except (TimeoutError, httpx.HTTPError) as exc:
             raise TransientUpstreamError(type(exc).__name__) from None
-        if reply.status_code == 200:
-            return True
-        if reply.status_code in (401, 403):
-            return False
+        if reply.status_code in TOKEN_CHECKS:
+            return TOKEN_CHECKS[reply.status_code]
         raise TransientUpstreamError("upstream_unavailable", reply.status_code)

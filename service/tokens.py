@@ -16,7 +16,7 @@ from service.config import LEASE_MARGIN_SECONDS
 from service.crypto import context
 from service.db import transaction
 from service.errors import RelinkRequired, SellerNotFound, UpstreamUnavailable
-from service.mercadopago import TransientUpstreamError
+from service.mercadopago import TokenCheck, TransientUpstreamError
 from service.models import Seller
 from service.refresh import Outcome, Refresher
 from service.runtime import Runtime
@@ -152,11 +152,11 @@ async def report_invalid(rt: Runtime, seller_id: str) -> SellerView:
     access_token = seller.access_token
     assert access_token is not None
     try:
-        works = await rt.mercadopago.token_works(rt.settings.mp_api_url, access_token)
+        check = await rt.mercadopago.check_token(rt.settings.mp_api_url, access_token)
     except TransientUpstreamError:
         raise UpstreamUnavailable("Mercado Pago could not confirm the token now.") from None
-    if works:
-        return seller
+    if check != TokenCheck.REVOKED:
+        return seller  # it works, or a 403 (a scope, not a dead grant): nothing changes
     async with transaction(rt.sessions) as session:
         # Only the token we checked: a refresh that landed meanwhile made it moot.
         marked = await session.execute(

@@ -13,7 +13,6 @@ unlinking, the seller's own token is tried on `GET /users/me`: only a 401 unlink
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -21,14 +20,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import httpx
 from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 
-from service import metrics
 from service.crypto import context
 from service.db import transaction
-from service.mercadopago import TransientUpstreamError
+from service.mercadopago import TokenCheck
 from service.models import Seller, WebhookReceipt
 from service.runtime import Runtime
 from service.sellers import unlink
@@ -166,14 +163,14 @@ async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Hand
             seller.access_token,
             context("sellers", seller.seller_id, "access_token", seller.client_id),
         )
-        status = await _users_me(rt, token)
-        if status == 200:
+        check = await rt.mercadopago.check_token(rt.settings.mp_api_url, token)
+        if check == TokenCheck.WORKS:
             continue  # the hint was wrong (or forged): the token still works
-        if status != 401:
+        if check == TokenCheck.FORBIDDEN:
             unconfirmed += 1  # a 403 does not say the grant is gone: change nothing
             log.warning(
                 "webhook.unconfirmed",
-                extra={"fields": {"seller_id": seller.seller_id, "upstream_status": status}},
+                extra={"fields": {"seller_id": seller.seller_id, "upstream_status": 403}},
             )
             continue
         if await unlink(rt, seller.seller_id, "deauthorized", expected_version=seller.version):
@@ -184,26 +181,3 @@ async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Hand
     if unlinked:
         return Handled("unlinked", unlinked)
     return Handled("unconfirmed" if unconfirmed else "still_authorized")
-
-
-async def _users_me(rt: Runtime, access_token: str) -> int:
-    """`GET /users/me` with the seller's token: 200 (it works), 401 (revoked) or 403.
-
-    Not `MercadoPagoClient.token_works`, which folds 403 into "does not work": only a 401 may
-    unlink. Anything else is transient (Mercado Pago is asked to send it again).
-    """
-    try:
-        with metrics.UPSTREAM_SECONDS.labels("users_me").time():
-            async with asyncio.timeout(rt.settings.mp_timeout_seconds):
-                reply = await rt.http.get(
-                    f"{rt.settings.mp_api_url.rstrip('/')}/users/me",
-                    headers={
-                        "Authorization": f"Bearer {access_token}",
-                        "Accept": "application/json",
-                    },
-                )
-    except (TimeoutError, httpx.HTTPError) as exc:
-        raise TransientUpstreamError(type(exc).__name__) from None
-    if reply.status_code in (200, 401, 403):
-        return reply.status_code
-    raise TransientUpstreamError("upstream_unavailable", reply.status_code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -130,6 +131,37 @@ async def test_link_relink_and_unlink_are_delivered_signed_in_version_order_with
         await sql.fetchval("SELECT count(*) FROM event_deliveries WHERE state = 'delivered'") == 3
     )
     assert await dispatcher(broker).deliver_due() == 0  # delivered once, not again
+
+
+async def test_a_receiver_answering_a_byte_at_a_time_is_cut_at_one_deadline(
+    broker: Broker, receiver_socket: socket.socket, sql: asyncpg.Connection
+) -> None:
+    """httpx's timeout is per read: a byte every 0.2 s would keep a 1 s one alive for ever."""
+    dripped = 0
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dripped
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 204 No Content\r\n")
+        for _ in range(50):  # bounded: 10 s of headers, one byte at a time
+            writer.write(b"X")
+            dripped += 1
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        writer.close()
+
+    server = await asyncio.start_server(drip, sock=receiver_socket)
+    try:
+        async with SellerBrowser() as browser:
+            await browser.link(await broker.start_link("seller-1"), user_id=11)
+        send = dispatcher(broker)
+        send.settings = send.settings.model_copy(update={"broker_event_timeout_seconds": 1.0})
+        assert await send.deliver_due() == 1
+    finally:
+        server.close()
+    row = await sql.fetchrow("SELECT state, last_error FROM event_deliveries")
+    assert (row["state"], row["last_error"]) == ("pending", "Timeout")
+    assert dripped <= 10  # cut after about 1 s of dripping, not 10 s
 
 
 async def test_a_failing_receiver_gets_retries_with_backoff_then_a_parked_event_is_replayed(

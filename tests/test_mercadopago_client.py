@@ -16,6 +16,7 @@ from service.mercadopago import (
     MercadoPagoClient,
     OAuthApp,
     PermanentGrantError,
+    TokenCheck,
     TransientUpstreamError,
     classify_error,
     parse_token_reply,
@@ -91,6 +92,28 @@ async def test_a_broken_connection_is_transient() -> None:
 
     with pytest.raises(TransientUpstreamError):
         await client(handler).refresh(APP, "TG-1")
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(200, TokenCheck.WORKS), (401, TokenCheck.REVOKED), (403, TokenCheck.FORBIDDEN)],
+)
+async def test_only_a_401_from_users_me_says_the_grant_is_gone(
+    status: int, expected: TokenCheck
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/users/me"
+        assert request.headers["authorization"] == "Bearer APP_USR-1"
+        return httpx.Response(status, json={})
+
+    assert await client(handler).check_token("https://api.example", "APP_USR-1") == expected
+
+
+async def test_a_users_me_that_cannot_answer_is_transient() -> None:
+    with pytest.raises(TransientUpstreamError):
+        await client(lambda request: httpx.Response(502)).check_token(
+            "https://api.example", "APP_USR-1"
+        )
 
 
 @pytest.mark.parametrize("field", ["error", "errorKey"])
