@@ -154,12 +154,14 @@ class AppBreaker(Base):
 
 
 class WebhookReceipt(Base):
-    """Mercado Pago notifications already handled, by `x-request-id`: a replay does nothing."""
+    """Mercado Pago notifications taken, by `x-request-id`: a replay does nothing. One taken
+    and never `handled_at` (its process died) is taken again by a retry after a while."""
 
     __tablename__ = "webhook_receipts"
 
     request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     received_at: Mapped[datetime] = mapped_column(Timestamp)
+    handled_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class AuditEvent(Base):

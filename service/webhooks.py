@@ -17,10 +17,10 @@ import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from service.crypto import context
@@ -33,6 +33,9 @@ from service.sellers import unlink
 log = logging.getLogger("broker.webhooks")
 
 TOPIC = "mp-connect"
+# Longer than any handling takes (one /users/me per seller of the user, each under
+# MP_TIMEOUT_SECONDS); a claim older than this and never marked handled was left by a crash.
+CLAIM_SECONDS = 300
 
 
 def manifest(data_id: str | None, request_id: str | None, ts: str) -> str:
@@ -98,6 +101,8 @@ async def handle(
             # confirm): the retry must not be dropped as a duplicate.
             await _release(rt, request_id)
         raise
+    if request_id:
+        await _handled(rt, request_id)
     log.info(
         "webhook.handled", extra={"fields": {"action": handled.action, "request_id": request_id}}
     )
@@ -105,16 +110,30 @@ async def handle(
 
 
 async def _claim(rt: Runtime, request_id: str) -> bool:
-    """Record the request id; True only for the one delivery whose row went in, so two
-    deliveries at once act once (the other is a duplicate)."""
+    """Take the request id; True only for the one delivery that took it, so two deliveries
+    at once act once (the other is a duplicate). A claim never marked handled (its process
+    died mid-way) is taken over by a retry after CLAIM_SECONDS."""
+    now = rt.clock()
+    statement = insert(WebhookReceipt).values(request_id=request_id, received_at=now)
     async with transaction(rt.sessions) as session:
-        inserted = await session.scalar(
-            insert(WebhookReceipt)
-            .values(request_id=request_id, received_at=rt.clock())
-            .on_conflict_do_nothing()
-            .returning(WebhookReceipt.request_id)
+        taken = await session.scalar(
+            statement.on_conflict_do_update(
+                index_elements=[WebhookReceipt.request_id],
+                set_={"received_at": now},
+                where=WebhookReceipt.handled_at.is_(None)
+                & (WebhookReceipt.received_at < now - timedelta(seconds=CLAIM_SECONDS)),
+            ).returning(WebhookReceipt.request_id)
         )
-    return inserted is not None
+    return taken is not None
+
+
+async def _handled(rt: Runtime, request_id: str) -> None:
+    async with transaction(rt.sessions) as session:
+        await session.execute(
+            update(WebhookReceipt)
+            .where(WebhookReceipt.request_id == request_id)
+            .values(handled_at=rt.clock())
+        )
 
 
 async def _release(rt: Runtime, request_id: str) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -116,6 +116,41 @@ async def test_a_verified_deauthorization_confirmed_by_mercado_pago_unlinks_the_
     assert (await broker.token(SELLER)).json()["code"] == "seller_not_found"
     again = await deliver(broker, notification())  # Mercado Pago delivers it twice
     assert again.json() == {"action": "duplicate"}
+
+
+@SECRETS
+@pytest.mark.parametrize(
+    ("taken_seconds_ago", "handled", "action"),
+    [
+        (600, False, "unlinked"),  # its process died mid-way: a retry takes it over
+        (10, False, "duplicate"),  # another process is handling it right now
+        (600, True, "duplicate"),  # handled: a replay does nothing
+    ],
+)
+async def test_a_notification_a_crash_left_unhandled_is_acted_on_when_sent_again(
+    broker: Broker,
+    simulator: Simulator,
+    sql: asyncpg.Connection,
+    clock: FakeClock,
+    taken_seconds_ago: int,
+    handled: bool,
+    action: str,
+) -> None:
+    await linked_seller(broker)
+    await simulator.http.post("/_control/revoke", json={"user_id": USER})
+    taken = clock() - timedelta(seconds=taken_seconds_ago)
+    await sql.execute(
+        "INSERT INTO webhook_receipts (request_id, received_at, handled_at) VALUES ($1, $2, $3)",
+        "req-1",
+        taken,
+        taken if handled else None,
+    )
+    reply = await deliver(broker, notification(), request_id="req-1")
+    assert reply.json() == {"action": action}
+    status = await sql.fetchval("SELECT status FROM sellers")
+    assert status == ("unlinked" if action == "unlinked" else "linked")
+    marked = await sql.fetchval("SELECT handled_at IS NOT NULL FROM webhook_receipts")
+    assert marked == (handled or action == "unlinked")  # the taker marks it when done
 
 
 @SECRETS
