@@ -563,34 +563,30 @@ async def test_a_rate_limited_refresh_is_sent_again_at_once(
     assert outcomes == ["fault:429", "ok"]
 
 
+@pytest.mark.parametrize("failing", [False, True], ids=["healthy", "failing"])
 async def test_a_reply_without_refresh_token_keeps_the_old_one(
-    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+    broker: Broker,
+    simulator: Simulator,
+    clock: FakeClock,
+    sql: asyncpg.Connection,
+    failing: bool,
 ) -> None:
+    """Both store paths: the one-statement store of a healthy seller, and the store that
+    closes a failing seller's streak."""
     await link(broker)
     old = await stored_refresh_token(broker, sql, SELLER)
     clock.advance(days=160)
+    if failing:
+        await simulator.faults(status=500, count=1)
+        assert await broker.refresher.refresh(SELLER) == Outcome.TRANSIENT
+        clock.advance(seconds=broker.settings.broker_backoff_max_seconds + 1)
     await simulator.faults(omit_refresh_token=True)
-    assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
-    assert await stored_refresh_token(broker, sql, SELLER) == old
-    assert (await seller_row(sql))["version"] == 2
-
-
-async def test_a_reply_without_refresh_token_to_a_failing_seller_keeps_the_old_one(
-    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
-) -> None:
-    await link(broker)
-    old = await stored_refresh_token(broker, sql, SELLER)
-    clock.advance(days=160)
-    await simulator.faults(status=500, count=1)
-    assert await broker.refresher.refresh(SELLER) == Outcome.TRANSIENT  # now a failing seller
-    await simulator.faults(omit_refresh_token=True)
-    clock.advance(seconds=broker.settings.broker_backoff_max_seconds + 1)
     assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
     assert await stored_refresh_token(broker, sql, SELLER) == old
     row = await seller_row(sql)
     assert (row["version"], row["refresh_failures"]) == (2, 0)
-    # The failing seller's store (the one that closes the streak) took this path.
-    assert await event_types(sql) == ["seller.linked", "token.refresh_failed", "seller.recovered"]
+    streak = ["token.refresh_failed", "seller.recovered"] if failing else []
+    assert await event_types(sql) == ["seller.linked", *streak]
     await simulator.faults()
     clock.advance(days=160)  # the kept refresh token is the live one: the next refresh works
     assert await broker.refresher.refresh(SELLER) == Outcome.REFRESHED
