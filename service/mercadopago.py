@@ -38,7 +38,7 @@ from service import metrics
 
 class TokenCheck(StrEnum):
     WORKS = "works"  # 200
-    REVOKED = "revoked"  # 401: the grant is gone (the only answer that may unmark a seller)
+    REVOKED = "revoked"  # 401: the grant is gone (the only answer that may mark or unlink)
     FORBIDDEN = "forbidden"  # 403: this call is not allowed; it says nothing about the grant
 
 
