@@ -416,7 +416,7 @@ class Refresher:
     async def _refresh_claimed(self, claim: Claim) -> Outcome:
         gate = await self._gate(claim.client_id)
         if gate == breaker.Gate.OPEN:
-            await self._on_refused(claim, "not_sent", "refresh_paused")
+            await self._record_failure(claim, "not_sent", "refresh_paused", back_off=False)
             metrics.REFRESHES.labels(Outcome.PAUSED, "").inc()
             return Outcome.PAUSED
         try:
@@ -590,43 +590,13 @@ class Refresher:
             now,
             self.settings.broker_breaker_probe_seconds,
         )
-        await self._on_refused(claim, "rejected", exc.error)
+        await self._record_failure(claim, "rejected", exc.error, back_off=False)
         metrics.REFRESHES.labels(Outcome.APPLICATION_ERROR, exc.error).inc()
 
-    async def _on_refused(self, claim: Claim, attempt_outcome: str, error: str) -> None:
-        """The application's refreshing was refused (an application-wide error, an open
-        breaker, a pause). The seller's grant is not at fault: its status stays and it stays
-        due. But its refresh failed, so it counts as failing (reads carry the warning, the
-        streak's first failure is an event) as after a transient error."""
-        async with transaction(self.rt.sessions) as session:
-            seller = await session.get(Seller, claim.seller_id, with_for_update=True)
-            if seller is None or seller.lease_owner != self.owner:
-                return
-            seller.refresh_failures += 1
-            seller.last_refresh_error = error
-            seller.attempt_outcome = attempt_outcome
-            seller.lease_owner = seller.lease_until = None
-            if seller.refresh_failures == 1:  # once per failing streak, not once per retry
-                events.emit_for(
-                    session, self.settings, self.rt.clock(), "token.refresh_failed", seller
-                )
-
     async def _on_transient(self, claim: Claim, exc: TransientUpstreamError) -> None:
-        async with transaction(self.rt.sessions) as session:
-            seller = await session.get(Seller, claim.seller_id, with_for_update=True)
-            if seller is None or seller.lease_owner != self.owner:
-                return
-            seller.refresh_failures += 1
-            seller.last_refresh_error = exc.error
-            seller.attempt_outcome = "not_sent" if exc.not_sent else "unknown"
-            seller.next_refresh_at = self.rt.clock() + policy.backoff(
-                seller.refresh_failures, self.settings
-            )
-            seller.lease_owner = seller.lease_until = None
-            if seller.refresh_failures == 1:  # once per failing streak, not once per retry
-                events.emit_for(
-                    session, self.settings, self.rt.clock(), "token.refresh_failed", seller
-                )
+        await self._record_failure(
+            claim, "not_sent" if exc.not_sent else "unknown", exc.error, back_off=True
+        )
         metrics.REFRESHES.labels(Outcome.TRANSIENT, exc.error).inc()
         _event(
             "refresh.transient_failure",
@@ -635,3 +605,27 @@ class Refresher:
             error=exc.error,
             outcome_unknown=not exc.not_sent,
         )
+
+    async def _record_failure(
+        self, claim: Claim, attempt_outcome: str, error: str, *, back_off: bool
+    ) -> None:
+        """A refresh failed and the seller's grant is not blamed: its status stays, the lease
+        is given back, and it counts as failing (reads carry the warning; the streak's first
+        failure is an event). `back_off`: retry later (a transient error); otherwise it stays
+        due (refused by the application's breaker, which holds every refresh until it closes)."""
+        async with transaction(self.rt.sessions) as session:
+            seller = await session.get(Seller, claim.seller_id, with_for_update=True)
+            if seller is None or seller.lease_owner != self.owner:
+                return
+            seller.refresh_failures += 1
+            seller.last_refresh_error = error
+            seller.attempt_outcome = attempt_outcome
+            if back_off:
+                seller.next_refresh_at = self.rt.clock() + policy.backoff(
+                    seller.refresh_failures, self.settings
+                )
+            seller.lease_owner = seller.lease_until = None
+            if seller.refresh_failures == 1:  # once per failing streak, not once per retry
+                events.emit_for(
+                    session, self.settings, self.rt.clock(), "token.refresh_failed", seller
+                )
