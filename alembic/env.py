@@ -9,7 +9,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from service.models import Base
+from service.core.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -19,8 +19,8 @@ def url() -> str:
     given = config.get_main_option("sqlalchemy.url")
     if given:
         return given
-    from service.config import get_settings
-    from service.db import database_url
+    from service.core.config import get_settings
+    from service.core.db import database_url
 
     return database_url(get_settings())
 

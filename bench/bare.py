@@ -17,7 +17,7 @@ import signal
 
 from fastapi import FastAPI, Response
 
-from service.cli import QuietServer, uvicorn_config
+from service.ops.cli import QuietServer, uvicorn_config
 
 
 def constant_body(size: int) -> bytes:

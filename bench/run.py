@@ -45,7 +45,7 @@ import httpx
 from sqlalchemy.engine import make_url
 
 from bench import plot, seed
-from service.crypto import Keyring, generate_key_spec
+from service.core.crypto import Keyring, generate_key_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "bench"
@@ -408,7 +408,7 @@ class Database:
             asyncio.run(self._admin(f'CREATE DATABASE "{self.scratch}"'))
             self.url = admin.set(database=self.scratch).render_as_string(hide_password=False)
         else:
-            from service import embedded
+            from service.ops import embedded
 
             self.pg_dir = self.workdir / "data"
             self.url = embedded.start(self.pg_dir, database="broker_bench")
@@ -572,7 +572,7 @@ def start_bare(ctx: Context, body_bytes: int) -> Server:
 
 def cache_size() -> int:
     """The broker's default BROKER_TOKEN_CACHE_SIZE (no such setting yet: no limit)."""
-    from service.config import Settings
+    from service.core.config import Settings
 
     spec = Settings.model_fields.get("broker_token_cache_size")
     default = spec.default if spec is not None else None

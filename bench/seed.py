@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from service.crypto import Keyring, context
+from service.core.crypto import Keyring, context
 
 SCOPE = "offline_access read write"
 COLUMNS = (

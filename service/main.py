@@ -15,13 +15,17 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import BaseRoute
 
-from service import db, errors, events, observe
-from service.api import internal, seller, webhooks
-from service.api.fast import TokenReads
-from service.config import Settings, get_settings
-from service.limits import RequestLimits
-from service.refresh import Refresher
-from service.runtime import Clock, Runtime, utcnow
+from service.core import db, errors
+from service.core.config import Settings, get_settings
+from service.core.runtime import Clock, Runtime, utcnow
+from service.lifecycle import events
+from service.lifecycle import routes as lifecycle_routes
+from service.linking import routes as linking_routes
+from service.ops import observe
+from service.refresh.engine import Refresher
+from service.serving import routes as serving_routes
+from service.serving.fast import TokenReads
+from service.serving.limits import RequestLimits
 
 DESCRIPTION = """
 Links Mercado Pago seller accounts to the platform and keeps their OAuth tokens valid.
@@ -83,15 +87,23 @@ def create_app(
     errors.install(app)
     token_route = next(
         route
-        for route in internal.router.routes
-        if isinstance(route, APIRoute) and route.path == internal.TOKEN_ROUTE
+        for route in serving_routes.router.routes
+        if isinstance(route, APIRoute) and route.path == serving_routes.TOKEN_ROUTE
     )
     # Innermost: the hot path, inside the limits, the metrics and the catch-all.
     app.add_middleware(TokenReads, route=token_route)
     app.add_middleware(RequestLimits, settings=settings)
     app.add_middleware(errors.CatchAll)
     app.add_middleware(observe.Observe)  # outermost: counts refusals and failures too
-    for router in (internal.router, seller.router, webhooks.router):
+    # Internal services' routes first (the token routes before `/sellers/{seller_id:path}`,
+    # which would match them too), then the seller's browser, then Mercado Pago.
+    for router in (
+        linking_routes.router,
+        serving_routes.router,
+        lifecycle_routes.router,
+        linking_routes.pages_router,
+        lifecycle_routes.notifications_router,
+    ):
         summaries_from_docstrings(router.routes)
         app.include_router(router)
 

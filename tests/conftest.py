@@ -24,12 +24,12 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
-from service import embedded
-from service.cli import QuietServer, migrate
-from service.config import Settings
-from service.crypto import Keyring, context, generate_key_spec
+from service.core.config import Settings
+from service.core.crypto import Keyring, context, generate_key_spec
 from service.main import create_app
-from service.refresh import Refresher
+from service.ops import embedded
+from service.ops.cli import QuietServer, migrate
+from service.refresh.engine import Refresher
 from service.simulator import SimulatorClient, SimulatorConfig, create_simulator_app
 
 CLIENT_ID = "7000000000000001"
@@ -280,7 +280,8 @@ class Broker:
 
 
 async def create_api_key(database_url: str, scopes: tuple[str, ...] | None = None) -> str:
-    from service import apikeys, db
+    from service.core import db
+    from service.serving import apikeys
 
     engine = db.make_engine(database_url, "tests", pool_size=1)
     try:

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import httpx
 
-from service.config import Settings
+from service.core.config import Settings
 from tests.conftest import CLIENT_SECRET, ROOT
 
 T = TypeVar("T")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from service.crypto import context
+from service.core.crypto import context
 from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, query_of, settings_keyring
 
 

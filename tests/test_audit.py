@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 
-from service import audit
+from service.lifecycle import audit
 from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, create_api_key
 from tests.processes import base_env, run_cli
 
@@ -73,7 +73,8 @@ async def test_read_counts_that_could_not_be_written_are_kept_for_the_next_flush
 async def test_a_namespaced_key_sees_only_its_sellers_audit(
     broker: Broker, database_url: str
 ) -> None:
-    from service import apikeys, db
+    from service.core import db
+    from service.serving import apikeys
 
     engine = db.make_engine(database_url, "tests", pool_size=1)
     async with db.transaction(db.make_sessionmaker(engine)) as session:

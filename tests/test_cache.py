@@ -13,12 +13,14 @@ import asyncpg
 import httpx
 import pytest
 
-from service import apikeys, db
-from service import cache as cache_module
-from service.cache import Cache, KeyView, SellerView
-from service.config import Settings
+from service.core import db
+from service.core.config import Settings
+from service.core.domain import KeyView, SellerView
+from service.core.runtime import Runtime
 from service.main import create_app
-from service.runtime import Runtime
+from service.serving import apikeys
+from service.serving import cache as cache_module
+from service.serving.cache import Cache
 from tests.conftest import (
     Broker,
     Loopback,

@@ -46,8 +46,8 @@ import asyncpg
 import httpx
 from fastapi import FastAPI, Request, Response
 
-from service.config import Settings
-from service.crypto import Keyring, context
+from service.core.config import Settings
+from service.core.crypto import Keyring, context
 from tests.conftest import Loopback, Simulator, create_api_key, seed_sellers, settings_keyring
 from tests.processes import api_process, broker_process, enter_all, env_for, free_port
 

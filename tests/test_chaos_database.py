@@ -19,8 +19,8 @@ import asyncpg
 import httpx
 import pytest
 
-from service.config import Settings
-from service.errors import is_database_outage
+from service.core.config import Settings
+from service.core.db import is_database_outage
 from service.main import create_app
 from tests.conftest import (
     Loopback,

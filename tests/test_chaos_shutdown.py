@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from service.config import Settings
+from service.core.config import Settings
 from tests.conftest import Simulator, create_api_key, seed_sellers
 from tests.processes import api_process, broker_process, env_for, free_port
 

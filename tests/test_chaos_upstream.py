@@ -37,9 +37,9 @@ import asyncpg
 import httpx
 import uvicorn
 
-from service.cli import QuietServer
-from service.config import Settings
-from service.crypto import context
+from service.core.config import Settings
+from service.core.crypto import context
+from service.ops.cli import QuietServer
 from tests.conftest import Simulator, create_api_key, seed_sellers, settings_keyring
 from tests.processes import api_process, broker_process, enter_all, env_for, free_port
 

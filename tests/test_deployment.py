@@ -18,9 +18,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from service import demo
-from service.config import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Settings
-from service.crypto import generate_key_spec
+from service.core.config import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Settings
+from service.core.crypto import generate_key_spec
+from service.ops import demo
 from tests.conftest import CLIENT_SECRET, ROOT
 
 SERVICES = {"postgres", "migrate", "broker", "refresher", "simulator"}

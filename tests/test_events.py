@@ -17,11 +17,11 @@ import pytest
 from fastapi import FastAPI, Request, Response
 from pydantic import SecretStr
 
-from service import events
-from service.config import Settings, Subscriber
-from service.crypto import context
-from service.events import Dispatcher
-from service.runtime import Runtime
+from service.core.config import Settings, Subscriber
+from service.core.crypto import context
+from service.core.runtime import Runtime
+from service.lifecycle import events
+from service.lifecycle.events import Dispatcher
 from tests.conftest import (
     CLIENT_ID,
     Broker,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.api.fast import _token_read
+from service.serving.fast import _token_read
 from tests.conftest import Broker, SellerBrowser
 
 

@@ -32,8 +32,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.api.seller import COOKIE
-from service.config import Settings
+from service.core.config import Settings
+from service.linking.routes import COOKIE
 from tests.conftest import ROOT, Broker, SellerBrowser, Simulator, query_of, seed_sellers
 
 DOCUMENT = ROOT / "openapi" / "openapi.json"

@@ -10,9 +10,10 @@ import asyncpg
 import httpx
 import pytest
 
-from service import apikeys, db
-from service.errors import PROBLEM_JSON
-from service.linking import check_return_url
+from service.core import db
+from service.core.errors import PROBLEM_JSON
+from service.linking.flow import check_return_url
+from service.serving import apikeys
 from tests.conftest import Broker, SellerBrowser, create_api_key
 
 

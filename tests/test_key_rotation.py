@@ -9,11 +9,11 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from service import rekey
-from service.config import Settings
-from service.crypto import Keyring, SealError, context, generate_key_spec
-from service.db import transaction
-from service.models import Seller
+from service.core.config import Settings
+from service.core.crypto import Keyring, SealError, context, generate_key_spec
+from service.core.db import transaction
+from service.core.models import Seller
+from service.lifecycle import rekey
 from tests.conftest import (
     Broker,
     FakeClock,
@@ -137,7 +137,7 @@ async def refresh_stores(
     sql: asyncpg.Connection, seller_id: str, pair: tuple[str, str], version: int
 ) -> None:
     """What a refresh's store does: a new pair under the primary key, guarded by and bumping
-    the rotation `version` (service/refresh.py)."""
+    the rotation `version` (service/refresh/engine.py)."""
     ring = Keyring.parse(f"{NEW},{OLD}")
     client_id = await sql.fetchval("SELECT client_id FROM sellers WHERE seller_id = $1", seller_id)
     written = await sql.execute(

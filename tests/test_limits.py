@@ -10,8 +10,8 @@ import asyncpg
 import httpx
 import pytest
 
-from service.config import Settings
-from service.limits import Buckets, client_address
+from service.core.config import Settings
+from service.serving.limits import Buckets, client_address
 from tests.conftest import Broker, SellerBrowser
 from tests.processes import api_process, free_port
 from tests.test_internal_api import assert_problem

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from service.crypto import context
+from service.core.crypto import context
 from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, query_of, settings_keyring
 
 SELLER = "seller-7"

@@ -9,9 +9,9 @@ from datetime import datetime, timedelta
 import asyncpg
 import pytest
 
-from service import pkce
-from service.crypto import context
-from service.linking import Outcome
+from service.core.crypto import context
+from service.linking import pkce
+from service.linking.flow import Outcome
 from tests.conftest import (
     CLIENT_ID,
     SIM_EXPIRES_IN,

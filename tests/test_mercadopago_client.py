@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 import httpx
 import pytest
 
-from service.mercadopago import (
+from service.core.mercadopago import (
     ApplicationError,
     MercadoPagoClient,
     OAuthApp,

@@ -15,11 +15,11 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import metrics
-from service.config import Settings
-from service.logs import JsonFormatter
+from service.core import metrics
+from service.core.config import Settings
+from service.core.logs import JsonFormatter
+from service.core.runtime import Runtime
 from service.main import create_app
-from service.runtime import Runtime
 from tests.conftest import (
     Broker,
     FakeClock,

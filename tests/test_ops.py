@@ -16,7 +16,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import metrics
+from service.core import metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "ops" / "alerts.yml"
@@ -38,7 +38,7 @@ SEVERITIES = {"critical", "warning", "info"}
 
 
 def defined_families() -> dict[str, str]:
-    """Every metric declared in service/metrics.py: family name -> type."""
+    """Every metric declared in service/core/metrics.py: family name -> type."""
     found: dict[str, str] = {}
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
@@ -186,9 +186,9 @@ def test_runbook_links_between_sections_resolve() -> None:
 
 
 def test_exposition_shows_every_defined_metric() -> None:
-    """The parsing below sees what service/metrics.py declares (guards the test itself)."""
+    """The parsing below sees what service/core/metrics.py declares (guards the test itself)."""
     defined, exported = defined_families(), exported_families()
-    assert defined, "no metrics found in service/metrics.py"
+    assert defined, "no metrics found in service/core/metrics.py"
     assert defined == exported
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service import pkce
-from service.crypto import Keyring, SealError, context, generate_key_spec
+from service.core.crypto import Keyring, SealError, context, generate_key_spec
+from service.linking import pkce
 
 
 def test_s256_matches_the_rfc_7636_appendix_b_vector() -> None:

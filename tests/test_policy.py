@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from service.config import Settings
-from service.policy import backoff, next_refresh_at
+from service.core.config import Settings
+from service.refresh.policy import backoff, next_refresh_at
 
 ISSUED = datetime(2026, 1, 1, tzinfo=UTC)
 DAY = 24 * 3600

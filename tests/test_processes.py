@@ -15,9 +15,9 @@ from typing import Any
 import asyncpg
 import httpx
 
-from service.config import DEMO_CLIENT_ID, Settings
-from service.crypto import context
-from service.pkce import challenge
+from service.core.config import DEMO_CLIENT_ID, Settings
+from service.core.crypto import context
+from service.linking.pkce import challenge
 from tests.conftest import (
     CLIENT_SECRET,
     Broker,

@@ -14,12 +14,12 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
-from service import metrics
-from service.config import LEASE_MARGIN_SECONDS
-from service.crypto import context
-from service.refresh import Outcome, Refresher
-from service.runtime import Runtime
-from service.tokens import read_token
+from service.core import metrics
+from service.core.config import LEASE_MARGIN_SECONDS
+from service.core.crypto import context
+from service.core.runtime import Runtime
+from service.refresh.engine import Outcome, Refresher
+from service.serving.tokens import read_token
 from tests.conftest import (
     CLIENT_SECRET,
     SIM_EXPIRES_IN,

@@ -6,7 +6,7 @@ import json
 
 import asyncpg
 
-from service.config import Settings
+from service.core.config import Settings
 from tests.conftest import Broker, Simulator, seed_sellers
 from tests.processes import env_for, run_cli
 

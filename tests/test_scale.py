@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from service.events import expiring_query
-from service.refresh import CLAIM_DUE
-from service.tokens import READ
+from service.lifecycle.events import expiring_query
+from service.refresh.engine import CLAIM_DUE
+from service.serving.tokens import READ
 from tests.conftest import CLIENT_ID, Broker
 
 SELLERS = 1_000_000

@@ -9,7 +9,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.models import Base
+from service.core.models import Base
 
 
 def test_the_migrated_database_matches_the_models(template_url: str) -> None:

@@ -6,7 +6,7 @@ import asyncpg
 import httpx
 import pytest
 
-from service.config import Settings
+from service.core.config import Settings
 from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, seed_sellers
 from tests.test_internal_api import assert_problem, calling_with, new_key
 
@@ -91,7 +91,8 @@ async def test_a_namespaced_admin_key_lists_only_its_sellers(
     await sql.execute(
         "UPDATE sellers SET seller_id = 'billing/' || seller_id WHERE seller_id = 'seller-00001'"
     )
-    from service import apikeys, db
+    from service.core import db
+    from service.serving import apikeys
 
     engine = db.make_engine(database_url, "tests", pool_size=1)
     async with db.transaction(db.make_sessionmaker(engine)) as session:

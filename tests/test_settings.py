@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from service.cli import main
-from service.config import Settings
-from service.crypto import generate_key_spec
-from service.runtime import load_keyring
+from service.core.config import Settings
+from service.core.crypto import generate_key_spec
+from service.core.runtime import load_keyring
+from service.ops.cli import main
 
 KEYS = generate_key_spec("k1")
 PRODUCTION: dict[str, object] = {
@@ -126,7 +126,7 @@ def test_the_cli_refuses_bad_production_settings_naming_them_only(
     monkeypatch.setenv("BROKER_ENV", "production")
     monkeypatch.setenv("MP_CLIENT_SECRET", "changeme")
     monkeypatch.delenv("DATABASE_URL", raising=False)
-    from service.config import get_settings
+    from service.core.config import get_settings
 
     get_settings.cache_clear()
     try:

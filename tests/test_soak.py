@@ -25,8 +25,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from service.config import Settings
-from service.crypto import context
+from service.core.config import Settings
+from service.core.crypto import context
 from tests.conftest import (
     CLIENT_ID,
     SellerBrowser,

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
-from service.webhooks import manifest, signature, verify
+from service.lifecycle.webhooks import manifest, signature, verify
 from tests.conftest import CLIENT_ID, Broker, FakeClock, Loopback, SellerBrowser, Simulator
 
 NEW, OLD = "whsec-new-0123456789", "whsec-old-0123456789"

@@ -1,0 +1,238 @@
+"""Settings, read once from the environment (and `.env`) by pydantic-settings.
+
+Every setting is documented in the README's table; the names are the environment variables.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Values people paste from examples; never acceptable in production.
+PLACEHOLDERS = {"", "changeme", "change-me", "secret", "xxx", "todo", "placeholder", "example"}
+
+LEASE_MARGIN_SECONDS = 5
+
+# The demo application (`make run`, `docker compose up`): public on purpose, it only opens the
+# built-in simulator, and production mode refuses it.
+DEMO_CLIENT_ID = "1234567890123456"
+DEMO_CLIENT_SECRET = "demo-secret-for-the-simulator-only"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+KEY_SPEC = re.compile(r"^[A-Za-z0-9_-]{1,16}:[A-Za-z0-9_-]{43}=?$")
+
+
+class Subscriber(BaseModel):
+    """An internal service that receives the broker's events (README: "Events")."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    url: str = Field(pattern=r"^https?://")
+    secret: SecretStr = Field(min_length=16)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    broker_env: Literal["dev", "production"] = "dev"
+    database_url: str | None = None
+    # Plain asyncpg connections for cold reads, claims and stores (service/core/db.py).
+    broker_db_direct_connections: int = Field(default=10, ge=1, le=200)
+    broker_data_dir: Path = Path(".broker")
+    broker_public_url: str = "http://127.0.0.1:8000"
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 8000
+
+    mp_client_id: str | None = None
+    mp_client_secret: SecretStr | None = None
+    mp_redirect_uri: str | None = None
+    mp_auth_url: str = "https://auth.mercadopago.com/authorization"
+    mp_token_url: str = "https://api.mercadopago.com/oauth/token"
+    mp_pkce_method: Literal["S256", "plain", "off"] = "S256"
+    mp_api_url: str = "https://api.mercadopago.com"
+    mp_webhook_secret: SecretStr | None = None  # comma-separated while it is renewed
+    broker_webhook_tolerance_seconds: int = Field(default=300, ge=10)
+    mp_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
+    broker_encryption_keys: SecretStr | None = None
+    broker_link_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    broker_attempt_ttl_seconds: int = Field(default=600, ge=60, le=3600)
+    broker_return_url_allowlist: Annotated[list[str], NoDecode] = []
+    broker_allow_account_change: bool = False
+    broker_simulator_port: int = 8001
+    # Refresh policy (README: "Refresh policy").
+    broker_refresh_fraction: float = Field(default=5 / 6, ge=0.5, le=0.95)
+    broker_refresh_jitter_fraction: float = Field(default=0.02, ge=0, le=0.1)
+    broker_refresh_floor_seconds: int = Field(default=300, ge=1)
+    broker_refresh_concurrency: int = Field(default=8, ge=1, le=256)
+    broker_refresh_rate_per_second: float = Field(default=10.0, gt=0)
+    broker_refresh_batch_size: int = Field(default=50, ge=1, le=1000)
+    broker_refresh_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    broker_serve_refresher: bool = False
+    broker_lease_seconds: int = Field(default=60, ge=5)
+    broker_min_ttl_max_seconds: int = Field(default=30 * 24 * 3600, ge=0)
+    broker_on_read_cooldown_seconds: int = Field(default=30, ge=0)
+    broker_backoff_base_seconds: int = Field(default=30, ge=1)
+    broker_backoff_max_seconds: int = Field(default=3600, ge=1)
+    broker_breaker_invalid_grant_threshold: int = Field(default=20, ge=1)
+    broker_breaker_window_seconds: int = Field(default=60, ge=1)
+    broker_breaker_probe_seconds: int = Field(default=300, ge=1)
+    # Early refusals and rate limits (per replica: see service/serving/limits.py).
+    broker_max_body_bytes: int = Field(default=16 * 1024, ge=1024)
+    broker_max_query_bytes: int = Field(default=4096, ge=256)
+    broker_max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    broker_trusted_proxies: Annotated[list[str], NoDecode] = []
+    broker_rate_limit_per_address_per_minute: int = Field(default=60, ge=1)
+    broker_rate_limit_per_key_per_second: int = Field(default=500, ge=1)
+    # Seller tokens and API keys kept in memory per API process (service/serving/cache.py); 0: none.
+    broker_token_cache_size: int = Field(default=100_000, ge=0)
+    # Audit trail and retention.
+    broker_audit_flush_seconds: float = Field(default=5.0, gt=0, le=300)
+    broker_audit_retention_days: int = Field(default=365, ge=1)
+    broker_attempt_retention_days: int = Field(default=30, ge=1)
+    # Events to internal services (service/lifecycle/events.py).
+    broker_event_subscribers: list[Subscriber] = []
+    broker_event_retry_hours: float = Field(default=24.0, gt=0, le=24 * 30)
+    broker_event_backoff_base_seconds: float = Field(default=5.0, gt=0)
+    broker_event_backoff_max_seconds: float = Field(default=900.0, gt=0)
+    broker_event_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    broker_event_concurrency: int = Field(default=8, ge=1, le=128)
+    broker_expiring_soon_days: float = Field(default=7.0, gt=0)
+    # Observability (service/ops/observe.py).
+    broker_readiness_grace_seconds: float = Field(default=30.0, ge=0)
+    broker_db_check_seconds: float = Field(default=2.0, gt=0, le=60)
+    broker_metrics_db_seconds: float = Field(default=15.0, gt=0)
+    broker_refresher_metrics_port: int = Field(default=9464, ge=0, le=65535)  # 0: none
+    broker_log_format: Literal["auto", "json", "text"] = "auto"
+    broker_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("broker_return_url_allowlist", "broker_trusted_proxies", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("broker_return_url_allowlist")
+    @classmethod
+    def _allowlist_entries_are_urls(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parts = urlsplit(entry)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"allowlist entry is not an http(s) URL: {entry!r}")
+        return value
+
+    @field_validator("broker_trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)  # raises ValueError: a clear start-up error
+        return value
+
+    @field_validator("broker_encryption_keys")
+    @classmethod
+    def _keys_are_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            for spec in value.get_secret_value().split(","):
+                if not KEY_SPEC.match(spec.strip()):
+                    # Never echo the value: it is a key.
+                    raise ValueError("each key must be key_id:<base64url of 32 bytes>")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str | None) -> str | None:
+        if value and value.startswith(("postgresql://", "postgres://")):
+            return "postgresql+asyncpg://" + value.split("://", 1)[1]
+        if value and not value.startswith("postgresql+asyncpg://"):
+            raise ValueError("DATABASE_URL must be a postgresql+asyncpg:// URL")
+        return value
+
+    @field_validator("broker_event_subscribers")
+    @classmethod
+    def _subscriber_names_unique(cls, value: list[Subscriber]) -> list[Subscriber]:
+        names = [subscriber.name for subscriber in value]
+        if len(names) != len(set(names)):
+            raise ValueError("BROKER_EVENT_SUBSCRIBERS names must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_the_request(self) -> Settings:
+        # A worker never sends unless its lease outlives the whole request plus a margin.
+        if self.broker_lease_seconds < self.mp_timeout_seconds + LEASE_MARGIN_SECONDS + 1:
+            raise ValueError(
+                "BROKER_LEASE_SECONDS must exceed MP_TIMEOUT_SECONDS by more than "
+                f"{LEASE_MARGIN_SECONDS} s"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _production_needs_everything(self) -> Settings:
+        if self.broker_env != "production":
+            return self
+        missing = []
+        if not self.database_url:
+            # Replicas with private embedded databases would each refresh (burn) the same tokens.
+            missing.append("DATABASE_URL")
+        if (self.mp_client_id or "").strip().lower() in PLACEHOLDERS | {DEMO_CLIENT_ID}:
+            missing.append("MP_CLIENT_ID")
+        for name in ("mp_client_secret", "broker_encryption_keys"):
+            secret: SecretStr | None = getattr(self, name)
+            values = secret.get_secret_value().split(",") if secret else [""]
+            refused = PLACEHOLDERS | {DEMO_CLIENT_SECRET.lower()}
+            if any(value.strip().lower() in refused for value in values):
+                missing.append(name.upper())
+        # Codes, secrets and tokens travel on these: never in clear (nor to a simulator).
+        for name in ("broker_public_url", "mp_redirect_uri", "mp_auth_url"):
+            if not (getattr(self, name) or "").startswith("https://"):
+                missing.append(f"{name.upper()} (https)")
+        # Server-side calls may use plain http to loopback (an egress proxy beside us).
+        for name in ("mp_token_url", "mp_api_url"):
+            url = urlsplit(getattr(self, name))
+            if url.scheme != "https" and not (
+                url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
+            ):
+                missing.append(f"{name.upper()} (https)")
+        if missing:
+            raise ValueError("production mode needs real values for: " + ", ".join(missing))
+        return self
+
+    @property
+    def production(self) -> bool:
+        return self.broker_env == "production"
+
+    @property
+    def mp_client_secrets(self) -> tuple[str, ...]:
+        """MP_CLIENT_SECRET is an ordered list while the application's secret is renewed."""
+        if self.mp_client_secret is None:
+            return ()
+        return tuple(
+            s.strip() for s in self.mp_client_secret.get_secret_value().split(",") if s.strip()
+        )
+
+    @property
+    def mp_webhook_secrets(self) -> tuple[str, ...]:
+        if self.mp_webhook_secret is None:
+            return ()
+        values = self.mp_webhook_secret.get_secret_value().split(",")
+        return tuple(value.strip() for value in values if value.strip())
+
+    @property
+    def uses_simulator(self) -> bool:
+        """Dev mode without Mercado Pago credentials: the demo talks to the built-in simulator."""
+        return not self.production and not (self.mp_client_id and self.mp_client_secret)
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.broker_public_url.startswith("https://")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

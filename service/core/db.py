@@ -1,0 +1,164 @@
+"""One async engine per process; sessions that commit or roll back in one place.
+
+Beside the engine, a plain asyncpg pool (`direct_pool`) carries the few statements that run
+thousands of times a second (the cold token read, a refresh's claim and store): there,
+SQLAlchemy's pool and execution layers cost about as much CPU as the statement itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy import make_url, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from service.core.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]  # where alembic/ and alembic.ini live
+POOL_TIMEOUT_SECONDS = 5
+CONNECT_TIMEOUT_SECONDS = 3
+COMMAND_TIMEOUT_SECONDS = 30
+
+
+# Client-side states of a connection whose server end went away under it (a terminated
+# backend, a restart): asyncpg may report these instead of a connection error.
+BROKEN_CONNECTION = (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """Whether `exc` means "the database cannot be reached now" (a 503), not a bug (a 500)."""
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout, OSError, TimeoutError)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    # asyncpg's own classes, raw from the direct pool: ConnectionDoesNotExistError, and the
+    # server's connection-exception (08xxx) and operator-intervention (57P01-03: a terminated
+    # backend, a shutdown, a server starting) SQLSTATEs.
+    sqlstate = str(getattr(cause, "sqlstate", None) or "")
+    return (
+        isinstance(cause, (OSError, TimeoutError))
+        or sqlstate.startswith("08")
+        or sqlstate in ("57P01", "57P02", "57P03")
+        or any(name in type(cause).__name__ for name in ("Connection", "CannotConnect"))
+        or isinstance(cause, BROKEN_CONNECTION)
+    )
+
+
+def database_url(settings: Settings) -> str:
+    """`DATABASE_URL` when set; otherwise the embedded server (never in production: see config)."""
+    if settings.database_url:
+        return settings.database_url
+    from service.ops import embedded  # dev and tests only: production sets DATABASE_URL
+
+    return embedded.start(settings.broker_data_dir)
+
+
+def make_engine(url: str, application_name: str, pool_size: int = 10) -> AsyncEngine:
+    # application_name tells broker processes apart in pg_stat_activity.
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=False,
+        # A database that went away must cost a request seconds, never a hang: bounded waits
+        # for a pooled connection, for a new one, and for any statement.
+        pool_timeout=POOL_TIMEOUT_SECONDS,
+        connect_args={
+            "server_settings": {"application_name": application_name},
+            "timeout": CONNECT_TIMEOUT_SECONDS,
+            "command_timeout": COMMAND_TIMEOUT_SECONDS,
+        },
+    )
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A short unit of work: commits on success, rolls back on any exception."""
+    async with sessions() as session, session.begin():
+        yield session
+
+
+@cache
+def head_revision() -> str:
+    """The newest Alembic revision this code ships (what `broker migrate` brings a schema to)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(ROOT / "alembic"))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+async def schema_revision(session: AsyncSession) -> str | None:
+    try:
+        revision: str | None = await session.scalar(text("SELECT version_num FROM alembic_version"))
+        return revision
+    except ProgrammingError:  # no alembic_version table: never migrated
+        await session.rollback()
+        return None
+
+
+def asyncpg_params(url: str, application_name: str = "broker-cache") -> dict[str, Any]:
+    """`connect()` keywords for a raw asyncpg connection (the cache's LISTEN, `direct_pool`)."""
+    parsed = make_url(url)
+    host = parsed.query.get("host")  # the embedded server's Unix socket directory
+    params: dict[str, Any] = {
+        "user": parsed.username or "postgres",
+        "password": parsed.password,
+        "database": parsed.database,
+        "host": host if isinstance(host, str) else parsed.host or "127.0.0.1",
+        "server_settings": {"application_name": application_name},
+    }
+    if parsed.port:
+        params["port"] = parsed.port
+    return params
+
+
+async def _stateless(_connection: asyncpg.Connection) -> None:
+    """No reset query on release: a direct connection runs single statements and short
+    transactions and keeps no session state, so asyncpg's default reset query (one more round
+    trip per use) buys nothing. asyncpg still rolls back a transaction left open, first."""
+
+
+async def direct_pool(url: str, application_name: str, size: int) -> asyncpg.Pool:
+    """A fixed-ceiling asyncpg pool; connections open on demand and stay (no overflow churn:
+    a connection opened and closed per request costs PostgreSQL a backend start each time)."""
+    return await asyncpg.create_pool(
+        **asyncpg_params(url, application_name),
+        min_size=0,
+        max_size=size,
+        timeout=CONNECT_TIMEOUT_SECONDS,
+        command_timeout=COMMAND_TIMEOUT_SECONDS,
+        reset=_stateless,
+    )
+
+
+@asynccontextmanager
+async def direct(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of `direct_pool`, bounded in wait; one left in an unknown protocol state
+    is closed rather than handed out again (the pool opens a new one)."""
+    async with pool.acquire(timeout=POOL_TIMEOUT_SECONDS) as connection:
+        try:
+            yield connection
+        except BROKEN_CONNECTION:
+            connection.terminate()
+            raise

@@ -1,0 +1,134 @@
+"""Prometheus metrics (`GET /metrics`). Names are a contract: `ops/alerts.yml` and
+`ops/grafana-dashboard.json` use them, and a test checks that every name they use exists.
+
+Counters and histograms are updated in place; gauges about the database (sellers by status,
+expiring tokens, outbox, refresher lag) are computed by one periodic query batch per process
+(`BROKER_METRICS_DB_SECONDS`), never per scrape or per request.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.core.models import AppBreaker, Event, EventDelivery, RefreshPause, Seller
+
+# The *_created series would double the exposition for nothing the dashboard uses.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+UPSTREAM = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+HTTP_REQUESTS = Counter(
+    "broker_http_requests", "HTTP requests by route template and status.", ["route", "status"]
+)
+HTTP_SECONDS = Histogram(
+    "broker_http_request_duration_seconds", "HTTP request latency.", ["route"], buckets=FAST
+)
+LINK_ATTEMPTS = Counter(
+    "broker_link_attempts", "Link callbacks by outcome (linked, denied, expired...).", ["outcome"]
+)
+TOKEN_EXCHANGES = Counter(
+    "broker_token_exchanges", "Authorization-code exchanges by outcome.", ["outcome"]
+)
+REFRESHES = Counter(
+    "broker_refreshes",
+    "Refresh attempts by outcome and reason (the upstream error code, or none).",
+    ["outcome", "reason"],
+)
+UPSTREAM_SECONDS = Histogram(
+    "broker_upstream_request_duration_seconds",
+    "Mercado Pago request latency by endpoint.",
+    ["endpoint"],
+    buckets=UPSTREAM,
+)
+EVENTS_EMITTED = Counter("broker_events_emitted", "Events written to the outbox.", ["type"])
+EVENT_DELIVERIES = Counter(
+    "broker_event_deliveries",
+    "Event delivery attempts by subscriber and outcome (delivered, retry, failed).",
+    ["subscriber", "outcome"],
+)
+EVENT_DELIVERY_SECONDS = Histogram(
+    "broker_event_delivery_duration_seconds", "Event POST latency.", buckets=UPSTREAM
+)
+DATABASE_UP = Gauge("broker_database_up", "1 when the last database check answered.")
+READY = Gauge("broker_ready", "1 when /readyz answers 200.")
+SELLERS = Gauge("broker_sellers", "Sellers by status.", ["status"])
+EXPIRING = Gauge(
+    "broker_tokens_expiring", "Linked sellers whose token lapses within a window.", ["within"]
+)
+AT_RISK = Gauge(
+    "broker_sellers_at_risk",
+    "Sellers whose token lapses within BROKER_EXPIRING_SOON_DAYS and cannot be refreshed "
+    "(relink required, or refresh failing).",
+)
+REFRESHER_LAG = Gauge(
+    "broker_refresher_lag_seconds", "Now minus the oldest due next_refresh_at (0 when none)."
+)
+OUTBOX_BACKLOG = Gauge("broker_outbox_backlog", "Event deliveries pending.")
+OUTBOX_OLDEST = Gauge(
+    "broker_outbox_oldest_age_seconds", "Age of the oldest event still pending delivery."
+)
+OUTBOX_FAILED = Gauge("broker_outbox_failed", "Event deliveries parked as failed.")
+BREAKERS_OPEN = Gauge("broker_breakers_open", "Applications whose refresh breaker is open.")
+REFRESH_PAUSED = Gauge("broker_refresh_paused", "1 while an operator paused all refreshing.")
+
+STATUSES = ("linked", "relink_required", "unlinked")
+
+
+async def collect_database_gauges(
+    session: AsyncSession, now: datetime, at_risk_days: float
+) -> None:
+    """The gauges about stored state: a handful of aggregate queries, run periodically."""
+    linked = Seller.status == "linked"
+    horizon = now + timedelta(days=at_risk_days)
+    counts = (
+        await session.execute(
+            select(
+                Seller.status,
+                func.count(),
+                func.count().filter(linked, Seller.expires_at < now + timedelta(days=7)),
+                func.count().filter(linked, Seller.expires_at < now + timedelta(days=30)),
+                func.count().filter(
+                    Seller.status != "unlinked",
+                    Seller.expires_at > now,
+                    Seller.expires_at < horizon,
+                    (Seller.status == "relink_required") | (Seller.refresh_failures > 0),
+                ),
+            ).group_by(Seller.status)
+        )
+    ).all()
+    by_status = dict.fromkeys(STATUSES, 0)
+    within_7 = within_30 = at_risk = 0
+    for status, total, seven, thirty, risky in counts:
+        by_status[status] = total
+        within_7, within_30, at_risk = within_7 + seven, within_30 + thirty, at_risk + risky
+    for status, total in by_status.items():
+        SELLERS.labels(status).set(total)
+    EXPIRING.labels("7d").set(within_7)
+    EXPIRING.labels("30d").set(within_30)
+    AT_RISK.set(at_risk)
+
+    # The partial index on next_refresh_at answers this without a scan.
+    oldest_due = await session.scalar(select(func.min(Seller.next_refresh_at)).where(linked))
+    REFRESHER_LAG.set(max(0.0, (now - oldest_due).total_seconds()) if oldest_due else 0.0)
+
+    pending, oldest = (
+        await session.execute(
+            select(func.count(), func.min(Event.created_at))
+            .select_from(EventDelivery)
+            .join(Event, Event.id == EventDelivery.event_id)
+            .where(EventDelivery.state == "pending")
+        )
+    ).one()
+    OUTBOX_BACKLOG.set(pending)
+    OUTBOX_OLDEST.set(max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
+    OUTBOX_FAILED.set(
+        await session.scalar(select(func.count()).where(EventDelivery.state == "failed")) or 0
+    )
+    BREAKERS_OPEN.set(await session.scalar(select(func.count()).select_from(AppBreaker)) or 0)
+    paused = await session.scalar(select(func.count()).select_from(RefreshPause))
+    REFRESH_PAUSED.set(1 if paused else 0)

@@ -1,0 +1,162 @@
+"""The process-wide objects of one broker process, built at start-up and closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from service.core import db, logs
+from service.core.config import Settings
+from service.core.crypto import Keyring, generate_key_spec
+from service.core.mercadopago import MercadoPagoClient, OAuthApp
+from service.lifecycle.audit import ReadCounter
+from service.serving.cache import Cache
+from service.serving.limits import Buckets
+
+log = logging.getLogger("broker")
+
+Clock = Callable[[], datetime]
+UPSTREAM_SHARD = 8  # refreshes in flight per upstream HTTP client (see MercadoPagoClient)
+POOL_CLOSE_SECONDS = 10
+T = TypeVar("T")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def load_keyring(settings: Settings) -> Keyring:
+    if settings.broker_encryption_keys is not None:
+        return Keyring.parse(settings.broker_encryption_keys.get_secret_value())
+    # Dev only (production refuses to start without keys): a local key kept in the data dir.
+    path: Path = settings.broker_data_dir / "dev-encryption-key"
+    if not path.exists():
+        settings.broker_data_dir.mkdir(parents=True, exist_ok=True)
+        # Written aside, then linked into place: of two processes starting at once (API and
+        # refresher on a shared volume), one key wins and both read it whole.
+        draft = path.with_name(f"{path.name}.{os.getpid()}")
+        draft.write_text(generate_key_spec("dev1") + "\n")
+        draft.chmod(0o600)
+        try:
+            os.link(draft, path)
+            log.warning("dev.encryption_key_generated", extra={"fields": {"path": str(path)}})
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return Keyring.parse(path.read_text().strip())
+
+
+def oauth_app(settings: Settings) -> OAuthApp:
+    if not (settings.mp_client_id and settings.mp_client_secret and settings.mp_redirect_uri):
+        raise RuntimeError("MP_CLIENT_ID, MP_CLIENT_SECRET and MP_REDIRECT_URI are needed")
+    return OAuthApp(
+        client_id=settings.mp_client_id,
+        client_secrets=settings.mp_client_secrets,
+        redirect_uri=settings.mp_redirect_uri,
+        auth_url=settings.mp_auth_url,
+        token_url=settings.mp_token_url,
+    )
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    # Single reads of the hot path: one round trip, no BEGIN/ROLLBACK around it (same pool).
+    autocommit: AsyncEngine
+    # The hot statements (cold token reads, refresh claims and stores) on plain asyncpg.
+    direct: asyncpg.Pool
+    keyring: Keyring
+    oauth: OAuthApp
+    mercadopago: MercadoPagoClient
+    http: httpx.AsyncClient
+    clock: Clock
+    key_buckets: Buckets
+    cache: Cache
+    reads: ReadCounter = field(default_factory=ReadCounter)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @classmethod
+    async def build(
+        cls,
+        settings: Settings,
+        url: str,
+        clock: Clock = utcnow,
+        transport: httpx.AsyncBaseTransport | None = None,
+        application_name: str = "broker-api",
+    ) -> Runtime:
+        # Claims, stores and cold reads go through `direct`; the engine carries the rest
+        # (links, admin, failures, events), so its pool no longer grows with the concurrency.
+        engine = db.make_engine(url, application_name)
+        http = httpx.AsyncClient(transport=transport, follow_redirects=False)
+        # About 8 connections per upstream client at full refresh concurrency. No httpx
+        # timeout: each call runs under one asyncio deadline (MP_TIMEOUT_SECONDS, see
+        # mercadopago.py), which httpx's 5 s per-phase default would otherwise cut short.
+        upstream = [
+            httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=None)  # noqa: S113
+            for _ in range(max(1, settings.broker_refresh_concurrency // UPSTREAM_SHARD))
+        ]
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=db.make_sessionmaker(engine),
+            autocommit=engine.execution_options(isolation_level="AUTOCOMMIT"),
+            direct=await db.direct_pool(
+                url, application_name, settings.broker_db_direct_connections
+            ),
+            keyring=load_keyring(settings),
+            oauth=oauth_app(settings),
+            mercadopago=MercadoPagoClient(upstream, settings.mp_timeout_seconds, clock),
+            http=http,
+            clock=clock,
+            key_buckets=Buckets(
+                settings.broker_rate_limit_per_key_per_second,
+                burst=settings.broker_rate_limit_per_key_per_second,
+            ),
+            cache=Cache(settings.broker_token_cache_size),
+        )
+
+    def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run `work` as a task of the process, not of the caller.
+
+        A token exchange or refresh must reach its database write even when the HTTP client
+        that asked disconnects or times out; shutdown waits for these tasks.
+        """
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def owned(self, work: Coroutine[Any, Any, T]) -> T:
+        """`spawn` and wait: cancelling the caller leaves the work running."""
+        return await asyncio.shield(self.spawn(work))
+
+    async def drain(self, grace_seconds: float = 15.0) -> None:
+        """Shutdown waits for in-flight exchanges to store what Mercado Pago already answered."""
+        if self.tasks:
+            logs.event(log, "shutdown.draining", {"in_flight": len(self.tasks)})
+            await asyncio.wait(set(self.tasks), timeout=grace_seconds)
+
+    async def close(self) -> None:
+        await self.drain()
+        await self.reads.flush(self.direct)
+        await self.http.aclose()
+        for client in self.mercadopago.clients:
+            await client.aclose()
+        await self.engine.dispose()
+        try:  # close waits for connections in use; a statement stuck past this is cut off
+            await asyncio.wait_for(self.direct.close(), POOL_CLOSE_SECONDS)
+        except TimeoutError:
+            self.direct.terminate()

@@ -1,0 +1,150 @@
+"""A seller's life after linking: the admin routes (status, list, audit, unlink) and Mercado
+Pago's own notifications."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Header, Query, Response
+
+from service.core.errors import (
+    Forbidden,
+    InvalidSignature,
+    SellerNotFound,
+    Unauthorized,
+    UpstreamUnavailable,
+    responses,
+)
+from service.core.mercadopago import TransientUpstreamError
+from service.core.schemas import SELLER_ID_MAX, AuditEntry, SellerId, SellerPage, SellerStatus
+from service.lifecycle import audit, sellers, webhooks
+from service.serving import apikeys
+from service.serving.deps import ApiKeyDep, RuntimeDep
+
+router = APIRouter()  # internal services (API key)
+notifications_router = APIRouter(tags=["webhooks"])  # Mercado Pago itself
+
+
+@router.get(
+    "/sellers",
+    tags=["sellers"],
+    response_model=SellerPage,
+    responses=responses(Unauthorized, Forbidden),
+)
+async def list_sellers(
+    rt: RuntimeDep,
+    key: ApiKeyDep,
+    status: Annotated[Literal["linked", "relink_required", "unlinked"] | None, Query()] = None,
+    expiring_before: Annotated[datetime | None, Query()] = None,
+    cursor: Annotated[str | None, Query(max_length=SELLER_ID_MAX)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> SellerPage:
+    """List sellers by status or token expiry, in seller_id order, a page at a time."""
+    apikeys.authorize(key, "sellers:admin")
+    stmt = sellers.page_query(key.namespace, status, expiring_before, cursor, limit)
+    async with rt.sessions() as session:
+        found = list(await session.scalars(stmt))
+    page = found[:limit]
+    more = len(found) > limit
+    return SellerPage(
+        items=[SellerStatus.of(s) for s in page], next_cursor=page[-1].seller_id if more else None
+    )
+
+
+@router.get(
+    "/sellers/{seller_id:path}",
+    tags=["sellers"],
+    response_model=SellerStatus,
+    responses=responses(Unauthorized, Forbidden, SellerNotFound),
+)
+async def get_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
+    """Show a seller's link status, token expiry and last refresh; never a secret."""
+    apikeys.authorize(key, "sellers:admin", seller_id)
+    return await sellers.status(rt, seller_id)
+
+
+@router.get(
+    "/audit",
+    tags=["sellers"],
+    response_model=list[AuditEntry],
+    responses=responses(Unauthorized, Forbidden),
+)
+async def read_audit(
+    rt: RuntimeDep,
+    key: ApiKeyDep,
+    seller_id: Annotated[str | None, Query(max_length=SELLER_ID_MAX)] = None,
+    actor: Annotated[str | None, Query(max_length=100)] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=2**63 - 1, description="Page: events older than this id")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[AuditEntry]:
+    """List audit events, newest first: links, refreshes, unlinks, key changes, token reads."""
+    apikeys.authorize(key, "sellers:admin", seller_id)
+    if key.namespace and seller_id is None:
+        raise Forbidden("A key limited to a namespace must name one of its sellers.")
+    async with rt.sessions() as session:
+        events = await audit.query(session, seller_id, actor, before, limit)
+    return [AuditEntry.model_validate(event) for event in events]
+
+
+@router.delete(
+    "/sellers/{seller_id:path}",
+    tags=["sellers"],
+    response_model=SellerStatus,
+    responses=responses(Unauthorized, Forbidden, SellerNotFound),
+)
+async def unlink_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
+    """Unlink a seller: destroy its stored tokens, keep the row (as `unlinked`) for its history."""
+    apikeys.authorize(key, "sellers:admin", seller_id)
+    await sellers.unlink(rt, seller_id, "unlinked_by_platform", actor=key.name)
+    return await sellers.status(rt, seller_id)
+
+
+@notifications_router.post(
+    "/webhooks/mercadopago",
+    responses={
+        200: {
+            "description": "Handled, ignored or a duplicate: Mercado Pago need not retry",
+            "content": {"application/json": {"example": {"action": "unlinked", "sellers": 1}}},
+        },
+        **responses(InvalidSignature, UpstreamUnavailable),
+    },
+)
+async def mercadopago_notification(
+    rt: RuntimeDep,
+    body: Annotated[
+        dict[str, Any],
+        Body(
+            examples=[
+                {
+                    "id": 12345,
+                    "type": "mp-connect",
+                    "action": "application.deauthorized",
+                    "application_id": "1234567890123456",
+                    "user_id": 123456789,
+                    "data": {"id": "123456789"},
+                }
+            ]
+        ),
+    ],
+    data_id: Annotated[str | None, Query(alias="data.id", max_length=64)] = None,
+    x_signature: Annotated[str | None, Header(max_length=256)] = None,
+    x_request_id: Annotated[str | None, Header(max_length=128)] = None,
+) -> Response:
+    """Receive `mp-connect` notifications; a verified `application.deauthorized` may unlink."""
+    if not webhooks.verify(
+        x_signature,
+        rt.settings.mp_webhook_secrets,
+        data_id,
+        x_request_id,
+        rt.clock(),
+        rt.settings.broker_webhook_tolerance_seconds,
+    ):
+        raise InvalidSignature("The x-signature header is missing, stale or wrong.")
+    try:
+        handled = await webhooks.handle(rt, x_request_id, data_id, body)
+    except TransientUpstreamError:
+        raise UpstreamUnavailable("Mercado Pago could not confirm; send it again.") from None
+    return Response(f'{{"action": "{handled.action}"}}', media_type="application/json")

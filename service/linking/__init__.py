@@ -1,0 +1,1 @@
+"""Linking a seller: the link, the attempt (state, PKCE, browser binding), the callback."""

@@ -1,0 +1,411 @@
+"""The link flow: link → attempt (state + PKCE + browser binding) → callback → stored tokens.
+
+Routes call these functions and render what they return; the rules live here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.core import logs, metrics
+from service.core.crypto import context
+from service.core.db import transaction
+from service.core.domain import KeyView
+from service.core.errors import InvalidRequest, LiveModeMismatch
+from service.core.mercadopago import (
+    MercadoPagoError,
+    TokenSet,
+    TransientUpstreamError,
+)
+from service.core.models import Link, LinkAttempt, Seller
+from service.core.runtime import Runtime
+from service.lifecycle import audit, events
+from service.linking import pkce
+from service.refresh.policy import next_refresh_at
+
+log = logging.getLogger("broker.linking")
+
+BINDER_FORMAT = re.compile(r"^[A-Za-z0-9_-]{43}$")
+
+
+class Outcome(StrEnum):
+    """How a link attempt ended; also the `status` parameter sent back to `return_url`."""
+
+    EXCHANGING = "exchanging"
+    LINKED = "linked"
+    RELINKED = "relinked"
+    DENIED = "denied"
+    EXCHANGE_FAILED = "exchange_failed"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    ACCOUNT_MISMATCH = "account_mismatch"
+    LIVE_MODE_MISMATCH = "live_mode_mismatch"
+
+
+class Refusal(StrEnum):
+    """Why a seller's browser was turned away before anything changed or Mercado Pago was called."""
+
+    LINK_NOT_FOUND = "link_not_found"
+    LINK_EXPIRED = "link_expired"
+    LINK_USED = "link_used"
+    INVALID_CALLBACK = "invalid_callback"
+    UNKNOWN_STATE = "unknown_state"
+    UNBOUND_BROWSER = "unbound_browser"
+    ATTEMPT_EXPIRED = "attempt_expired"
+
+
+SUCCESS = {Outcome.LINKED, Outcome.RELINKED}
+
+
+@dataclass(frozen=True)
+class CallbackResult:
+    result: Outcome | Refusal
+    seller_id: str | None = None
+    return_url: str | None = None
+
+
+def _event(name: str, **fields: object) -> None:
+    logs.event(log, name, fields)
+
+
+# -- return_url ----------------------------------------------------------------------------
+
+
+def _origin(parts: tuple[str, str, int | None]) -> tuple[str, str, int]:
+    scheme, host, port = parts
+    return scheme, host, port or (443 if scheme == "https" else 80)
+
+
+def check_return_url(url: str, allowlist: list[str]) -> str:
+    """Accept `url` only if it matches an allowlist entry by scheme, host, port and path prefix."""
+    refuse = InvalidRequest("return_url is not on the allowlist.")
+    if any(ch.isspace() or ord(ch) < 32 or ch == "\\" for ch in url):
+        raise refuse
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise refuse from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise refuse
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise refuse
+    origin = _origin((parts.scheme, parts.hostname, port))
+    path = parts.path or "/"
+    for entry in allowlist:
+        allowed = urlsplit(entry)
+        if _origin((allowed.scheme, allowed.hostname or "", allowed.port)) != origin:
+            continue
+        prefix = allowed.path or "/"
+        # A prefix matches whole segments: /sellers allows /sellers/42, not /sellers-evil.
+        if path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+            return url
+    raise refuse
+
+
+def with_status(return_url: str, outcome: str, seller_id: str) -> str:
+    parts = urlsplit(return_url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    query += [("status", outcome), ("seller_id", seller_id)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+# -- POST /link/start ----------------------------------------------------------------------
+
+
+async def start_link(
+    rt: Runtime, key: KeyView, seller_id: str, return_url: str | None, test: bool
+) -> tuple[str, datetime]:
+    if return_url is not None:
+        check_return_url(return_url, rt.settings.broker_return_url_allowlist)
+    now = rt.clock()
+    token = secrets.token_urlsafe(32)
+    expires_at = now + timedelta(seconds=rt.settings.broker_link_ttl_seconds)
+    async with transaction(rt.sessions) as session:
+        seller = await session.get(Seller, seller_id)
+        if seller is not None and seller.status != "unlinked" and seller.live_mode == test:
+            held = "live" if seller.live_mode else "sandbox"
+            raise LiveModeMismatch(f"This seller holds {held} credentials; unlink them first.")
+        session.add(
+            Link(
+                id_hash=pkce.digest(token),
+                seller_id=seller_id,
+                client_id=rt.oauth.client_id,
+                return_url=return_url,
+                test=test,
+                created_by=key.id,
+                created_at=now,
+                expires_at=expires_at,
+            )
+        )
+        audit.record(session, now, key.name, "link.created", seller_id, "test" if test else None)
+    _event("link.created", seller_id=seller_id, test=test, api_key=key.name)
+    return f"{rt.settings.broker_public_url.rstrip('/')}/link/{token}", expires_at
+
+
+# -- GET /link/{token} -----------------------------------------------------------------------
+
+
+async def open_link(
+    rt: Runtime, token: str, binder: str | None
+) -> tuple[str, str] | CallbackResult:
+    """Start an attempt. Returns (authorization URL, browser binder) or why not."""
+    now = rt.clock()
+    method = None if rt.settings.mp_pkce_method == "off" else rt.settings.mp_pkce_method
+    async with transaction(rt.sessions) as session:
+        link = await session.get(Link, pkce.digest(token))
+        refusal = (
+            Refusal.LINK_NOT_FOUND
+            if link is None
+            else Refusal.LINK_USED
+            if link.completed_at is not None
+            else Refusal.LINK_EXPIRED
+            if link.expires_at <= now
+            else None
+        )
+        if refusal is not None or link is None:
+            _event("link.refused", reason=refusal)
+            return CallbackResult(refusal or Refusal.LINK_NOT_FOUND)
+        # One binder per browser: a seller with two tabs open keeps both attempts usable.
+        if binder is None or not BINDER_FORMAT.match(binder):
+            binder = secrets.token_urlsafe(32)
+        state, verifier, attempt_id = pkce.new_state(), pkce.new_verifier(), str(uuid.uuid4())
+        session.add(
+            LinkAttempt(
+                id=attempt_id,
+                link_id_hash=link.id_hash,
+                seller_id=link.seller_id,
+                client_id=link.client_id,
+                state_hash=pkce.digest(state),
+                binder_hash=pkce.digest(binder),
+                code_verifier=rt.keyring.seal(
+                    verifier, context("link_attempts", attempt_id, "code_verifier", link.client_id)
+                )
+                if method
+                else None,
+                challenge_method=method,
+                test=link.test,
+                created_at=now,
+                expires_at=now + timedelta(seconds=rt.settings.broker_attempt_ttl_seconds),
+            )
+        )
+    _event("link.opened", seller_id=link.seller_id, attempt=attempt_id)
+    challenge = pkce.challenge(verifier, method) if method else None
+    return rt.oauth.authorization_url(state, challenge, method), binder
+
+
+# -- GET /oauth/callback ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    attempt_id: str
+    seller_id: str
+    client_id: str
+    test: bool
+    verifier: str | None
+    return_url: str | None
+
+
+async def handle_callback(
+    rt: Runtime,
+    state: str | None,
+    code: str | None,
+    error: str | None,
+    binder: str | None,
+) -> CallbackResult:
+    result = await _handle_callback(rt, state, code, error, binder)
+    metrics.LINK_ATTEMPTS.labels(result.result).inc()
+    return result
+
+
+async def _handle_callback(
+    rt: Runtime,
+    state: str | None,
+    code: str | None,
+    error: str | None,
+    binder: str | None,
+) -> CallbackResult:
+    if not state or not (code or error):
+        _event("callback.refused", reason=Refusal.INVALID_CALLBACK)
+        return CallbackResult(Refusal.INVALID_CALLBACK)
+    claimed = await _claim_attempt(rt, state, binder, denied=bool(error) and not code)
+    if isinstance(claimed, CallbackResult):
+        return claimed
+    assert code is not None
+    # The exchange belongs to the process: a seller closing the tab cannot cancel it between
+    # Mercado Pago's reply and our write.
+    outcome = await rt.owned(_exchange_and_store(rt, claimed, code))
+    return CallbackResult(outcome, claimed.seller_id, claimed.return_url)
+
+
+async def _claim_attempt(
+    rt: Runtime, state: str, binder: str | None, denied: bool
+) -> _Claimed | CallbackResult:
+    """Consume the attempt exactly once and commit that before anything is sent upstream."""
+    now = rt.clock()
+    async with transaction(rt.sessions) as session:
+        attempt = await session.scalar(
+            select(LinkAttempt)
+            .where(LinkAttempt.state_hash == pkce.digest(state))
+            # Two submissions of one callback: the second waits here, then sees it used.
+            .with_for_update()
+        )
+        if attempt is None:
+            _event("callback.refused", reason=Refusal.UNKNOWN_STATE)
+            return CallbackResult(Refusal.UNKNOWN_STATE)
+        if binder is None or not secrets.compare_digest(pkce.digest(binder), attempt.binder_hash):
+            _event("callback.refused", reason=Refusal.UNBOUND_BROWSER, attempt=attempt.id)
+            return CallbackResult(Refusal.UNBOUND_BROWSER, attempt.seller_id)
+        link = await session.get(Link, attempt.link_id_hash)
+        return_url = link.return_url if link else None
+        if attempt.consumed_at is not None:
+            # A resubmitted callback shows what happened the first time.
+            recorded = Outcome(attempt.outcome or Outcome.EXCHANGE_FAILED)
+            _event("callback.replayed", outcome=recorded, attempt=attempt.id)
+            return CallbackResult(recorded, attempt.seller_id, return_url)
+        if attempt.expires_at <= now:
+            _event("callback.refused", reason=Refusal.ATTEMPT_EXPIRED, attempt=attempt.id)
+            return CallbackResult(Refusal.ATTEMPT_EXPIRED, attempt.seller_id)
+        attempt.consumed_at = now
+        attempt.outcome = Outcome.DENIED if denied else Outcome.EXCHANGING
+        verifier = (
+            rt.keyring.open(
+                attempt.code_verifier,
+                context("link_attempts", attempt.id, "code_verifier", attempt.client_id),
+            )
+            if attempt.code_verifier
+            else None
+        )
+        claimed = _Claimed(
+            attempt.id, attempt.seller_id, attempt.client_id, attempt.test, verifier, return_url
+        )
+    if denied:
+        _event("callback.outcome", outcome=Outcome.DENIED, seller_id=claimed.seller_id)
+        return CallbackResult(Outcome.DENIED, claimed.seller_id, return_url)
+    return claimed
+
+
+async def _exchange_and_store(rt: Runtime, claimed: _Claimed, code: str) -> Outcome:
+    error: str | None = None
+    try:
+        tokens, sent_at = await rt.mercadopago.exchange_code(
+            rt.oauth, code, claimed.verifier, claimed.test
+        )
+    except TransientUpstreamError as exc:
+        outcome, error = Outcome.UPSTREAM_UNAVAILABLE, exc.error
+    except MercadoPagoError as exc:
+        outcome, error = Outcome.EXCHANGE_FAILED, exc.error
+    else:
+        outcome = await _store_tokens(rt, claimed, tokens, sent_at)
+    metrics.TOKEN_EXCHANGES.labels(outcome).inc()
+    if outcome not in SUCCESS:
+        async with transaction(rt.sessions) as session:
+            attempt = await session.get(LinkAttempt, claimed.attempt_id)
+            assert attempt is not None
+            attempt.outcome = outcome
+    _event(
+        "callback.outcome",
+        outcome=outcome,
+        seller_id=claimed.seller_id,
+        attempt=claimed.attempt_id,
+        upstream_error=error,
+    )
+    return outcome
+
+
+def _user_id(tokens: TokenSet) -> int | None:
+    if tokens.user_id is not None:
+        return tokens.user_id
+    # Access tokens end in `-{user_id}`: a reply without user_id still names the account.
+    tail = tokens.access_token.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+async def _store_tokens(
+    rt: Runtime, claimed: _Claimed, tokens: TokenSet, sent_at: datetime
+) -> Outcome:
+    user_id = _user_id(tokens)
+    if user_id is None or tokens.refresh_token is None:
+        return Outcome.EXCHANGE_FAILED
+    live_mode = tokens.live_mode if tokens.live_mode is not None else not claimed.test
+    for _ in range(3):
+        try:
+            async with transaction(rt.sessions) as session:
+                return await _upsert_seller(
+                    rt, session, claimed, tokens, user_id, live_mode, sent_at
+                )
+        except IntegrityError:
+            continue  # two first links of one seller raced on the insert; the loser re-reads
+    raise RuntimeError("could not store the seller's tokens")
+
+
+async def _upsert_seller(
+    rt: Runtime,
+    session: AsyncSession,
+    claimed: _Claimed,
+    tokens: TokenSet,
+    user_id: int,
+    live_mode: bool,
+    sent_at: datetime,
+) -> Outcome:
+    now = rt.clock()
+    seller = await session.get(Seller, claimed.seller_id, with_for_update=True)
+    outcome = Outcome.LINKED
+    if seller is not None and seller.status != "unlinked":
+        if seller.mp_user_id != user_id and not rt.settings.broker_allow_account_change:
+            outcome = Outcome.ACCOUNT_MISMATCH
+        elif seller.live_mode != live_mode:
+            outcome = Outcome.LIVE_MODE_MISMATCH
+        else:
+            outcome = Outcome.RELINKED
+    elif seller is not None:
+        outcome = Outcome.RELINKED
+    attempt = await session.get(LinkAttempt, claimed.attempt_id)
+    assert attempt is not None
+    attempt.outcome, attempt.mp_user_id = outcome, user_id
+    if outcome not in SUCCESS:
+        return outcome  # the new tokens are dropped: they belong to an account we refused
+
+    if seller is None:
+        seller = Seller(seller_id=claimed.seller_id, version=0, linked_at=now)
+        session.add(seller)
+
+    def seal(column: str, value: str) -> str:
+        return rt.keyring.seal(
+            value, context("sellers", claimed.seller_id, column, claimed.client_id)
+        )
+
+    seller.client_id = claimed.client_id
+    seller.mp_user_id = user_id
+    seller.status, seller.status_reason = "linked", None
+    seller.access_token = seal("access_token", tokens.access_token)
+    assert tokens.refresh_token is not None  # checked by _store_tokens
+    seller.refresh_token = seal("refresh_token", tokens.refresh_token)
+    seller.scope, seller.public_key, seller.live_mode = tokens.scope, tokens.public_key, live_mode
+    seller.expires_at = sent_at + timedelta(seconds=tokens.expires_in)
+    seller.next_refresh_at = next_refresh_at(sent_at, tokens.expires_in, rt.settings)
+    seller.last_refreshed_at = None
+    seller.refresh_failures, seller.last_refresh_error = 0, None
+    seller.lease_owner = seller.lease_until = None
+    seller.version = (seller.version or 0) + 1
+    seller.linked_at = now
+    seller.updated_at = now
+    link = await session.get(Link, attempt.link_id_hash)
+    if link is not None:
+        link.completed_at = now  # a link links once; a forwarded copy is dead after that
+    audit.record(
+        session, now, "seller", f"seller.{outcome}", claimed.seller_id, f"mp_user_id={user_id}"
+    )
+    events.emit_for(session, rt.settings, now, f"seller.{outcome}", seller)
+    return outcome

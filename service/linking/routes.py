@@ -1,0 +1,122 @@
+"""The link flow's routes: an internal service asks for a link; the seller's browser opens it,
+then comes back from Mercado Pago."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Cookie, Header, Path, Query
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from service.core.errors import Forbidden, LiveModeMismatch, Unauthorized, responses
+from service.core.schemas import LinkStartRequest, LinkStartResponse
+from service.linking import flow as linking
+from service.linking import pages
+from service.serving import apikeys
+from service.serving.deps import ApiKeyDep, RuntimeDep
+
+router = APIRouter()  # internal services (API key)
+pages_router = APIRouter(tags=["seller pages"])  # the seller's browser
+
+
+@router.post(
+    "/link/start",
+    status_code=201,
+    tags=["linking"],
+    response_model=LinkStartResponse,
+    responses=responses(Unauthorized, Forbidden, LiveModeMismatch),
+)
+async def start_link(body: LinkStartRequest, rt: RuntimeDep, key: ApiKeyDep) -> LinkStartResponse:
+    """Create a link to send to a seller so they can connect their Mercado Pago account."""
+    apikeys.authorize(key, "links:write", body.seller_id)
+    link_url, expires_at = await linking.start_link(
+        rt, key, body.seller_id, body.return_url, body.test
+    )
+    return LinkStartResponse(link_url=link_url, expires_at=expires_at)
+
+
+COOKIE = "mpb_link"
+SECURE_COOKIE = "__Host-mpb_link"  # __Host-: Secure, no Domain, Path=/ — cannot be planted
+
+HTML: dict[str, Any] = {
+    "content": {
+        "text/html": {
+            "example": '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            "<title>Your account is linked</title></head><body><main><h1>Your account is "
+            "linked</h1><p>You can close this page.</p></main></body></html>"
+        }
+    }
+}
+
+
+def _binder(plain: str | None, secure: str | None, https: bool) -> str | None:
+    return secure if https else plain
+
+
+@pages_router.get(
+    "/link/{token}",
+    response_class=RedirectResponse,
+    response_model=None,
+    status_code=302,
+    responses={
+        **responses(),
+        302: {"description": "To Mercado Pago's consent page; sets the browser-binding cookie"},
+        404: {**HTML, "description": "An HTML page: unknown link"},
+        410: {**HTML, "description": "An HTML page: expired or used link"},
+    },
+)
+async def open_link(
+    token: Annotated[str, Path(max_length=64)],
+    rt: RuntimeDep,
+    accept_language: Annotated[str | None, Header(include_in_schema=False)] = None,
+    mpb_link: Annotated[str | None, Cookie(include_in_schema=False)] = None,
+    host_mpb_link: Annotated[
+        str | None, Cookie(alias=SECURE_COOKIE, include_in_schema=False)
+    ] = None,
+) -> RedirectResponse | HTMLResponse:
+    """The link a seller opens: binds this browser and sends it to Mercado Pago's consent page."""
+    https = rt.settings.secure_cookies
+    opened = await linking.open_link(rt, token, _binder(mpb_link, host_mpb_link, https))
+    if isinstance(opened, linking.CallbackResult):
+        return pages.page(opened.result, pages.language(accept_language))
+    url, binder = opened
+    response = RedirectResponse(url, status_code=302, headers=pages.SECURITY_HEADERS)
+    response.set_cookie(
+        SECURE_COOKIE if https else COOKIE,
+        binder,
+        max_age=rt.settings.broker_attempt_ttl_seconds,
+        path="/",
+        secure=https,
+        httponly=True,
+        samesite="lax",  # sent on Mercado Pago's top-level redirect back, not on cross-site posts
+    )
+    return response
+
+
+@pages_router.get(
+    "/oauth/callback",
+    response_class=HTMLResponse,
+    response_model=None,
+    responses={
+        **responses(),
+        200: {**HTML, "description": "An HTML page telling the seller how linking ended"},
+        303: {"description": "To the link's return_url with `status` and `seller_id` added"},
+        400: {**HTML, "description": "An HTML page: unknown, expired or malformed callback"},
+        403: {**HTML, "description": "An HTML page: finished in another browser"},
+    },
+)
+async def oauth_callback(
+    rt: RuntimeDep,
+    accept_language: Annotated[str | None, Header(include_in_schema=False)] = None,
+    state: Annotated[str | None, Query(max_length=512)] = None,
+    code: Annotated[str | None, Query(max_length=512)] = None,
+    error: Annotated[str | None, Query(max_length=256)] = None,
+    mpb_link: Annotated[str | None, Cookie(include_in_schema=False)] = None,
+    host_mpb_link: Annotated[
+        str | None, Cookie(alias=SECURE_COOKIE, include_in_schema=False)
+    ] = None,
+) -> HTMLResponse | RedirectResponse:
+    """Mercado Pago's redirect back: checks state and browser, exchanges the code, stores tokens."""
+    binder = _binder(mpb_link, host_mpb_link, rt.settings.secure_cookies)
+    result = await linking.handle_callback(rt, state, code, error, binder)
+    return pages.respond(result, pages.language(accept_language))

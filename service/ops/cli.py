@@ -1,0 +1,563 @@
+"""`broker`: the command line. `broker --help` and `broker <command> --help` say the rest."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+import uvicorn
+import uvloop
+from alembic import command
+from alembic.config import Config
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.core import db, logs
+from service.core.config import Settings, get_settings
+from service.core.crypto import generate_key_spec
+from service.core.db import transaction
+from service.core.runtime import load_keyring, utcnow
+from service.lifecycle import rekey
+from service.serving import apikeys
+
+ROOT = db.ROOT
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest Alembic revision (call outside a running event loop)."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "alembic"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+def _simulated(settings: Settings) -> Settings:
+    """Without Mercado Pago credentials (dev only: production refuses to start without them),
+    the settings that point at the built-in simulator. Imported here, not at the top: a
+    production command never loads the simulator."""
+    if not settings.uses_simulator:
+        return settings
+    from service.ops import demo
+
+    return demo.with_simulator(settings)
+
+
+class QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to its caller (several servers share one loop)."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
+    """How every broker server runs (bench/ serves its bare baseline app the same way)."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        # No access log: the callback's query string holds an authorization code and a state.
+        access_log=False,
+        # uvicorn would believe X-Forwarded-For from any loopback peer; the broker reads it
+        # itself, only from BROKER_TRUSTED_PROXIES (service/serving/limits.py).
+        proxy_headers=False,
+        # libuv's event loop and the C HTTP parser: the hot path's per-request cost halves.
+        loop="uvloop",
+        http="httptools",
+    )
+
+
+async def _serve(settings: Settings, url: str, simulated: bool) -> None:
+    from service.main import create_app
+
+    host = settings.broker_host
+    servers = [
+        QuietServer(
+            uvicorn_config(create_app(settings, database_url=url), host, settings.broker_port)
+        )
+    ]
+    if simulated:
+        from service.ops import demo
+        from service.simulator import create_simulator_app
+
+        sim_app = create_simulator_app(demo.simulator_config(settings))
+        servers.append(QuietServer(uvicorn_config(sim_app, host, settings.broker_simulator_port)))
+
+    def stop() -> None:
+        # SIGTERM/SIGINT: stop accepting, let in-flight requests and exchanges finish.
+        for server in servers:
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    await asyncio.gather(*(server.serve() for server in servers))
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
+    from service.ops import demo  # the all-in-one dev command; production runs `broker serve`
+
+    simulated = settings.uses_simulator
+    settings = _simulated(settings)
+    if not settings.production:
+        # The all-in-one dev command refreshes too; production runs `broker refresher`.
+        settings = settings.model_copy(update={"broker_serve_refresher": True})
+    url = db.database_url(settings)
+    migrate(url)
+    if not settings.production:
+        key = asyncio.run(_dev_key(settings, url))
+        print(demo.banner(settings, key, simulated), flush=True)
+    asyncio.run(_serve(settings, url, simulated))
+
+
+async def _dev_key(settings: Settings, url: str) -> str:
+    from service.ops import demo
+
+    async with _sessions(settings, url) as sessions:
+        return await demo.dev_api_key(sessions, settings.broker_data_dir)
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    settings = _simulated(settings)  # expects `broker simulator` alongside
+    url = db.database_url(settings)
+    asyncio.run(_serve(settings, url, simulated=False))
+
+
+async def _refresher(settings: Settings, url: str) -> None:
+    from service.core.runtime import Runtime
+    from service.lifecycle import events
+    from service.ops import observe
+    from service.refresh.engine import Refresher
+
+    runtime = await Runtime.build(settings, url, application_name="broker-refresher")
+    refresher = Refresher(runtime)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if settings.broker_refresher_metrics_port:
+        # This process has no API: its counters get a /metrics server of their own.
+        prometheus_client.start_http_server(
+            settings.broker_refresher_metrics_port, settings.broker_host
+        )
+    health = observe.Health(settings.broker_readiness_grace_seconds)
+    try:
+        await asyncio.gather(
+            refresher.run(stop),
+            events.Dispatcher(runtime).run(stop),
+            observe.watch(health, runtime, stop),
+        )
+    finally:
+        await runtime.drain()  # refreshes in flight store their pairs
+        await refresher.release_leases()  # a replacement picks up the rest at once
+        await runtime.close()
+
+
+async def _pause_switch(settings: Settings, action: str, reason: str | None) -> None:
+    from service.refresh import breaker
+
+    async with _sessions(settings) as sessions:
+        if action == "pause":
+            done = await breaker.pause(sessions, utcnow(), "cli", reason)
+            print(
+                "paused: no process refreshes until `broker refresher resume`"
+                if done
+                else "already paused"
+            )
+        elif action == "resume":
+            done = await breaker.resume(sessions)
+            print("resumed: due sellers are refreshed again" if done else "was not paused")
+        else:
+            async with sessions() as session:
+                pause = await breaker.current_pause(session)
+            print(
+                f"paused since {pause.paused_at:%Y-%m-%d %H:%M:%S}Z by {pause.paused_by}"
+                f" ({pause.reason or 'no reason given'})"
+                if pause
+                else "running"
+            )
+
+
+def cmd_refresher(settings: Settings, args: argparse.Namespace) -> None:
+    if args.action != "run":
+        asyncio.run(_pause_switch(settings, args.action, args.reason))
+        return
+    settings = _simulated(settings)
+    asyncio.run(_refresher(settings, db.database_url(settings)))
+
+
+async def _events(settings: Settings, args: argparse.Namespace) -> None:
+    from service.lifecycle import events
+
+    async with _sessions(settings) as sessions:
+        if args.action == "replay":
+            if not args.event_ids and not args.all_failed:
+                sys.exit("name event ids, or --all-failed")
+            count = await events.replay(
+                sessions, settings, utcnow(), args.event_ids, args.all_failed
+            )
+            print(f"queued {count} delivery(ies) again")
+            return
+        async with sessions() as session:
+            rows = await events.list_events(session, args.failed, args.limit)
+    for event, delivery in rows:
+        state = (
+            f"{delivery.subscriber}:{delivery.state} x{delivery.attempts}"
+            f"{' ' + delivery.last_error if delivery.last_error else ''}"
+            if delivery
+            else "no subscriber"
+        )
+        print(
+            f"{event.created_at:%Y-%m-%d %H:%M:%S}\t{event.id}\t{event.type}\t"
+            f"{event.seller_id}@v{event.seller_version}\t{state}"
+        )
+
+
+def cmd_events(settings: Settings, args: argparse.Namespace) -> None:
+    asyncio.run(_events(settings, args))
+
+
+async def _sellers(settings: Settings, args: argparse.Namespace) -> None:
+    from service.core.models import Seller
+    from service.core.runtime import Runtime
+    from service.core.schemas import SellerStatus
+    from service.lifecycle import sellers
+
+    if args.action == "mark-restored":
+        async with _sessions(settings) as sessions:
+            marked = await sellers.mark_restored(
+                sessions,
+                load_keyring(settings),
+                utcnow(),
+                timedelta(minutes=args.spread_minutes),
+                report=_count_bar,
+            )
+        print(file=sys.stderr)
+        print(f"marked {marked} linked seller(s); each is re-validated soon")
+        return
+    if args.action == "unlink":
+        settings = _simulated(settings)
+        rt = await Runtime.build(settings, db.database_url(settings), application_name="broker-cli")
+        try:
+            done = await sellers.unlink(rt, args.seller_id, args.reason, actor="cli")
+        finally:
+            await rt.close()
+        print(f"unlinked {args.seller_id}" if done else f"no linked seller {args.seller_id!r}")
+        if not done:
+            sys.exit(1)
+        return
+    async with _sessions(settings) as sessions, sessions() as session:
+        if args.action == "show":
+            seller = await session.get(Seller, args.seller_id)
+            if seller is None:
+                sys.exit(f"no seller {args.seller_id!r}")
+            print(SellerStatus.of(seller).model_dump_json(indent=2))
+            return
+        query = sellers.page_query(None, args.status, args.expiring_before, None, args.limit)
+        found = list(await session.scalars(query))
+    for seller in found[: args.limit]:
+        print(
+            f"{seller.seller_id}\t{seller.status}"
+            f"{'(' + seller.status_reason + ')' if seller.status_reason else ''}\t"
+            f"expires {seller.expires_at:%Y-%m-%d %H:%M}Z\tv{seller.version}"
+        )
+    if len(found) > args.limit:
+        print(f"... more than {args.limit}; use --limit or GET /sellers with a cursor")
+
+
+def _count_bar(done: int, total: int) -> None:
+    _progress_bar(rekey.Progress(total=total, done=done))
+
+
+def cmd_sellers(settings: Settings, args: argparse.Namespace) -> None:
+    asyncio.run(_sellers(settings, args))
+
+
+async def _breakers(settings: Settings, close: bool, client_id: str | None) -> None:
+    from service.refresh import breaker
+
+    async with _sessions(settings) as sessions:
+        if close:
+            print(f"closed {await breaker.close(sessions, client_id)} breaker(s)")
+            return
+        async with sessions() as session:
+            rows = await breaker.open_breakers(session)
+    for row in rows:
+        print(f"{row.client_id}\topen\t{row.reason}\tsince {row.tripped_at:%Y-%m-%d %H:%M:%S}Z")
+    if not rows:
+        print("no open breaker: refreshing runs for every application")
+
+
+def cmd_breaker(settings: Settings, args: argparse.Namespace) -> None:
+    asyncio.run(_breakers(settings, args.action == "close", getattr(args, "client_id", None)))
+
+
+def _progress_bar(progress: rekey.Progress) -> None:
+    width = 30
+    filled = width * progress.done // max(progress.total, 1)
+    line = f"\r[{'#' * filled}{'.' * (width - filled)}] {progress.done}/{progress.total}"
+    if progress.skipped_leased:
+        line += f" ({progress.skipped_leased} under a refresh lease, for a later run)"
+    print(line, end="", file=sys.stderr, flush=True)
+
+
+async def _reencrypt(settings: Settings, batch_size: int) -> rekey.Progress:
+    keyring = load_keyring(settings)
+    async with _sessions(settings) as sessions:
+        return await rekey.reencrypt(sessions, keyring, utcnow, batch_size, _progress_bar)
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
+    if args.action == "generate":
+        print(generate_key_spec(args.key_id))
+        return
+    progress = asyncio.run(_reencrypt(settings, args.batch_size))
+    print(file=sys.stderr)
+    left = progress.total - progress.done
+    print(f"re-encrypted {progress.done} row(s) under the primary key; {left} left")
+    if left:
+        sys.exit(3)  # run again once the leased rows are free
+
+
+async def _audit(settings: Settings, args: argparse.Namespace) -> None:
+    from service.lifecycle import audit
+
+    async with _sessions(settings) as sessions:
+        if args.action == "prune":
+            events, attempts = await audit.prune(
+                sessions,
+                utcnow(),
+                settings.broker_audit_retention_days,
+                settings.broker_attempt_retention_days,
+            )
+            print(f"pruned {events} audit event(s), {attempts} link attempt(s)")
+            return
+        async with sessions() as session:
+            rows = await audit.query(session, args.seller, args.actor, None, args.limit)
+    for row in rows:
+        times = f" x{row.count}" if row.count > 1 else ""
+        print(
+            f"{row.at:%Y-%m-%d %H:%M:%S}\t{row.actor}\t{row.action}{times}\t"
+            f"{row.seller_id or '-'}\t{row.detail or ''}"
+        )
+
+
+def cmd_audit(settings: Settings, args: argparse.Namespace) -> None:
+    asyncio.run(_audit(settings, args))
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
+    migrate(db.database_url(settings))
+    print("schema is at head")
+
+
+def cmd_simulator(settings: Settings, args: argparse.Namespace) -> None:
+    if settings.production:
+        sys.exit("the simulator never runs in production mode")
+    from service.simulator import create_simulator_app
+
+    from service.ops import demo
+
+    settings = _simulated(settings)
+    app = create_simulator_app(demo.simulator_config(settings))
+    uvicorn.run(app, host=settings.broker_host, port=settings.broker_simulator_port)
+
+
+@asynccontextmanager
+async def _sessions(
+    settings: Settings, url: str | None = None
+) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """A small engine for one command (`url` when the caller already resolved the database)."""
+    engine = db.make_engine(url or db.database_url(settings), "broker-cli", pool_size=1)
+    try:
+        yield db.make_sessionmaker(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _api_keys(settings: Settings, args: argparse.Namespace) -> None:
+    lines = []
+    async with _sessions(settings) as sessions, transaction(sessions) as session:
+        if args.action == "create":
+            scopes = tuple(args.scopes.split(",")) if args.scopes else apikeys.SCOPES
+            _, secret = await apikeys.create(session, args.name, utcnow(), scopes, args.namespace)
+            lines.append(secret)
+        elif args.action == "revoke":
+            if not await apikeys.revoke(session, args.name, utcnow()):
+                sys.exit(f"no active key named {args.name!r}")
+            lines.append(f"revoked {args.name}")
+        else:
+            for key in await apikeys.list_keys(session):
+                state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+                granted = ",".join(key.scopes)
+                lines.append(
+                    f"{key.name}\tmpb_{key.prefix}_…\t{granted}\t{key.namespace or '*'}\t{state}"
+                )
+    print("\n".join(lines))  # after the commit: a printed key exists
+    if args.action == "create":
+        print("Store it now: only its digest is kept.", file=sys.stderr)
+
+
+def cmd_api_keys(settings: Settings, args: argparse.Namespace) -> None:
+    try:
+        asyncio.run(_api_keys(settings, args))
+    except ValueError as exc:
+        sys.exit(str(exc))
+
+
+def cmd_openapi(settings: Settings, args: argparse.Namespace) -> None:
+    from service.main import create_app
+
+    spec = json.dumps(create_app(settings).openapi(), indent=2, sort_keys=False) + "\n"
+    if args.output == "-":
+        sys.stdout.write(spec)
+    else:
+        Path(args.output).write_text(spec)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="broker", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("run", "dev"):
+        sub.add_parser(
+            name,
+            help="migrate, then serve API + refresher (the demo, on the built-in simulator and "
+            "embedded PostgreSQL, when no MP credentials are set)",
+        )
+    sub.add_parser("serve", help="serve the API")
+    sub.add_parser("migrate", help="apply the Alembic migrations")
+    sub.add_parser("simulator", help="run the Mercado Pago simulator (dev only)")
+    refresher = sub.add_parser(
+        "refresher", help="run the background refresher, or pause/resume it everywhere"
+    )
+    refresher.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=("run", "pause", "resume", "status"),
+        help="run (default): refresh due sellers and deliver events; pause/resume: the "
+        "global switch, obeyed by every process at its next claim; status: show it",
+    )
+    refresher.add_argument("--reason", help="why (with pause; shown by status)")
+    events_cmd = sub.add_parser("events", help="events to internal services").add_subparsers(
+        dest="action", required=True
+    )
+    listed = events_cmd.add_parser("list", help="newest events first, with delivery state")
+    listed.add_argument("--failed", action="store_true", help="only deliveries parked as failed")
+    listed.add_argument("--limit", type=int, default=50)
+    replay = events_cmd.add_parser("replay", help="deliver events again")
+    replay.add_argument("event_ids", nargs="*", help="events to send again to every subscriber")
+    replay.add_argument("--all-failed", action="store_true", help="every failed delivery")
+    sellers_cmd = sub.add_parser("sellers", help="linked sellers").add_subparsers(
+        dest="action", required=True
+    )
+    seller_list = sellers_cmd.add_parser("list", help="sellers in seller_id order")
+    seller_list.add_argument("--status", choices=("linked", "relink_required", "unlinked"))
+    seller_list.add_argument(
+        "--expiring-before", type=datetime.fromisoformat, help="ISO date, e.g. 2027-01-31"
+    )
+    seller_list.add_argument("--limit", type=int, default=100)
+    seller_show = sellers_cmd.add_parser("show", help="one seller's status (never a secret)")
+    seller_show.add_argument("seller_id")
+    seller_unlink = sellers_cmd.add_parser(
+        "unlink", help="destroy a seller's stored tokens (local: Mercado Pago has no revoke)"
+    )
+    seller_unlink.add_argument("seller_id")
+    seller_unlink.add_argument("--reason", default="unlinked_by_operator")
+    restored = sellers_cmd.add_parser(
+        "mark-restored",
+        help="after a database restore or a lagging failover: re-validate every refresh token "
+        "soon, so one Mercado Pago already rotated becomes relink_required (rotation_lost)",
+    )
+    restored.add_argument(
+        "--spread-minutes",
+        type=float,
+        default=60,
+        help="re-validate within this many minutes (spreads the load on Mercado Pago)",
+    )
+    audit_cmd = sub.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="action", required=True
+    )
+    show = audit_cmd.add_parser("list", help="newest events first")
+    show.add_argument("--seller")
+    show.add_argument("--actor")
+    show.add_argument("--limit", type=int, default=50)
+    audit_cmd.add_parser("prune", help="enforce the retention settings now")
+    keys_cmd = sub.add_parser("keys", help="encryption keys").add_subparsers(
+        dest="action", required=True
+    )
+    generate = keys_cmd.add_parser("generate", help="print a new key_id:key entry")
+    generate.add_argument("key_id")
+    reencrypt = keys_cmd.add_parser("reencrypt", help="reseal every value under the primary key")
+    reencrypt.add_argument("--batch-size", type=int, default=200)
+    breakers = sub.add_parser("breaker", help="per-application refresh breakers").add_subparsers(
+        dest="action", required=True
+    )
+    breakers.add_parser("list", help="show open breakers")
+    close = breakers.add_parser("close", help="resume refreshing (one application, or all)")
+    close.add_argument("client_id", nargs="?")
+    keys = sub.add_parser("api-keys", help="manage API keys").add_subparsers(
+        dest="action", required=True
+    )
+    create = keys.add_parser("create", help="create a key and print its secret once")
+    create.add_argument("name")
+    create.add_argument("--scopes", help=f"comma-separated, of {', '.join(apikeys.SCOPES)}")
+    create.add_argument("--namespace", help="limit the key to seller ids with this prefix")
+    keys.add_parser("list", help="list keys (never their secrets)")
+    revoke = keys.add_parser("revoke", help="revoke a key by name or prefix")
+    revoke.add_argument("name")
+    spec = sub.add_parser("openapi", help="write the OpenAPI document")
+    spec.add_argument("--output", default="openapi/openapi.json")
+    return p
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "dev": cmd_run,
+    "events": cmd_events,
+    "sellers": cmd_sellers,
+    "serve": cmd_serve,
+    "migrate": cmd_migrate,
+    "simulator": cmd_simulator,
+    "refresher": cmd_refresher,
+    "keys": cmd_keys,
+    "audit": cmd_audit,
+    "breaker": cmd_breaker,
+    "api-keys": cmd_api_keys,
+    "openapi": cmd_openapi,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    # libuv's event loop for every command (uvicorn's own `loop` option applies only to
+    # `uvicorn.run`, not to servers started inside our asyncio.run).
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        # Name the settings at fault; never print their values.
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        sys.exit(f"broker: invalid settings: {problems}")
+    logs.configure(
+        json_lines=settings.broker_log_format == "json"
+        or (settings.broker_log_format == "auto" and settings.production),
+        level=settings.broker_log_level,
+    )
+    COMMANDS[args.command](settings, args)
+
+
+if __name__ == "__main__":
+    main()

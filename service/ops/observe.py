@@ -1,0 +1,114 @@
+"""Request ids, HTTP metrics, and the health that `/readyz` reports.
+
+`Observe` is pure ASGI (no per-request task, no body buffering): it takes the caller's
+`X-Request-ID` (or makes one), puts it in every log line of the request and in the response,
+and counts the request by route template and status. It writes no log line per request: the
+hot path stays quiet at INFO.
+
+Readiness: a replica that lost its database can still serve tokens it holds in memory, so a
+short blip must not pull every replica out of the balancer at once. `broker_database_up` shows
+the blip; `/readyz` fails only once the database has been unreachable for longer than
+`BROKER_READINESS_GRACE_SECONDS`, or while the schema is behind the code, or during shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.core import db, logs, metrics
+from service.core.logs import request_id
+from service.core.runtime import Runtime
+
+log = logging.getLogger("broker.observe")
+
+REQUEST_ID_HEADER = b"x-request-id"
+# What we accept from a caller: short and printable, so it cannot forge log lines.
+VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+class Observe:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
+        rid = given if given and VALID_REQUEST_ID.match(given) else uuid.uuid4().hex.encode()
+        token = request_id.set(rid.decode())
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (REQUEST_ID_HEADER, rid)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            metrics.HTTP_REQUESTS.labels(template, str(status)).inc()
+            metrics.HTTP_SECONDS.labels(template).observe(time.perf_counter() - started)
+            request_id.reset(token)
+
+
+@dataclass
+class Health:
+    """What `/readyz` answers from; updated by `watch`, never by a request."""
+
+    grace_seconds: float
+    schema_at_head: bool = False
+    stopping: bool = False
+    database_ok_at: float = field(default_factory=time.monotonic)
+
+    def ready(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting_down"
+        if not self.schema_at_head:
+            return False, "schema_behind"
+        if time.monotonic() - self.database_ok_at > self.grace_seconds:
+            return False, "database_unreachable"
+        return True, "ok"
+
+
+async def watch(health: Health, rt: Runtime, stop: asyncio.Event) -> None:
+    """Checks the database every `BROKER_DB_CHECK_SECONDS`; refreshes the database gauges."""
+    settings = rt.settings
+    head = db.head_revision()
+    next_gauges = 0.0
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        up = False
+        try:
+            async with asyncio.timeout(settings.broker_db_check_seconds), rt.sessions() as session:
+                revision = await db.schema_revision(session)
+            health.schema_at_head = revision == head
+            health.database_ok_at = time.monotonic()
+            up = True
+        except Exception as exc:  # any failure to answer is "down", whatever its type
+            logs.event(log, "database.check_failed", {"error": type(exc).__name__}, 30)
+        metrics.DATABASE_UP.set(1 if up else 0)
+        if up and loop.time() >= next_gauges:
+            next_gauges = loop.time() + settings.broker_metrics_db_seconds
+            try:
+                async with rt.sessions() as session:
+                    await metrics.collect_database_gauges(
+                        session, rt.clock(), settings.broker_expiring_soon_days
+                    )
+            except Exception as exc:
+                logs.event(log, "metrics.collect_failed", {"error": type(exc).__name__}, 30)
+        metrics.READY.set(1 if health.ready()[0] else 0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.broker_db_check_seconds)

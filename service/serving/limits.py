@@ -1,0 +1,161 @@
+"""Early refusals: absurd requests, and callers that ask too often.
+
+`RequestLimits` is pure ASGI middleware (no per-request task or body buffering): it refuses
+oversized query strings (414), headers (431) and bodies (413) before any route runs, and rate
+limits the seller-facing pages (`GET /link/{id}`, `GET /oauth/callback`) per client address
+(429 + Retry-After). Internal callers (`POST /link/start` included) are rate limited per API
+key in the auth dependency, once the key is known, never per address: many of them may share
+one address (a NAT, a sidecar).
+
+Limits are per replica: each process keeps its own buckets (no shared state on the hot path).
+With N replicas behind a balancer, a caller gets up to N times the configured rate.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from service.core.config import Settings
+from service.core.errors import (
+    BodyTooLarge,
+    HeadersTooLarge,
+    RateLimited,
+    UriTooLong,
+    problem_response,
+)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SELLER_FACING = ("/link/", "/oauth/callback")  # the pages a seller's browser opens: GET only
+
+
+def seller_facing(scope: Scope) -> bool:
+    """`GET /link/{id}` and `GET /oauth/callback`; not the internal `POST /link/start`."""
+    return scope["method"] in ("GET", "HEAD") and scope["path"].startswith(SELLER_FACING)
+
+
+class Buckets:
+    """Token buckets per key: `rate` per second, bursts of `burst`; the least recent forgotten."""
+
+    def __init__(self, rate: float, burst: float, capacity: int = 100_000) -> None:
+        self.rate, self.burst, self.capacity = rate, burst, capacity
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """Take one; 0 when allowed, else the seconds until one is available."""
+        now = time.monotonic() if now is None else now
+        tokens, updated = self.buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - updated) * self.rate)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        self.buckets[key] = (tokens - 1 if tokens >= 1 else tokens, now)
+        if len(self.buckets) > self.capacity:
+            self.buckets.popitem(last=False)
+        return wait
+
+
+def client_address(
+    scope: Scope, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> str:
+    """The caller's address; `X-Forwarded-For` counts only when the peer is a trusted proxy.
+
+    Several header lines are one list, in the order received (RFC 9110 §5.3), so a proxy that
+    appends a line of its own adds to the right. Walk that list from the right, skipping
+    trusted proxies: the first untrusted hop is the client (anything further left could be
+    forged by it).
+    """
+    peer: str = (scope.get("client") or ("unknown", 0))[0]
+    chain: list[str] = []
+    for name, value in scope.get("headers", []):
+        if name == b"x-forwarded-for":
+            chain += value.decode("latin-1").split(",")
+    chain.append(peer)
+    for hop in reversed([h.strip() for h in chain]):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return str(hop) or "unknown"
+        if not any(address in net for net in trusted):
+            return str(hop)
+    return chain[0].strip()
+
+
+class RequestLimits:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.max_body = settings.broker_max_body_bytes
+        self.max_query = settings.broker_max_query_bytes
+        self.max_headers = settings.broker_max_header_bytes
+        self.trusted = [
+            ipaddress.ip_network(n, strict=False) for n in settings.broker_trusted_proxies
+        ]
+        per_minute = settings.broker_rate_limit_per_address_per_minute
+        self.addresses = Buckets(per_minute / 60, burst=per_minute)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            status, code, title, headers = refusal
+            await problem_response(status, code, title, title, headers)(scope, receive, send)
+            return
+        if scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)  # no body is read: nothing to count
+            return
+        await self._bounded(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> tuple[int, str, str, dict[str, str]] | None:
+        if len(scope.get("query_string", b"")) > self.max_query:
+            return UriTooLong.status, UriTooLong.code, UriTooLong.title, {}
+        headers = scope.get("headers", [])
+        if sum(len(n) + len(v) for n, v in headers) > self.max_headers:
+            return HeadersTooLarge.status, HeadersTooLarge.code, HeadersTooLarge.title, {}
+        for name, value in headers:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_body):
+                return BodyTooLarge.status, BodyTooLarge.code, BodyTooLarge.title, {}
+        if seller_facing(scope):
+            wait = self.addresses.take(client_address(scope, self.trusted))
+            if wait:
+                retry = {"Retry-After": str(math.ceil(wait))}
+                return 429, RateLimited.code, RateLimited.title, retry
+        return None
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Count a body sent without Content-Length (chunked) and answer 413 at the limit.
+
+        The app then sees the client gone, and whatever it tries to answer is dropped.
+        """
+        seen, refused = 0, False
+
+        async def bounded_receive() -> Message:
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request" and not refused:
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    refused = True
+                    too_large = problem_response(
+                        BodyTooLarge.status,
+                        BodyTooLarge.code,
+                        BodyTooLarge.title,
+                        BodyTooLarge.title,
+                    )
+                    await too_large(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, bounded_receive, guarded_send)

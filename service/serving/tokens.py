@@ -1,0 +1,205 @@
+"""Serving a seller's access token to internal callers, refreshing it on read when needed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import asyncpg
+from sqlalchemy import update
+from starlette.responses import Response
+
+from service.core import db
+from service.core.config import LEASE_MARGIN_SECONDS
+from service.core.crypto import context
+from service.core.db import transaction
+from service.core.domain import KeyView, SellerView
+from service.core.errors import InvalidRequest, RelinkRequired, SellerNotFound, UpstreamUnavailable
+from service.core.mercadopago import TokenCheck, TransientUpstreamError
+from service.core.models import Seller
+from service.core.runtime import Runtime
+from service.core.schemas import TokenResponse
+from service.lifecycle import audit, events
+from service.refresh.engine import Outcome, Refresher
+from service.serving import apikeys
+
+log = logging.getLogger("broker.tokens")
+
+# Response header set when the token served is valid but its seller needs attention.
+WARNING_HEADER = "Broker-Token-Warning"
+WARNING = WARNING_HEADER.lower().encode()
+NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]  # never cache a token
+POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class Served:
+    seller: SellerView
+    warning: str | None  # "refresh-failing" | "relink-required"
+
+
+# A token read: one primary-key lookup of the columns a view needs (plain asyncpg: the hot
+# path's one statement, prepared once per connection by asyncpg's statement cache).
+READ = (
+    "SELECT seller_id, client_id, version, status, status_reason, expires_at, refresh_failures,"
+    " last_refreshed_at, attempt_sent_at, lease_until, mp_user_id, live_mode, scope, access_token"
+    " FROM sellers WHERE seller_id = $1"
+)
+
+
+def view_of(rt: Runtime, seller: asyncpg.Record) -> SellerView:
+    """A seller row as token reads see it: the access token decrypted, the reply serialized."""
+    access_token = (
+        rt.keyring.open(
+            seller["access_token"],
+            context("sellers", seller["seller_id"], "access_token", seller["client_id"]),
+        )
+        if seller["access_token"] is not None
+        else None
+    )
+    body = (
+        TokenResponse(
+            access_token=access_token,
+            expires_at=seller["expires_at"],
+            mp_user_id=seller["mp_user_id"],
+            live_mode=seller["live_mode"],
+            scope=seller["scope"],
+        )
+        .model_dump_json()
+        .encode()
+        if access_token is not None
+        else b""
+    )
+    return SellerView(**{**dict(seller), "access_token": access_token, "body": body})
+
+
+async def _load(rt: Runtime, seller_id: str, fresh: bool = False) -> SellerView:
+    """The seller from the cache, or (`fresh`, or a miss) from PostgreSQL."""
+    view = None if fresh else rt.cache.seller(seller_id)
+    if view is None:
+        begun = rt.cache.begin()
+        async with db.direct(rt.direct) as connection:
+            seller = await connection.fetchrow(READ, seller_id)
+        if seller is None:
+            raise SellerNotFound(f"No linked seller {seller_id!r}.")
+        view = view_of(rt, seller)
+        rt.cache.store_seller(view, begun)
+    if view.status == "unlinked" or view.access_token is None:
+        raise SellerNotFound(f"No linked seller {seller_id!r}.")
+    return view
+
+
+def _warning(seller: SellerView) -> str | None:
+    if seller.status == "relink_required":
+        return "relink-required"
+    return "refresh-failing" if seller.refresh_failures else None
+
+
+async def serve(
+    rt: Runtime, refresher: Refresher, key: KeyView, seller_id: str, min_ttl: int
+) -> Response:
+    """A token read once the caller is known: the documented route and the fast path call it."""
+    apikeys.authorize(key, "tokens:read", seller_id)
+    if min_ttl > rt.settings.broker_min_ttl_max_seconds:
+        # Refused rather than lowered: the caller would believe it got what it asked for.
+        raise InvalidRequest(f"min_ttl is at most {rt.settings.broker_min_ttl_max_seconds}.")
+    served = await read_token(rt, refresher, seller_id, min_ttl)
+    rt.reads.add(key.name, seller_id, rt.clock())
+    # The body was serialized once, when the seller was loaded: no per-read encoding.
+    response = Response(served.seller.body, media_type="application/json")
+    response.raw_headers += NO_STORE
+    if served.warning:
+        response.raw_headers.append((WARNING, served.warning.encode()))
+    return response
+
+
+async def read_token(rt: Runtime, refresher: Refresher, seller_id: str, min_ttl: int) -> Served:
+    """The seller's token, refreshed first when less than `min_ttl` seconds remain."""
+    wanted = timedelta(seconds=max(min_ttl, 1))
+    first = await _load(rt, seller_id)
+    if first.expires_at - rt.clock() >= wanted:
+        return Served(first, _warning(first))  # the hot path: usually from memory
+    # Something to decide: from here on, only what PostgreSQL says now.
+    first = await _load(rt, seller_id, fresh=True)
+    seller = first
+    if first.status == "linked" and first.expires_at - rt.clock() < wanted:
+        outcome = await refresher.refresh(seller_id, on_read=True)
+        if outcome == Outcome.BUSY:
+            seller = await _wait_for_other_refresh(rt, first)
+        else:
+            seller = await _load(rt, seller_id, fresh=True)
+        now = rt.clock()
+        if (
+            seller.version != first.version
+            and seller.status == "linked"
+            and seller.expires_at > now
+        ):
+            return Served(seller, None)  # a fresh pair, even if it cannot meet min_ttl
+    now = rt.clock()
+    if seller.expires_at - now >= wanted:
+        return Served(seller, _warning(seller))
+    cooldown = timedelta(seconds=rt.settings.broker_on_read_cooldown_seconds)
+    refreshed_lately = (
+        seller.last_refreshed_at is not None and seller.last_refreshed_at > now - cooldown
+    )
+    if seller.status == "linked" and refreshed_lately and seller.expires_at > now:
+        return Served(seller, None)  # the pair another caller just got; no second refresh
+    if seller.status == "relink_required":
+        raise RelinkRequired(f"Send the seller a new link (reason: {seller.status_reason}).")
+    retry_after = cooldown.total_seconds()
+    if seller.attempt_sent_at is not None:
+        retry_after = (seller.attempt_sent_at + cooldown - now).total_seconds()
+    raise UpstreamUnavailable(
+        "The token cannot be refreshed right now.",
+        headers={"Retry-After": str(max(1, int(retry_after) + 1))},
+    )
+
+
+async def _wait_for_other_refresh(rt: Runtime, before: SellerView) -> SellerView:
+    """Another process holds the lease: wait (bounded) until it stores or lets go."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + rt.mercadopago.timeout + LEASE_MARGIN_SECONDS
+    while True:
+        seller = await _load(rt, before.seller_id, fresh=True)
+        lease_held = seller.lease_until is not None and seller.lease_until >= rt.clock()
+        if seller.version != before.version or not lease_held or loop.time() >= give_up:
+            return seller
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def report_invalid(rt: Runtime, seller_id: str) -> SellerView:
+    """A caller says Mercado Pago refused the token: check it, and mark the seller if revoked."""
+    seller = await _load(rt, seller_id, fresh=True)
+    access_token = seller.access_token
+    assert access_token is not None
+    try:
+        check = await rt.mercadopago.check_token(rt.settings.mp_api_url, access_token)
+    except TransientUpstreamError:
+        raise UpstreamUnavailable("Mercado Pago could not confirm the token now.") from None
+    if check != TokenCheck.REVOKED:
+        return seller  # it works, or a 403 (a scope, not a dead grant): nothing changes
+    async with transaction(rt.sessions) as session:
+        # Only the token we checked: a refresh that landed meanwhile made it moot.
+        marked = await session.execute(
+            update(Seller)
+            .where(Seller.seller_id == seller_id, Seller.version == seller.version)
+            .values(
+                status="relink_required",
+                status_reason="revoked",
+                next_refresh_at=None,
+                updated_at=rt.clock(),
+            )
+        )
+        if marked.rowcount:  # type: ignore[attr-defined]
+            audit.record(
+                session, rt.clock(), "system", "seller.relink_required", seller_id, "revoked"
+            )
+            marked_seller = await session.get(Seller, seller_id)
+            assert marked_seller is not None
+            events.emit_for(
+                session, rt.settings, rt.clock(), "seller.relink_required", marked_seller
+            )
+            log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
+    return await _load(rt, seller_id, fresh=True)
