@@ -364,9 +364,8 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
 def cmd_simulator(settings: Settings, args: argparse.Namespace) -> None:
     if settings.production:
         sys.exit("the simulator never runs in production mode")
-    from service.simulator import create_simulator_app
-
     from service.ops import demo
+    from service.simulator import create_simulator_app
 
     settings = _simulated(settings)
     app = create_simulator_app(demo.simulator_config(settings))
