@@ -48,6 +48,7 @@ from fastapi import FastAPI, Request, Response
 
 from service.core.config import Settings
 from service.core.crypto import Keyring, context
+from service.lifecycle.sellers import STORE_HEALTHY
 from tests.conftest import Loopback, Simulator, create_api_key, seed_sellers, settings_keyring
 from tests.processes import api_process, broker_process, enter_all, env_for, free_port
 
@@ -433,7 +434,7 @@ async def crash(
             assert await simulator.token_requests("refresh_token") == 0  # nothing left
         else:
             # The store: one autocommit statement (its commit at its end), or a COMMIT.
-            store = ("WITH stored AS", "COMMIT")
+            store = (STORE_HEALTHY.tag, "COMMIT")
             blocked_r = await waiter(sql, "broker-refresher", *store)
             blocked_a = await waiter(sql, "broker-api", *store)
             for blocked in (blocked_r, blocked_a):

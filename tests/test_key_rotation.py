@@ -13,7 +13,7 @@ from service.core.config import Settings
 from service.core.crypto import Keyring, SealError, context, generate_key_spec
 from service.core.db import transaction
 from service.core.models import Seller
-from service.lifecycle import rekey
+from service.lifecycle import rekey, sellers
 from tests.conftest import (
     Broker,
     FakeClock,
@@ -166,7 +166,7 @@ async def test_a_version_bump_between_reencryptions_read_and_write_is_never_writ
     await refresh_stores(sql, seller_id, fresh, version=1)  # lands before the write
 
     async with transaction(sessions) as session:
-        assert await rekey.reseal_seller(session, ring, read) is False
+        assert await sellers.reseal(session, ring, read) is False
     assert await open_pair(sql, Keyring.parse(NEW), seller_id) == fresh  # not the old pair
     assert await sql.fetchval("SELECT version FROM sellers WHERE seller_id = $1", seller_id) == 2
 

@@ -18,6 +18,7 @@ from service.core import metrics
 from service.core.config import LEASE_MARGIN_SECONDS
 from service.core.crypto import context
 from service.core.runtime import Runtime
+from service.lifecycle.sellers import STORE_HEALTHY
 from service.refresh.engine import Outcome, Refresher
 from service.serving.tokens import read_token
 from tests.conftest import (
@@ -228,10 +229,10 @@ async def test_a_store_whose_connection_is_killed_is_sent_again_until_it_lands(
             await simulator.release()  # Mercado Pago has rotated: the new pair exists only here
             query = (
                 "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND ltrim(query, E' \\n') LIKE 'WITH stored AS%'"
+                "AND starts_with(query, $1)"
             )
             for _ in range(200):  # bounded: until the store waits on the row
-                if pid := await sql.fetchval(query):
+                if pid := await sql.fetchval(query, STORE_HEALTHY.tag):
                     break
                 await asyncio.sleep(0.025)
             assert pid, "the store never waited on the held row"

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from service.lifecycle.events import expiring_query
-from service.refresh.engine import CLAIM_DUE
+from service.refresh.sql import CLAIM_DUE
 from service.serving.tokens import READ
 from tests.conftest import CLIENT_ID, Broker
 
@@ -40,10 +40,16 @@ async def test_due_work_and_token_reads_use_indexes_with_a_million_sellers(
     )
     await sql.execute("ANALYZE sellers")
     now = datetime.now(UTC)
-    # The claim as the refresher sends it ($1 owner, $2 lease_until, $3 now, $4 client,
-    # $5 late-reply grace, $6 n).
-    claim = (CLAIM_DUE, "bench-owner", now + timedelta(minutes=1), now, CLIENT_ID, 60.0, 50)
-    due_plan = await plan(sql, *claim)
+    # The claim as the refresher sends it.
+    claim = CLAIM_DUE.args(
+        owner="bench-owner",
+        lease_until=now + timedelta(minutes=1),
+        now=now,
+        client_id=CLIENT_ID,
+        grace=timedelta(seconds=60),
+        limit=50,
+    )
+    due_plan = await plan(sql, CLAIM_DUE.sql, *claim)
     assert "ix_sellers_next_refresh_at_linked" in due_plan, due_plan
     assert "Seq Scan on sellers" not in due_plan, due_plan
 
@@ -57,7 +63,7 @@ async def test_due_work_and_token_reads_use_indexes_with_a_million_sellers(
     assert "ix_sellers_expires_at_at_risk" in expiring_plan, expiring_plan
     assert "Seq Scan on sellers" not in expiring_plan, expiring_plan
 
-    for read in ((READ, "seller-0500000"), ("SELECT * FROM sellers WHERE seller_id = $1", "x")):
+    for read in ((READ.sql, "seller-0500000"), ("SELECT * FROM sellers WHERE seller_id = $1", "x")):
         read_plan = await plan(sql, *read)  # the token read, and what session.get runs
         assert "pk_sellers" in read_plan, read_plan
         assert "Seq Scan" not in read_plan, read_plan

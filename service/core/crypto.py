@@ -6,16 +6,26 @@ The associated data is the envelope header plus a context naming the row, column
 application (`sellers|<seller_id>|refresh_token|<client_id>`), so a ciphertext copied to
 another row, column or application fails to open. The first key of the keyring seals; every
 key opens, which lets a new key roll out as a secondary before it is promoted.
+
+The broker seals and opens table columns only through `seal_column` / `open_column`, which
+derive the context from the mapped column itself (its table and name; the column must be
+declared `info={"sealed": True}` in `models.py`): no call site spells a context, so none can
+misspell one and leave a row that never opens again.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import QueryableAttribute
 
 FORMAT = "v1"
 
@@ -34,6 +44,18 @@ def _unb64(text: str) -> bytes:
 
 def context(table: str, row_id: str, column: str, client_id: str) -> str:
     return f"{table}|{row_id}|{column}|{client_id}"
+
+
+def column_context(column: QueryableAttribute[Any], row_id: str, client_id: str) -> str:
+    """The context of a value in `column` of row `row_id`, sealed for application `client_id`."""
+    if not column.info.get("sealed"):
+        raise ValueError(f"{column} is not a sealed column")
+    return context(column.class_.__tablename__, row_id, column.key, client_id)
+
+
+def fingerprint(secret: str) -> str:
+    """A short digest that tells two secrets apart without revealing either (refresh attempts)."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
 
 def generate_key_spec(key_id: str) -> str:
@@ -70,6 +92,23 @@ class Keyring:
         aad = f"{header}|{ctx}".encode()
         sealed = self.keys[self.primary].encrypt(nonce, plaintext.encode(), aad)
         return f"{header}.{_b64(nonce)}.{_b64(sealed)}"
+
+    def seal_column(
+        self, column: QueryableAttribute[Any], row_id: str, client_id: str, plaintext: str
+    ) -> str:
+        return self.seal(plaintext, column_context(column, row_id, client_id))
+
+    def open_column(
+        self, column: QueryableAttribute[Any], row_id: str, client_id: str, envelope: str
+    ) -> str:
+        return self.open(envelope, column_context(column, row_id, client_id))
+
+    def reseal_column(
+        self, column: QueryableAttribute[Any], row_id: str, client_id: str, envelope: str
+    ) -> str:
+        """The same value sealed under the primary key (key rotation)."""
+        ctx = column_context(column, row_id, client_id)
+        return self.seal(self.open(envelope, ctx), ctx)
 
     def open(self, envelope: str, ctx: str) -> str:
         try:

@@ -14,6 +14,7 @@ from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.core.domain import DeliveryState, Status
 from service.core.models import AppBreaker, Event, EventDelivery, RefreshPause, Seller
 
 # The *_created series would double the exposition for nothing the dashboard uses.
@@ -76,14 +77,14 @@ OUTBOX_FAILED = Gauge("broker_outbox_failed", "Event deliveries parked as failed
 BREAKERS_OPEN = Gauge("broker_breakers_open", "Applications whose refresh breaker is open.")
 REFRESH_PAUSED = Gauge("broker_refresh_paused", "1 while an operator paused all refreshing.")
 
-STATUSES = ("linked", "relink_required", "unlinked")
+STATUSES = tuple(Status)
 
 
 async def collect_database_gauges(
     session: AsyncSession, now: datetime, at_risk_days: float
 ) -> None:
     """The gauges about stored state: a handful of aggregate queries, run periodically."""
-    linked = Seller.status == "linked"
+    linked = Seller.status == Status.LINKED
     horizon = now + timedelta(days=at_risk_days)
     counts = (
         await session.execute(
@@ -93,15 +94,15 @@ async def collect_database_gauges(
                 func.count().filter(linked, Seller.expires_at < now + timedelta(days=7)),
                 func.count().filter(linked, Seller.expires_at < now + timedelta(days=30)),
                 func.count().filter(
-                    Seller.status != "unlinked",
+                    Seller.status != Status.UNLINKED,
                     Seller.expires_at > now,
                     Seller.expires_at < horizon,
-                    (Seller.status == "relink_required") | (Seller.refresh_failures > 0),
+                    (Seller.status == Status.RELINK_REQUIRED) | (Seller.refresh_failures > 0),
                 ),
             ).group_by(Seller.status)
         )
     ).all()
-    by_status = dict.fromkeys(STATUSES, 0)
+    by_status: dict[str, int] = dict.fromkeys(STATUSES, 0)
     within_7 = within_30 = at_risk = 0
     for status, total, seven, thirty, risky in counts:
         by_status[status] = total
@@ -121,13 +122,16 @@ async def collect_database_gauges(
             select(func.count(), func.min(Event.created_at))
             .select_from(EventDelivery)
             .join(Event, Event.id == EventDelivery.event_id)
-            .where(EventDelivery.state == "pending")
+            .where(EventDelivery.state == DeliveryState.PENDING)
         )
     ).one()
     OUTBOX_BACKLOG.set(pending)
     OUTBOX_OLDEST.set(max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
     OUTBOX_FAILED.set(
-        await session.scalar(select(func.count()).where(EventDelivery.state == "failed")) or 0
+        await session.scalar(
+            select(func.count()).where(EventDelivery.state == DeliveryState.FAILED)
+        )
+        or 0
     )
     BREAKERS_OPEN.set(await session.scalar(select(func.count()).select_from(AppBreaker)) or 0)
     paused = await session.scalar(select(func.count()).select_from(RefreshPause))

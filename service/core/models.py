@@ -19,6 +19,8 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 Timestamp = TIMESTAMP(timezone=True)
+# A column holding a sealed value (service/core/crypto.py derives its context from the column).
+SEALED = {"sealed": True}
 
 
 class Base(DeclarativeBase):
@@ -78,7 +80,7 @@ class LinkAttempt(Base):
     client_id: Mapped[str] = mapped_column(String(64))
     state_hash: Mapped[str] = mapped_column(String(64), unique=True)
     binder_hash: Mapped[str] = mapped_column(String(64))
-    code_verifier: Mapped[str | None] = mapped_column(Text)  # sealed
+    code_verifier: Mapped[str | None] = mapped_column(Text, info=SEALED)
     challenge_method: Mapped[str | None] = mapped_column(String(8))
     test: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(Timestamp)
@@ -98,8 +100,8 @@ class Seller(Base):
     mp_user_id: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(20))  # linked | relink_required | unlinked
     status_reason: Mapped[str | None] = mapped_column(String(64))
-    access_token: Mapped[str | None] = mapped_column(Text)  # sealed
-    refresh_token: Mapped[str | None] = mapped_column(Text)  # sealed
+    access_token: Mapped[str | None] = mapped_column(Text, info=SEALED)
+    refresh_token: Mapped[str | None] = mapped_column(Text, info=SEALED)
     scope: Mapped[str | None] = mapped_column(Text)
     public_key: Mapped[str | None] = mapped_column(Text)
     live_mode: Mapped[bool] = mapped_column(Boolean)

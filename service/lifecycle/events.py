@@ -35,20 +35,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.core import logs, metrics
 from service.core.config import Settings, Subscriber
 from service.core.db import transaction
+from service.core.domain import DeliveryState, EventType
 from service.core.models import Event, EventDelivery, Seller
 from service.core.runtime import Runtime
 
 log = logging.getLogger("broker.events")
 
-TYPES = (
-    "seller.linked",
-    "seller.relinked",
-    "seller.relink_required",
-    "seller.unlinked",
-    "seller.recovered",
-    "seller.expiring_soon",
-    "token.refresh_failed",
-)
+
 SIGNATURE_HEADER = "Broker-Signature"
 CLAIM_SECONDS = 60  # a claimed delivery is someone's for this long (longer than one POST)
 
@@ -57,13 +50,12 @@ def emit(
     session: AsyncSession,
     settings: Settings,
     now: datetime,
-    type_: str,
+    type_: EventType,
     seller_id: str,
     seller_version: int,
     **data: object,
 ) -> None:
     """Add an event to the caller's unit of work: it commits, or not, with the change."""
-    assert type_ in TYPES, type_
     event_id = str(uuid.uuid4())
     fields = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in data.items()}
     session.add(
@@ -82,7 +74,7 @@ def emit(
             EventDelivery(
                 event_id=event_id,
                 subscriber=subscriber.name,
-                state="pending",
+                state=DeliveryState.PENDING,
                 attempts=0,
                 next_attempt_at=now,
                 give_up_at=give_up_at,
@@ -92,7 +84,7 @@ def emit(
 
 
 def emit_for(
-    session: AsyncSession, settings: Settings, now: datetime, type_: str, seller: Seller
+    session: AsyncSession, settings: Settings, now: datetime, type_: EventType, seller: Seller
 ) -> None:
     """`emit` with what a receiver needs to know about the seller's state (never a token)."""
     emit(
@@ -196,7 +188,7 @@ class Dispatcher:
                     select(EventDelivery, Event)
                     .join(Event, Event.id == EventDelivery.event_id)
                     .where(
-                        EventDelivery.state == "pending",
+                        EventDelivery.state == DeliveryState.PENDING,
                         EventDelivery.next_attempt_at <= now,
                         EventDelivery.subscriber.in_(list(self.subscribers)),
                     )
@@ -247,12 +239,13 @@ class Dispatcher:
         now = self.clock()
         attempts = due.attempts + 1
         values: dict[str, Any] = {"attempts": attempts, "last_error": error}
+        outcome: str  # a DeliveryState, or "retry" (still pending)
         if error is None:
-            values |= {"state": "delivered", "delivered_at": now}
-            outcome = "delivered"
+            values |= {"state": DeliveryState.DELIVERED, "delivered_at": now}
+            outcome = DeliveryState.DELIVERED
         elif now >= due.give_up_at:
-            values |= {"state": "failed"}
-            outcome = "failed"
+            values |= {"state": DeliveryState.FAILED}
+            outcome = DeliveryState.FAILED
         else:
             values |= {"next_attempt_at": now + backoff(attempts, self.settings)}
             outcome = "retry"
@@ -262,12 +255,12 @@ class Dispatcher:
                 .where(
                     EventDelivery.event_id == due.event.id,
                     EventDelivery.subscriber == due.subscriber.name,
-                    EventDelivery.state == "pending",
+                    EventDelivery.state == DeliveryState.PENDING,
                 )
                 .values(**values)
             )
         metrics.EVENT_DELIVERIES.labels(due.subscriber.name, outcome).inc()
-        if outcome != "delivered":
+        if outcome != DeliveryState.DELIVERED:
             logs.event(
                 log,
                 f"event.{outcome}",
@@ -313,7 +306,7 @@ async def notify_expiring(
         sellers = list(await session.scalars(expiring_query(now, horizon)))
         for seller in sellers:
             seller.expiring_notified_version = seller.version
-            emit_for(session, settings, now, "seller.expiring_soon", seller)
+            emit_for(session, settings, now, EventType.EXPIRING_SOON, seller)
     return len(sellers)
 
 
@@ -327,7 +320,7 @@ async def list_events(
         .limit(limit)
     )
     if failed_only:
-        query = query.where(EventDelivery.state == "failed")
+        query = query.where(EventDelivery.state == DeliveryState.FAILED)
     return [(event, delivery) for event, delivery in (await session.execute(query)).all()]
 
 
@@ -339,7 +332,7 @@ async def replay(
     all_failed: bool = False,
 ) -> int:
     """Put failed deliveries (these events', or all) back in the queue with a fresh period."""
-    condition = EventDelivery.state == "failed"
+    condition = EventDelivery.state == DeliveryState.FAILED
     if not all_failed:
         # A named event is sent again to every subscriber, even one it already reached.
         condition = EventDelivery.event_id.in_(list(event_ids))
@@ -348,7 +341,7 @@ async def replay(
             update(EventDelivery)
             .where(condition)
             .values(
-                state="pending",
+                state=DeliveryState.PENDING,
                 attempts=0,
                 next_attempt_at=now,
                 give_up_at=now + timedelta(hours=settings.broker_event_retry_hours),

@@ -14,14 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, func, not_, or_, select, update
+from sqlalchemy import and_, func, not_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
-from service.core.crypto import Keyring, context
+from service.core.crypto import Keyring
 from service.core.db import transaction
 from service.core.models import LinkAttempt, Seller
+from service.lifecycle import sellers
 
 
 @dataclass
@@ -86,7 +87,7 @@ async def reencrypt(
                 if seller.lease_until is not None and seller.lease_until >= now():
                     progress.skipped_leased += 1
                     continue
-                await reseal_seller(session, keyring, seller)
+                await sellers.reseal(session, keyring, seller)
                 progress.done += 1
         if report:
             report(progress)
@@ -106,32 +107,16 @@ async def reencrypt(
             )
             for attempt in attempts:
                 after = attempt.id
-                assert attempt.code_verifier is not None
-                ctx = context("link_attempts", attempt.id, "code_verifier", attempt.client_id)
-                attempt.code_verifier = keyring.seal(keyring.open(attempt.code_verifier, ctx), ctx)
+                if attempt.code_verifier is not None:  # the query picks only sealed ones
+                    attempt.code_verifier = keyring.reseal_column(
+                        LinkAttempt.code_verifier,
+                        attempt.id,
+                        attempt.client_id,
+                        attempt.code_verifier,
+                    )
                 progress.done += 1
         if report:
             report(progress)
         if len(attempts) < batch_size:
             break
     return progress
-
-
-async def reseal_seller(session: AsyncSession, keyring: Keyring, seller: Seller) -> bool:
-    """Reseal the pair read in `seller`; False (nothing written) if the row's `version` moved
-    since that read. `reencrypt` reads under a row lock, so the guard is its second line: it
-    holds even for a caller (or a future change) that reads without one."""
-    values = {}
-    for column in ("access_token", "refresh_token"):
-        sealed = getattr(seller, column)
-        if sealed is not None:
-            ctx = context("sellers", seller.seller_id, column, seller.client_id)
-            values[column] = keyring.seal(keyring.open(sealed, ctx), ctx)
-    # Guarded on the version read, and the version is left alone: this is not a rotation.
-    written = await session.execute(
-        update(Seller)
-        .where(Seller.seller_id == seller.seller_id, Seller.version == seller.version)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    return int(written.rowcount) == 1  # type: ignore[attr-defined]

@@ -4,10 +4,11 @@ Pago's own notifications."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Response
 
+from service.core.domain import Reason, StatusName
 from service.core.errors import (
     Forbidden,
     InvalidSignature,
@@ -35,7 +36,7 @@ notifications_router = APIRouter(tags=["webhooks"])  # Mercado Pago itself
 async def list_sellers(
     rt: RuntimeDep,
     key: ApiKeyDep,
-    status: Annotated[Literal["linked", "relink_required", "unlinked"] | None, Query()] = None,
+    status: Annotated[StatusName | None, Query()] = None,
     expiring_before: Annotated[datetime | None, Query()] = None,
     cursor: Annotated[str | None, Query(max_length=SELLER_ID_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
@@ -61,7 +62,7 @@ async def list_sellers(
 async def get_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
     """Show a seller's link status, token expiry and last refresh; never a secret."""
     apikeys.authorize(key, "sellers:admin", seller_id)
-    return await sellers.status(rt, seller_id)
+    return await sellers.status(rt.sessions, seller_id)
 
 
 @router.get(
@@ -98,8 +99,10 @@ async def read_audit(
 async def unlink_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
     """Unlink a seller: destroy its stored tokens, keep the row (as `unlinked`) for its history."""
     apikeys.authorize(key, "sellers:admin", seller_id)
-    await sellers.unlink(rt, seller_id, "unlinked_by_platform", actor=key.name)
-    return await sellers.status(rt, seller_id)
+    await sellers.unlink(
+        rt.sessions, rt.settings, rt.clock(), seller_id, Reason.UNLINKED_BY_PLATFORM, actor=key.name
+    )
+    return await sellers.status(rt.sessions, seller_id)
 
 
 @notifications_router.post(

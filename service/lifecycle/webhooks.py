@@ -23,8 +23,8 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from service.core.crypto import context
 from service.core.db import transaction
+from service.core.domain import Reason, Status
 from service.core.mercadopago import TokenCheck
 from service.core.models import Seller, WebhookReceipt
 from service.core.runtime import Runtime
@@ -171,16 +171,16 @@ async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Hand
                 select(Seller).where(
                     Seller.mp_user_id == user_id,
                     Seller.client_id == rt.oauth.client_id,
-                    Seller.status != "unlinked",
+                    Seller.status != Status.UNLINKED,
                 )
             )
         )
     unlinked = unconfirmed = 0
     for seller in sellers:
-        assert seller.access_token is not None
-        token = rt.keyring.open(
-            seller.access_token,
-            context("sellers", seller.seller_id, "access_token", seller.client_id),
+        if seller.access_token is None:  # never so for a seller not unlinked
+            continue
+        token = rt.keyring.open_column(
+            Seller.access_token, seller.seller_id, seller.client_id, seller.access_token
         )
         check = await rt.mercadopago.check_token(rt.settings.mp_api_url, token)
         if check == TokenCheck.WORKS:
@@ -192,7 +192,14 @@ async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Hand
                 extra={"fields": {"seller_id": seller.seller_id, "upstream_status": 403}},
             )
             continue
-        if await unlink(rt, seller.seller_id, "deauthorized", expected_version=seller.version):
+        if await unlink(
+            rt.sessions,
+            rt.settings,
+            rt.clock(),
+            seller.seller_id,
+            Reason.DEAUTHORIZED,
+            expected_version=seller.version,
+        ):
             unlinked += 1
     log.warning(
         "webhook.deauthorized", extra={"fields": {"mp_user_id": user_id, "unlinked": unlinked}}

@@ -19,9 +19,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.core import logs, metrics
-from service.core.crypto import context
 from service.core.db import transaction
-from service.core.domain import KeyView
+from service.core.domain import KeyView, Status
 from service.core.errors import InvalidRequest, LiveModeMismatch
 from service.core.mercadopago import (
     MercadoPagoError,
@@ -30,9 +29,9 @@ from service.core.mercadopago import (
 )
 from service.core.models import Link, LinkAttempt, Seller
 from service.core.runtime import Runtime
-from service.lifecycle import audit, events
+from service.lifecycle import audit
+from service.lifecycle.sellers import Pair, sealed_pair, store_linked
 from service.linking import pkce
-from service.refresh.policy import next_refresh_at
 
 log = logging.getLogger("broker.linking")
 
@@ -133,7 +132,7 @@ async def start_link(
     expires_at = now + timedelta(seconds=rt.settings.broker_link_ttl_seconds)
     async with transaction(rt.sessions) as session:
         seller = await session.get(Seller, seller_id)
-        if seller is not None and seller.status != "unlinked" and seller.live_mode == test:
+        if seller is not None and seller.status != Status.UNLINKED and seller.live_mode == test:
             held = "live" if seller.live_mode else "sandbox"
             raise LiveModeMismatch(f"This seller holds {held} credentials; unlink them first.")
         session.add(
@@ -188,8 +187,8 @@ async def open_link(
                 client_id=link.client_id,
                 state_hash=pkce.digest(state),
                 binder_hash=pkce.digest(binder),
-                code_verifier=rt.keyring.seal(
-                    verifier, context("link_attempts", attempt_id, "code_verifier", link.client_id)
+                code_verifier=rt.keyring.seal_column(
+                    LinkAttempt.code_verifier, attempt_id, link.client_id, verifier
                 )
                 if method
                 else None,
@@ -280,9 +279,8 @@ async def _claim_attempt(
         attempt.consumed_at = now
         attempt.outcome = Outcome.DENIED if denied else Outcome.EXCHANGING
         verifier = (
-            rt.keyring.open(
-                attempt.code_verifier,
-                context("link_attempts", attempt.id, "code_verifier", attempt.client_id),
+            rt.keyring.open_column(
+                LinkAttempt.code_verifier, attempt.id, attempt.client_id, attempt.code_verifier
             )
             if attempt.code_verifier
             else None
@@ -336,33 +334,34 @@ async def _store_tokens(
     rt: Runtime, claimed: _Claimed, tokens: TokenSet, sent_at: datetime
 ) -> Outcome:
     user_id = _user_id(tokens)
-    if user_id is None or tokens.refresh_token is None:
+    pair = sealed_pair(
+        rt.keyring, rt.settings, claimed.seller_id, claimed.client_id, tokens, sent_at
+    )
+    if user_id is None or pair.refresh_token is None:
         return Outcome.EXCHANGE_FAILED
-    live_mode = tokens.live_mode if tokens.live_mode is not None else not claimed.test
+    live_mode = pair.live_mode if pair.live_mode is not None else not claimed.test
     for _ in range(3):
         try:
             async with transaction(rt.sessions) as session:
-                return await _upsert_seller(
-                    rt, session, claimed, tokens, user_id, live_mode, sent_at
-                )
+                return await _store_linked(rt, session, claimed, pair, user_id, live_mode)
         except IntegrityError:
             continue  # two first links of one seller raced on the insert; the loser re-reads
     raise RuntimeError("could not store the seller's tokens")
 
 
-async def _upsert_seller(
+async def _store_linked(
     rt: Runtime,
     session: AsyncSession,
     claimed: _Claimed,
-    tokens: TokenSet,
+    pair: Pair,
     user_id: int,
     live_mode: bool,
-    sent_at: datetime,
 ) -> Outcome:
+    """The link's rules (one account per seller, one mode), then the lifecycle's store."""
     now = rt.clock()
     seller = await session.get(Seller, claimed.seller_id, with_for_update=True)
     outcome = Outcome.LINKED
-    if seller is not None and seller.status != "unlinked":
+    if seller is not None and seller.status != Status.UNLINKED:
         if seller.mp_user_id != user_id and not rt.settings.broker_allow_account_change:
             outcome = Outcome.ACCOUNT_MISMATCH
         elif seller.live_mode != live_mode:
@@ -372,40 +371,23 @@ async def _upsert_seller(
     elif seller is not None:
         outcome = Outcome.RELINKED
     attempt = await session.get(LinkAttempt, claimed.attempt_id)
-    assert attempt is not None
+    if attempt is None:  # claimed in an earlier transaction; attempts are never deleted early
+        raise RuntimeError("the claimed attempt is gone")
     attempt.outcome, attempt.mp_user_id = outcome, user_id
     if outcome not in SUCCESS:
         return outcome  # the new tokens are dropped: they belong to an account we refused
-
-    if seller is None:
-        seller = Seller(seller_id=claimed.seller_id, version=0, linked_at=now)
-        session.add(seller)
-
-    def seal(column: str, value: str) -> str:
-        return rt.keyring.seal(
-            value, context("sellers", claimed.seller_id, column, claimed.client_id)
-        )
-
-    seller.client_id = claimed.client_id
-    seller.mp_user_id = user_id
-    seller.status, seller.status_reason = "linked", None
-    seller.access_token = seal("access_token", tokens.access_token)
-    assert tokens.refresh_token is not None  # checked by _store_tokens
-    seller.refresh_token = seal("refresh_token", tokens.refresh_token)
-    seller.scope, seller.public_key, seller.live_mode = tokens.scope, tokens.public_key, live_mode
-    seller.expires_at = sent_at + timedelta(seconds=tokens.expires_in)
-    seller.next_refresh_at = next_refresh_at(sent_at, tokens.expires_in, rt.settings)
-    seller.last_refreshed_at = None
-    seller.refresh_failures, seller.last_refresh_error = 0, None
-    seller.lease_owner = seller.lease_until = None
-    seller.version = (seller.version or 0) + 1
-    seller.linked_at = now
-    seller.updated_at = now
+    store_linked(
+        session,
+        rt.settings,
+        now,
+        seller,
+        seller_id=claimed.seller_id,
+        client_id=claimed.client_id,
+        mp_user_id=user_id,
+        live_mode=live_mode,
+        pair=pair,
+    )
     link = await session.get(Link, attempt.link_id_hash)
     if link is not None:
         link.completed_at = now  # a link links once; a forwarded copy is dead after that
-    audit.record(
-        session, now, "seller", f"seller.{outcome}", claimed.seller_id, f"mp_user_id={user_id}"
-    )
-    events.emit_for(session, rt.settings, now, f"seller.{outcome}", seller)
     return outcome

@@ -25,6 +25,7 @@ from service.core import db, logs
 from service.core.config import Settings, get_settings
 from service.core.crypto import generate_key_spec
 from service.core.db import transaction
+from service.core.domain import UNLINK_REASONS, Reason, Status
 from service.core.runtime import load_keyring, utcnow
 from service.lifecycle import rekey
 from service.serving import apikeys
@@ -229,7 +230,6 @@ def cmd_events(settings: Settings, args: argparse.Namespace) -> None:
 
 async def _sellers(settings: Settings, args: argparse.Namespace) -> None:
     from service.core.models import Seller
-    from service.core.runtime import Runtime
     from service.core.schemas import SellerStatus
     from service.lifecycle import sellers
 
@@ -246,12 +246,10 @@ async def _sellers(settings: Settings, args: argparse.Namespace) -> None:
         print(f"marked {marked} linked seller(s); each is re-validated soon")
         return
     if args.action == "unlink":
-        settings = _simulated(settings)
-        rt = await Runtime.build(settings, db.database_url(settings), application_name="broker-cli")
-        try:
-            done = await sellers.unlink(rt, args.seller_id, args.reason, actor="cli")
-        finally:
-            await rt.close()
+        async with _sessions(settings) as sessions:
+            done = await sellers.unlink(
+                sessions, settings, utcnow(), args.seller_id, Reason(args.reason), actor="cli"
+            )
         print(f"unlinked {args.seller_id}" if done else f"no linked seller {args.seller_id!r}")
         if not done:
             sys.exit(1)
@@ -461,7 +459,7 @@ def parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     seller_list = sellers_cmd.add_parser("list", help="sellers in seller_id order")
-    seller_list.add_argument("--status", choices=("linked", "relink_required", "unlinked"))
+    seller_list.add_argument("--status", choices=tuple(Status))
     seller_list.add_argument(
         "--expiring-before", type=datetime.fromisoformat, help="ISO date, e.g. 2027-01-31"
     )
@@ -472,7 +470,9 @@ def parser() -> argparse.ArgumentParser:
         "unlink", help="destroy a seller's stored tokens (local: Mercado Pago has no revoke)"
     )
     seller_unlink.add_argument("seller_id")
-    seller_unlink.add_argument("--reason", default="unlinked_by_operator")
+    seller_unlink.add_argument(
+        "--reason", choices=UNLINK_REASONS, default=Reason.UNLINKED_BY_OPERATOR
+    )
     restored = sellers_cmd.add_parser(
         "mark-restored",
         help="after a database restore or a lagging failover: re-validate every refresh token "

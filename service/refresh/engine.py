@@ -24,7 +24,6 @@ cancel it between Mercado Pago's reply and the write; shutdown waits for it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import socket
@@ -41,8 +40,9 @@ from sqlalchemy.exc import DBAPIError
 
 from service.core import db, logs, metrics
 from service.core.config import LEASE_MARGIN_SECONDS
-from service.core.crypto import context
+from service.core.crypto import fingerprint
 from service.core.db import BROKEN_CONNECTION, transaction
+from service.core.domain import OUTCOME_UNKNOWN, AttemptOutcome, Reason
 from service.core.mercadopago import (
     ApplicationError,
     MercadoPagoError,
@@ -52,8 +52,10 @@ from service.core.mercadopago import (
 )
 from service.core.models import Seller
 from service.core.runtime import Runtime
-from service.lifecycle import audit, events
-from service.refresh import breaker, policy
+from service.lifecycle import audit, events, sellers
+from service.lifecycle.sellers import Stored
+from service.refresh import breaker
+from service.refresh.sql import CLAIM_DUE, CLAIM_ONE, IS_FREE, RECORD_ATTEMPT
 
 log = logging.getLogger("broker.refresh")
 
@@ -61,70 +63,6 @@ NOT_SENT_RETRIES = 2  # extra sends when the request surely never reached Mercad
 PRUNE_EVERY_SECONDS = 3600
 EXPIRING_EVERY_SECONDS = 300  # how often to look for tokens that will lapse unrefreshed
 GATE_CLEAR_SECONDS = 1.0
-
-
-# The statements every refresh of a wave runs, as plain SQL on the direct asyncpg pool
-# (service/core/db.py): SQLAlchemy's statement building and execution cost more CPU than
-# PostgreSQL spends on them. Parameters: $1 owner, $2 lease_until, $3 now, $4 client_id,
-# $5 the late-reply grace in seconds (see FREE).
-#
-# FREE: whether nobody may be refreshing the seller. A lease that lapsed over an attempt
-# still marked 'sent' (its owner never said how it ended: it may be paused, its clock may lag,
-# or it died) stays taken for one grace more. The request's own deadline is shorter than a
-# lease, so by then any reply to it has landed or been dropped, and re-sending that refresh
-# token cannot burn a pair that is still on its way to be stored.
-FREE = """(lease_until IS NULL OR lease_until < {now}::timestamptz
-    - CASE WHEN attempt_outcome = 'sent' THEN make_interval(secs => {grace}) ELSE '0' END)"""
-FREE_CLAIM = FREE.format(now="$3", grace="$5")
-_CLAIM = """
-UPDATE sellers SET lease_owner = $1, lease_until = $2,
-    -- If this owner dies, the background refresher retries as soon as the seller is free
-    -- again (an on-read claim may be of a seller not due for days).
-    next_refresh_at = least(coalesce(next_refresh_at, $2), $2 + make_interval(secs => $5))
-WHERE {where}
-RETURNING seller_id, client_id, version, refresh_token, attempt_fingerprint, attempt_outcome
-"""
-# The due-work query ($6: how many): the oldest due sellers on the partial index. SKIP LOCKED:
-# concurrent refreshers each take different due rows and never wait on one another.
-_DUE = """seller_id IN (
-    SELECT seller_id FROM sellers
-    WHERE status = 'linked' AND next_refresh_at <= $3 AND client_id = $4 AND {free}
-        AND NOT EXISTS (SELECT FROM app_breakers WHERE client_id = $4 AND probe_after > $3)
-        AND NOT EXISTS (SELECT FROM refresh_pause)  -- `broker refresher pause`
-    ORDER BY next_refresh_at
-    LIMIT $6
-    FOR UPDATE SKIP LOCKED)"""
-CLAIM_DUE = _CLAIM.format(where=_DUE.format(free=FREE_CLAIM))
-# One seller ($6), on demand; $7, when set: at most one on-read refresh per cooldown window.
-_ONE = """seller_id = $6 AND status = 'linked' AND client_id = $4 AND {free}
-    AND ($7::timestamptz IS NULL OR attempt_sent_at IS NULL OR attempt_sent_at < $7)"""
-CLAIM_ONE = _CLAIM.format(where=_ONE.format(free=FREE_CLAIM))
-# After a failed claim: false when someone holds the seller (NULL: no such seller).
-_IS_FREE = "SELECT {free} FROM sellers WHERE seller_id = $1"
-IS_FREE = _IS_FREE.format(free=FREE.format(now="$2", grace="$3"))
-# Each claimed seller's attempt, written in the claim's transaction (one executemany).
-RECORD_ATTEMPT = """
-UPDATE sellers SET attempt_fingerprint = $2, attempt_sent_at = $3, attempt_outcome = 'sent'
-WHERE seller_id = $1
-"""
-# The common store in one statement (one round trip, atomic): the pair, WHERE still at the
-# claimed version ($2), linked and not failing, and its audit row. $10 is now.
-STORE_HEALTHY = """
-WITH stored AS (
-    UPDATE sellers SET
-        access_token = $3, refresh_token = coalesce($4, refresh_token),
-        expires_at = $5, next_refresh_at = $6,
-        scope = coalesce($7, scope), public_key = coalesce($8, public_key),
-        live_mode = coalesce($9, live_mode),
-        last_refreshed_at = $10, updated_at = $10, last_refresh_error = NULL,
-        attempt_outcome = 'ok', lease_owner = NULL, lease_until = NULL, version = $2 + 1
-    WHERE seller_id = $1 AND version = $2 AND status = 'linked' AND refresh_failures = 0
-    RETURNING seller_id
-)
-INSERT INTO audit_events (at, actor, action, seller_id)
-SELECT $10::timestamptz, 'system', 'seller.refreshed', seller_id FROM stored
-RETURNING seller_id
-"""
 
 
 class Outcome(StrEnum):
@@ -147,10 +85,6 @@ class Claim:
     refresh_token: str
     lease_until: datetime
     previous_unknown: bool  # the last attempt used this same token and its outcome is unknown
-
-
-def fingerprint(refresh_token: str) -> str:
-    return hashlib.sha256(refresh_token.encode()).hexdigest()[:16]
 
 
 def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
@@ -192,7 +126,7 @@ class Refresher:
         self.gate_check: asyncio.Task[breaker.Gate] | None = None  # one check at a time
         self.rate = RateLimiter(self.settings.broker_refresh_rate_per_second)
         # One lease: longer than any request's deadline (settings refuse less), see FREE.
-        self.late_reply_grace = float(self.settings.broker_lease_seconds)
+        self.late_reply_grace = timedelta(seconds=self.settings.broker_lease_seconds)
         self.burst = breaker.Burst(
             self.settings.broker_breaker_invalid_grant_threshold,
             self.settings.broker_breaker_window_seconds,
@@ -269,7 +203,10 @@ class Refresher:
                     update(Seller)
                     .where(
                         Seller.lease_owner == self.owner,
-                        or_(Seller.attempt_outcome.is_(None), Seller.attempt_outcome != "sent"),
+                        or_(
+                            Seller.attempt_outcome.is_(None),
+                            Seller.attempt_outcome != AttemptOutcome.SENT,
+                        ),
                     )
                     .values(lease_owner=None, lease_until=None)
                 )
@@ -329,17 +266,20 @@ class Refresher:
             if on_read
             else None
         )
-        claims = await self._claim(CLAIM_ONE, now, seller_id, cooldown)
+        claims = await self._claim(CLAIM_ONE, now, seller_id=seller_id, cooldown=cooldown)
         if not claims:
             async with db.direct(self.rt.direct) as connection:
-                free = await connection.fetchval(IS_FREE, seller_id, now, self.late_reply_grace)
+                free = await connection.fetchval(
+                    IS_FREE.sql,
+                    *IS_FREE.args(seller_id=seller_id, now=now, grace=self.late_reply_grace),
+                )
             return Outcome.BUSY if free is False else Outcome.SKIPPED
         return await self._refresh_claimed(claims[0])
 
     async def _claim_due(self, limit: int) -> Sequence[Claim]:
-        return await self._claim(CLAIM_DUE, self.rt.clock(), limit)
+        return await self._claim(CLAIM_DUE, self.rt.clock(), limit=limit)
 
-    async def _claim(self, statement: str, now: datetime, *args: object) -> list[Claim]:
+    async def _claim(self, statement: db.Hot, now: datetime, **where: object) -> list[Claim]:
         """Take the leases and record the attempts in one transaction (one per batch).
 
         The attempt (fingerprint of the refresh token about to be sent, `sent_at`) is durable
@@ -351,18 +291,19 @@ class Refresher:
             connection.transaction(),
         ):
             rows = await connection.fetch(
-                statement,
-                self.owner,
-                lease_until,
-                now,
-                self.rt.oauth.client_id,
-                self.late_reply_grace,
-                *args,
+                statement.sql,
+                *statement.args(
+                    owner=self.owner,
+                    lease_until=lease_until,
+                    now=now,
+                    client_id=self.rt.oauth.client_id,
+                    grace=self.late_reply_grace,
+                    **where,
+                ),
             )
             for row in rows:
-                token = self.rt.keyring.open(
-                    row["refresh_token"],
-                    context("sellers", row["seller_id"], "refresh_token", row["client_id"]),
+                token = self.rt.keyring.open_column(
+                    Seller.refresh_token, row["seller_id"], row["client_id"], row["refresh_token"]
                 )
                 claims.append(
                     Claim(
@@ -373,13 +314,20 @@ class Refresher:
                         lease_until=lease_until,
                         # The previous attempt (RETURNING shows the values this claim left).
                         previous_unknown=row["attempt_fingerprint"] == fingerprint(token)
-                        and row["attempt_outcome"] in ("sent", "unknown"),
+                        and row["attempt_outcome"] in OUTCOME_UNKNOWN,
                     )
                 )
             if claims:
                 await connection.executemany(
-                    RECORD_ATTEMPT,
-                    [(c.seller_id, fingerprint(c.refresh_token), now) for c in claims],
+                    RECORD_ATTEMPT.sql,
+                    [
+                        RECORD_ATTEMPT.args(
+                            seller_id=c.seller_id,
+                            fingerprint=fingerprint(c.refresh_token),
+                            sent_at=now,
+                        )
+                        for c in claims
+                    ],
                 )
         return claims
 
@@ -417,7 +365,9 @@ class Refresher:
     async def _refresh_claimed(self, claim: Claim) -> Outcome:
         gate = await self._gate(claim.client_id)
         if gate == breaker.Gate.OPEN:
-            await self._record_failure(claim, "not_sent", "refresh_paused", back_off=False)
+            await self._record_failure(
+                claim, AttemptOutcome.NOT_SENT, "refresh_paused", back_off=False
+            )
             metrics.REFRESHES.labels(Outcome.PAUSED, "").inc()
             return Outcome.PAUSED
         try:
@@ -453,12 +403,13 @@ class Refresher:
 
     async def _store(self, claim: Claim, tokens: TokenSet, sent_at: datetime) -> Outcome:
         """Write the new pair at once, retried until it lands: it exists nowhere else."""
+        pair = sellers.sealed_pair(
+            self.rt.keyring, self.settings, claim.seller_id, claim.client_id, tokens, sent_at
+        )
         delay = 0.05
         while True:
             try:
-                if await self._store_healthy(claim, tokens, sent_at):
-                    return Outcome.REFRESHED
-                return await self._store_once(claim, tokens, sent_at)
+                return await self._store_pair(claim, pair)
             except (DBAPIError, OSError, asyncpg.PostgresError, *BROKEN_CONNECTION) as exc:
                 _event(
                     "refresh.store_retry",
@@ -469,80 +420,23 @@ class Refresher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _store_healthy(self, claim: Claim, tokens: TokenSet, sent_at: datetime) -> bool:
-        """The common case in one statement (one round trip, atomic): the seller is linked,
-        not failing, and still at the claimed version. The pair and its audit row are written
-        together. False: something else is true, `_store_once` decides what."""
+    async def _store_pair(self, claim: Claim, pair: sellers.Pair) -> Outcome:
         now = self.rt.clock()
-
-        def seal(column: str, value: str) -> str:
-            return self.rt.keyring.seal(
-                value, context("sellers", claim.seller_id, column, claim.client_id)
-            )
-
+        # The common case in one statement: linked, not failing, still at the claimed version.
         async with db.direct(self.rt.direct) as connection:
-            done = (
-                await connection.fetchval(
-                    STORE_HEALTHY,
-                    claim.seller_id,
-                    claim.version,
-                    seal("access_token", tokens.access_token),
-                    # A reply without a refresh token keeps the old one (NULL: keep).
-                    seal("refresh_token", tokens.refresh_token)
-                    if tokens.refresh_token is not None
-                    else None,
-                    sent_at + timedelta(seconds=tokens.expires_in),
-                    policy.next_refresh_at(sent_at, tokens.expires_in, self.settings),
-                    tokens.scope,
-                    tokens.public_key,
-                    tokens.live_mode,
-                    now,
-                )
-                is not None
+            healthy = await sellers.store_refreshed_healthy(
+                connection, claim.seller_id, claim.version, pair, now
             )
-        if done:
-            metrics.REFRESHES.labels(Outcome.REFRESHED, "").inc()
-            _event("refresh.refreshed", seller_id=claim.seller_id, version=claim.version + 1)
-        return done
-
-    async def _store_once(self, claim: Claim, tokens: TokenSet, sent_at: datetime) -> Outcome:
-        now = self.rt.clock()
-
-        def ctx(column: str) -> str:
-            return context("sellers", claim.seller_id, column, claim.client_id)
-
-        async with transaction(self.rt.sessions) as session:
-            seller = await session.get(Seller, claim.seller_id, with_for_update=True)
-            if seller is None or seller.version != claim.version:
-                # A relink stored a newer pair meanwhile; ours is older and not needed.
-                _event("refresh.superseded", logging.WARNING, seller_id=claim.seller_id)
-                return Outcome.RACED
-            recovered = seller.status == "relink_required"
-            was_failing = recovered or seller.refresh_failures > 0
-            seller.access_token = self.rt.keyring.seal(tokens.access_token, ctx("access_token"))
-            if tokens.refresh_token is not None:  # a reply without one keeps the old one
-                seller.refresh_token = self.rt.keyring.seal(
-                    tokens.refresh_token, ctx("refresh_token")
-                )
-            seller.expires_at = sent_at + timedelta(seconds=tokens.expires_in)
-            seller.next_refresh_at = policy.next_refresh_at(
-                sent_at, tokens.expires_in, self.settings
+        stored = Stored.REFRESHED
+        if not healthy:
+            stored = await sellers.store_refreshed(
+                self.rt.sessions, self.settings, now, claim.seller_id, claim.version, pair
             )
-            seller.scope = tokens.scope or seller.scope
-            seller.public_key = tokens.public_key or seller.public_key
-            if tokens.live_mode is not None:
-                seller.live_mode = tokens.live_mode
-            seller.status, seller.status_reason = "linked", None
-            seller.last_refreshed_at = now
-            seller.refresh_failures, seller.last_refresh_error = 0, None
-            seller.attempt_outcome = "ok"
-            seller.lease_owner = seller.lease_until = None
-            seller.version = claim.version + 1
-            seller.updated_at = now
-            outcome = Outcome.RECOVERED if recovered else Outcome.REFRESHED
-            audit.record(session, now, "system", f"seller.{outcome}", claim.seller_id)
-            if was_failing:  # closes a token.refresh_failed or a relink_required
-                events.emit_for(session, self.settings, now, "seller.recovered", seller)
+        if stored == Stored.SUPERSEDED:
+            # A relink stored a newer pair meanwhile; ours is older and not needed.
+            _event("refresh.superseded", logging.WARNING, seller_id=claim.seller_id)
+            return Outcome.RACED
+        outcome = Outcome.RECOVERED if stored == Stored.RECOVERED else Outcome.REFRESHED
         metrics.REFRESHES.labels(outcome, "").inc()
         _event(f"refresh.{outcome}", seller_id=claim.seller_id, version=claim.version + 1)
         return outcome
@@ -551,23 +445,21 @@ class Refresher:
 
     async def _on_invalid_grant(self, claim: Claim, exc: MercadoPagoError) -> Outcome:
         now = self.rt.clock()
-        reason = "rotation_lost" if claim.previous_unknown else "revoked"
-        async with transaction(self.rt.sessions) as session:
-            seller = await session.get(Seller, claim.seller_id, with_for_update=True)
-            if seller is None or seller.version != claim.version:
-                _event("refresh.raced", seller_id=claim.seller_id)
-                metrics.REFRESHES.labels(Outcome.RACED, exc.error).inc()
-                return Outcome.RACED  # someone rotated first: a race, not a revocation
-            seller.status, seller.status_reason = "relink_required", reason
-            seller.attempt_outcome = "invalid_grant"
-            seller.last_refresh_error = exc.error
-            seller.refresh_failures += 1
-            seller.next_refresh_at = None
-            seller.updated_at = now
-            if seller.lease_owner == self.owner:
-                seller.lease_owner = seller.lease_until = None
-            audit.record(session, now, "system", "seller.relink_required", claim.seller_id, reason)
-            events.emit_for(session, self.settings, now, "seller.relink_required", seller)
+        reason = Reason.ROTATION_LOST if claim.previous_unknown else Reason.REVOKED
+        marked = await sellers.mark_relink_required(
+            self.rt.sessions,
+            self.settings,
+            now,
+            claim.seller_id,
+            claim.version,
+            reason,
+            refresh_error=exc.error,
+            lease_owner=self.owner,
+        )
+        if not marked:
+            _event("refresh.raced", seller_id=claim.seller_id)
+            metrics.REFRESHES.labels(Outcome.RACED, exc.error).inc()
+            return Outcome.RACED  # someone rotated first: a race, not a revocation
         metrics.REFRESHES.labels(Outcome.RELINK_REQUIRED, reason).inc()
         _event("refresh.relink_required", logging.WARNING, seller_id=claim.seller_id, reason=reason)
         if self.burst.add(claim.client_id, now):
@@ -591,13 +483,12 @@ class Refresher:
             now,
             self.settings.broker_breaker_probe_seconds,
         )
-        await self._record_failure(claim, "rejected", exc.error, back_off=False)
+        await self._record_failure(claim, AttemptOutcome.REJECTED, exc.error, back_off=False)
         metrics.REFRESHES.labels(Outcome.APPLICATION_ERROR, exc.error).inc()
 
     async def _on_transient(self, claim: Claim, exc: TransientUpstreamError) -> None:
-        await self._record_failure(
-            claim, "not_sent" if exc.not_sent else "unknown", exc.error, back_off=True
-        )
+        outcome = AttemptOutcome.NOT_SENT if exc.not_sent else AttemptOutcome.UNKNOWN
+        await self._record_failure(claim, outcome, exc.error, back_off=True)
         metrics.REFRESHES.labels(Outcome.TRANSIENT, exc.error).inc()
         _event(
             "refresh.transient_failure",
@@ -608,25 +499,15 @@ class Refresher:
         )
 
     async def _record_failure(
-        self, claim: Claim, attempt_outcome: str, error: str, *, back_off: bool
+        self, claim: Claim, outcome: AttemptOutcome, error: str, *, back_off: bool
     ) -> None:
-        """A refresh failed and the seller's grant is not blamed: its status stays, the lease
-        is given back, and it counts as failing (reads carry the warning; the streak's first
-        failure is an event). `back_off`: retry later (a transient error); otherwise it stays
-        due (refused by the application's breaker, which holds every refresh until it closes)."""
-        async with transaction(self.rt.sessions) as session:
-            seller = await session.get(Seller, claim.seller_id, with_for_update=True)
-            if seller is None or seller.lease_owner != self.owner:
-                return
-            seller.refresh_failures += 1
-            seller.last_refresh_error = error
-            seller.attempt_outcome = attempt_outcome
-            if back_off:
-                seller.next_refresh_at = self.rt.clock() + policy.backoff(
-                    seller.refresh_failures, self.settings
-                )
-            seller.lease_owner = seller.lease_until = None
-            if seller.refresh_failures == 1:  # once per failing streak, not once per retry
-                events.emit_for(
-                    session, self.settings, self.rt.clock(), "token.refresh_failed", seller
-                )
+        await sellers.record_failure(
+            self.rt.sessions,
+            self.settings,
+            self.rt.clock(),
+            claim.seller_id,
+            self.owner,
+            outcome,
+            error,
+            back_off=back_off,
+        )

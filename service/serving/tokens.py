@@ -8,20 +8,19 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
-from sqlalchemy import update
+from sqlalchemy import bindparam, select
 from starlette.responses import Response
 
 from service.core import db
 from service.core.config import LEASE_MARGIN_SECONDS
-from service.core.crypto import context
-from service.core.db import transaction
-from service.core.domain import KeyView, SellerView
+from service.core.db import Hot
+from service.core.domain import KeyView, Reason, SellerView, Status, TokenWarning
 from service.core.errors import InvalidRequest, RelinkRequired, SellerNotFound, UpstreamUnavailable
 from service.core.mercadopago import TokenCheck, TransientUpstreamError
 from service.core.models import Seller
 from service.core.runtime import Runtime
 from service.core.schemas import TokenResponse
-from service.lifecycle import audit, events
+from service.lifecycle import sellers
 from service.refresh.engine import Outcome, Refresher
 from service.serving import apikeys
 
@@ -37,24 +36,24 @@ POLL_SECONDS = 0.05
 @dataclass(frozen=True)
 class Served:
     seller: SellerView
-    warning: str | None  # "refresh-failing" | "relink-required"
+    warning: TokenWarning | None
 
 
-# A token read: one primary-key lookup of the columns a view needs (plain asyncpg: the hot
-# path's one statement, prepared once per connection by asyncpg's statement cache).
-READ = (
-    "SELECT seller_id, client_id, version, status, status_reason, expires_at, refresh_failures,"
-    " last_refreshed_at, attempt_sent_at, lease_until, mp_user_id, live_mode, scope, access_token"
-    " FROM sellers WHERE seller_id = $1"
+# A token read: one primary-key lookup of the columns a view needs (the hot path's one
+# statement, on the direct pool, prepared once per connection by asyncpg's statement cache).
+READ = Hot.compile(
+    "token_read",
+    select(*(getattr(Seller, name) for name in SellerView.__slots__ if name != "body")).where(
+        Seller.seller_id == bindparam("seller_id")
+    ),
 )
 
 
 def view_of(rt: Runtime, seller: asyncpg.Record) -> SellerView:
     """A seller row as token reads see it: the access token decrypted, the reply serialized."""
     access_token = (
-        rt.keyring.open(
-            seller["access_token"],
-            context("sellers", seller["seller_id"], "access_token", seller["client_id"]),
+        rt.keyring.open_column(
+            Seller.access_token, seller["seller_id"], seller["client_id"], seller["access_token"]
         )
         if seller["access_token"] is not None
         else None
@@ -81,20 +80,20 @@ async def _load(rt: Runtime, seller_id: str, fresh: bool = False) -> SellerView:
     if view is None:
         begun = rt.cache.begin()
         async with db.direct(rt.direct) as connection:
-            seller = await connection.fetchrow(READ, seller_id)
+            seller = await connection.fetchrow(READ.sql, *READ.args(seller_id=seller_id))
         if seller is None:
             raise SellerNotFound(f"No linked seller {seller_id!r}.")
         view = view_of(rt, seller)
         rt.cache.store_seller(view, begun)
-    if view.status == "unlinked" or view.access_token is None:
+    if view.status == Status.UNLINKED or view.access_token is None:
         raise SellerNotFound(f"No linked seller {seller_id!r}.")
     return view
 
 
-def _warning(seller: SellerView) -> str | None:
-    if seller.status == "relink_required":
-        return "relink-required"
-    return "refresh-failing" if seller.refresh_failures else None
+def _warning(seller: SellerView) -> TokenWarning | None:
+    if seller.status == Status.RELINK_REQUIRED:
+        return TokenWarning.RELINK_REQUIRED
+    return TokenWarning.REFRESH_FAILING if seller.refresh_failures else None
 
 
 async def serve(
@@ -124,7 +123,7 @@ async def read_token(rt: Runtime, refresher: Refresher, seller_id: str, min_ttl:
     # Something to decide: from here on, only what PostgreSQL says now.
     first = await _load(rt, seller_id, fresh=True)
     seller = first
-    if first.status == "linked" and first.expires_at - rt.clock() < wanted:
+    if first.status == Status.LINKED and first.expires_at - rt.clock() < wanted:
         outcome = await refresher.refresh(seller_id, on_read=True)
         if outcome == Outcome.BUSY:
             seller = await _wait_for_other_refresh(rt, first)
@@ -133,7 +132,7 @@ async def read_token(rt: Runtime, refresher: Refresher, seller_id: str, min_ttl:
         now = rt.clock()
         if (
             seller.version != first.version
-            and seller.status == "linked"
+            and seller.status == Status.LINKED
             and seller.expires_at > now
         ):
             return Served(seller, None)  # a fresh pair, even if it cannot meet min_ttl
@@ -144,9 +143,9 @@ async def read_token(rt: Runtime, refresher: Refresher, seller_id: str, min_ttl:
     refreshed_lately = (
         seller.last_refreshed_at is not None and seller.last_refreshed_at > now - cooldown
     )
-    if seller.status == "linked" and refreshed_lately and seller.expires_at > now:
+    if seller.status == Status.LINKED and refreshed_lately and seller.expires_at > now:
         return Served(seller, None)  # the pair another caller just got; no second refresh
-    if seller.status == "relink_required":
+    if seller.status == Status.RELINK_REQUIRED:
         raise RelinkRequired(f"Send the seller a new link (reason: {seller.status_reason}).")
     retry_after = cooldown.total_seconds()
     if seller.attempt_sent_at is not None:
@@ -173,33 +172,17 @@ async def report_invalid(rt: Runtime, seller_id: str) -> SellerView:
     """A caller says Mercado Pago refused the token: check it, and mark the seller if revoked."""
     seller = await _load(rt, seller_id, fresh=True)
     access_token = seller.access_token
-    assert access_token is not None
+    if access_token is None:  # `_load` never returns an unlinked seller
+        raise SellerNotFound(f"No linked seller {seller_id!r}.")
     try:
         check = await rt.mercadopago.check_token(rt.settings.mp_api_url, access_token)
     except TransientUpstreamError:
         raise UpstreamUnavailable("Mercado Pago could not confirm the token now.") from None
     if check != TokenCheck.REVOKED:
         return seller  # it works, or a 403 (a scope, not a dead grant): nothing changes
-    async with transaction(rt.sessions) as session:
-        # Only the token we checked: a refresh that landed meanwhile made it moot.
-        marked = await session.execute(
-            update(Seller)
-            .where(Seller.seller_id == seller_id, Seller.version == seller.version)
-            .values(
-                status="relink_required",
-                status_reason="revoked",
-                next_refresh_at=None,
-                updated_at=rt.clock(),
-            )
-        )
-        if marked.rowcount:  # type: ignore[attr-defined]
-            audit.record(
-                session, rt.clock(), "system", "seller.relink_required", seller_id, "revoked"
-            )
-            marked_seller = await session.get(Seller, seller_id)
-            assert marked_seller is not None
-            events.emit_for(
-                session, rt.settings, rt.clock(), "seller.relink_required", marked_seller
-            )
-            log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
+    # Only the token we checked: a refresh that landed meanwhile made it moot.
+    if await sellers.mark_relink_required(
+        rt.sessions, rt.settings, rt.clock(), seller_id, seller.version, Reason.REVOKED
+    ):
+        log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
     return await _load(rt, seller_id, fresh=True)
