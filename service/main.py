@@ -18,11 +18,10 @@ from starlette.routing import BaseRoute
 from service.core import db, errors
 from service.core.config import Settings, get_settings
 from service.core.runtime import Clock, Runtime, utcnow
-from service.lifecycle import events
 from service.lifecycle import routes as lifecycle_routes
 from service.linking import routes as linking_routes
 from service.ops import observe
-from service.refresh.engine import Refresher
+from service.ops.background import Background, refresher_of
 from service.serving import routes as serving_routes
 from service.serving.fast import TokenReads
 from service.serving.limits import RequestLimits
@@ -51,19 +50,9 @@ def create_app(
         if url is None:
             url = await asyncio.to_thread(db.database_url, settings)
         runtime = await Runtime.build(settings, url, clock=clock, transport=transport)
-        refresher = Refresher(runtime)
+        refresher = refresher_of(runtime)
         app.state.runtime, app.state.refresher = runtime, refresher
-        stop = asyncio.Event()
-        background = [
-            asyncio.create_task(
-                runtime.reads.run(runtime.direct, stop, settings.broker_audit_flush_seconds)
-            ),
-            asyncio.create_task(observe.watch(health, runtime, stop)),
-            asyncio.create_task(runtime.cache.listen(url, stop)),
-        ]
-        if settings.broker_serve_refresher:
-            background.append(asyncio.create_task(refresher.run(stop)))
-            background.append(asyncio.create_task(events.Dispatcher(runtime).run(stop)))
+        background = Background(runtime, refresher, health, api=True)
         # Start-up's objects live as long as the process: keep the collector from walking
         # them again on every full collection (shorter GC pauses on the hot path).
         gc.collect()
@@ -71,12 +60,7 @@ def create_app(
         try:
             yield
         finally:
-            health.stopping = True  # /readyz fails at once: the balancer drains this replica
-            stop.set()  # no new claims; drain() then waits for refreshes in flight to store
-            await asyncio.gather(*background)
-            await runtime.drain()
-            await refresher.release_leases()
-            await runtime.close()
+            await background.stop()
 
     app = FastAPI(
         title="Mercado Pago token broker",

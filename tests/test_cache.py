@@ -140,9 +140,9 @@ class CountingDatabase:
         self.runtime = runtime
         self.opened = 0
         self.sessions, self.autocommit, self.direct = (
-            runtime.sessions,
-            runtime.autocommit,
-            runtime.direct,
+            runtime.db.sessions,
+            runtime.db.autocommit,
+            runtime.db.direct,
         )
 
     def __enter__(self) -> CountingDatabase:
@@ -162,14 +162,14 @@ class CountingDatabase:
             self.opened += 1
             return self.sessions(*args, **kwargs)
 
-        self.runtime.sessions = sessions  # type: ignore[assignment]
-        self.runtime.autocommit = Engine()  # type: ignore[assignment]
-        self.runtime.direct = Pool()
+        self.runtime.db.sessions = sessions  # type: ignore[assignment]
+        self.runtime.db.autocommit = Engine()  # type: ignore[assignment]
+        self.runtime.db.direct = Pool()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.runtime.sessions, self.runtime.autocommit = self.sessions, self.autocommit
-        self.runtime.direct = self.direct
+        self.runtime.db.sessions, self.runtime.db.autocommit = self.sessions, self.autocommit
+        self.runtime.db.direct = self.direct
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], what: str, seconds: float) -> float:

@@ -91,7 +91,7 @@ def verify_like_a_receiver(secret: str, header: str, body: bytes) -> bool:
 
 def dispatcher(broker: Broker) -> Dispatcher:
     runtime: Runtime = broker.app.state.runtime
-    return Dispatcher(runtime)
+    return Dispatcher(runtime.settings, runtime.clock, runtime.db.sessions, runtime.http)
 
 
 async def test_link_relink_and_unlink_are_delivered_signed_in_version_order_without_tokens(
@@ -246,9 +246,9 @@ async def test_a_token_that_will_lapse_unrefreshed_is_announced_once_per_token_p
         "UPDATE sellers SET status = 'relink_required' WHERE seller_id = $1", sellers[1]
     )
     runtime: Runtime = broker.app.state.runtime
-    assert await events.notify_expiring(runtime.sessions, settings, runtime.clock()) == 2
-    assert await events.notify_expiring(runtime.sessions, settings, runtime.clock()) == 0
+    assert await events.notify_expiring(runtime.db.sessions, settings, runtime.clock()) == 2
+    assert await events.notify_expiring(runtime.db.sessions, settings, runtime.clock()) == 0
     announced = await sql.fetch("SELECT seller_id FROM events WHERE type = 'seller.expiring_soon'")
     assert sorted(r["seller_id"] for r in announced) == sellers[:2]
     await sql.execute("UPDATE sellers SET version = version + 1 WHERE seller_id = $1", sellers[0])
-    assert await events.notify_expiring(runtime.sessions, settings, runtime.clock()) == 1
+    assert await events.notify_expiring(runtime.db.sessions, settings, runtime.clock()) == 1

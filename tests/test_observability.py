@@ -205,7 +205,7 @@ async def test_pause_stops_every_refresh_until_resume_and_the_cli_drives_it(
     served = await broker.token(sellers[0])  # still valid (1 h left): still served
     assert served.status_code == 200
     assert await simulator.token_requests("refresh_token") == 0
-    async with runtime.sessions() as session:
+    async with runtime.db.sessions() as session:
         await metrics.collect_database_gauges(session, clock(), 7)
     assert REGISTRY.get_sample_value("broker_refresh_paused") == 1
 

@@ -19,7 +19,7 @@ from service.core.config import LEASE_MARGIN_SECONDS
 from service.core.crypto import context
 from service.core.runtime import Runtime
 from service.lifecycle.sellers import STORE_HEALTHY
-from service.refresh.engine import Outcome, Refresher
+from service.refresh.engine import Outcome
 from service.serving.tokens import read_token
 from tests.conftest import (
     CLIENT_SECRET,
@@ -192,7 +192,7 @@ async def test_a_lease_that_lapses_while_the_reply_is_held_still_stores_the_late
     clock.advance(seconds=broker.settings.broker_lease_seconds + 1)
     # Another replica (its own owner and single-flight map) neither takes the seller in its
     # background claim, though the seller is due, nor refreshes it on demand.
-    other = Refresher(broker.refresher.rt)
+    other = broker.refresher.replica()
     assert await other._claim_due(10) == []
     assert await other.refresh(SELLER) == Outcome.BUSY
     assert await simulator.token_requests("refresh_token") == 1
@@ -283,7 +283,7 @@ async def test_invalid_grant_after_someone_else_rotated_is_a_race_not_a_revocati
 ) -> None:
     await link(broker)
     clock.advance(days=160)
-    other_replica = Refresher(broker.app.state.runtime)
+    other_replica = broker.refresher.replica()
     claims = await other_replica._claim_due(10)  # it read version 1 and the current token
     assert len(claims) == 1
     await sql.execute("UPDATE sellers SET lease_until = NULL")  # its lease lapsed
@@ -387,7 +387,7 @@ async def test_a_client_disconnecting_mid_refresh_does_not_lose_the_new_pair(
 async def breakers_open(broker: Broker, clock: FakeClock) -> float:
     """`broker_breakers_open` as the periodic gauge collection computes it now."""
     runtime: Runtime = broker.app.state.runtime
-    async with runtime.sessions() as session:
+    async with runtime.db.sessions() as session:
         await metrics.collect_database_gauges(session, clock(), 7)
     return sample("broker_breakers_open")
 

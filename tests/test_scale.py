@@ -55,7 +55,7 @@ async def test_due_work_and_token_reads_use_indexes_with_a_million_sellers(
 
     # The refresher's look for tokens that will lapse unrefreshed (every few minutes).
     expiring = expiring_query(now, now + timedelta(days=7)).compile(
-        dialect=broker.refresher.rt.engine.dialect, compile_kwargs={"render_postcompile": True}
+        dialect=broker.refresher.db.engine.dialect, compile_kwargs={"render_postcompile": True}
     )
     expiring_plan = await plan(
         sql, str(expiring), *(expiring.params[name] for name in expiring.positiontup or ())

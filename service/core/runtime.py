@@ -1,8 +1,16 @@
-"""The process-wide objects of one broker process, built at start-up and closed at shutdown."""
+"""The process-wide objects of one broker process, built at start-up and closed at shutdown.
+
+They come in parts, and each flow is handed the parts it uses: `Database` (sessions for
+ordinary work, a plain asyncpg pool for the hot statements), `Upstream` (the application's
+credentials and the Mercado Pago client), `Tasks` (work the process owns, not a request).
+`Runtime` is the API process's composition of them; `service/ops/background.py` runs the
+loops and the one shutdown of both kinds of process.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Coroutine
@@ -27,7 +35,6 @@ log = logging.getLogger("broker")
 
 Clock = Callable[[], datetime]
 UPSTREAM_SHARD = 8  # refreshes in flight per upstream HTTP client (see MercadoPagoClient)
-POOL_CLOSE_SECONDS = 10
 T = TypeVar("T")
 
 
@@ -70,23 +77,111 @@ def oauth_app(settings: Settings) -> OAuthApp:
 
 
 @dataclass
-class Runtime:
-    settings: Settings
+class Database:
+    url: str
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     # Single reads of the hot path: one round trip, no BEGIN/ROLLBACK around it (same pool).
     autocommit: AsyncEngine
     # The hot statements (cold token reads, refresh claims and stores) on plain asyncpg.
     direct: asyncpg.Pool
-    keyring: Keyring
+
+    @classmethod
+    async def open(cls, settings: Settings, url: str, application_name: str) -> Database:
+        # Claims, stores and cold reads go through `direct`; the engine carries the rest
+        # (links, admin, failures, events), so its pool no longer grows with the concurrency.
+        engine = db.make_engine(url, application_name)
+        return cls(
+            url=url,
+            engine=engine,
+            sessions=db.make_sessionmaker(engine),
+            autocommit=engine.execution_options(isolation_level="AUTOCOMMIT"),
+            direct=await db.direct_pool(
+                url, application_name, settings.broker_db_direct_connections
+            ),
+        )
+
+    async def close(self, seconds: float) -> None:
+        """Close both pools; a statement still running after `seconds` is cut off."""
+        await self.engine.dispose()
+        try:  # close waits for connections in use
+            await asyncio.wait_for(self.direct.close(), max(seconds, 0.1))
+        except TimeoutError:
+            self.direct.terminate()
+
+
+@dataclass
+class Upstream:
+    """One Mercado Pago application and the client that calls it."""
+
     oauth: OAuthApp
     mercadopago: MercadoPagoClient
-    http: httpx.AsyncClient
+
+    @classmethod
+    def open(
+        cls, settings: Settings, clock: Clock, transport: httpx.AsyncBaseTransport | None
+    ) -> Upstream:
+        # About 8 connections per upstream client at full refresh concurrency. No httpx
+        # timeout: each call runs under one asyncio deadline (MP_TIMEOUT_SECONDS, see
+        # mercadopago.py), which httpx's 5 s per-phase default would otherwise cut short.
+        clients = [
+            httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=None)  # noqa: S113
+            for _ in range(max(1, settings.broker_refresh_concurrency // UPSTREAM_SHARD))
+        ]
+        return cls(
+            oauth_app(settings), MercadoPagoClient(clients, settings.mp_timeout_seconds, clock)
+        )
+
+    async def close(self) -> None:
+        for client in self.mercadopago.clients:
+            await client.aclose()
+
+
+@dataclass
+class Tasks:
+    """Work owned by the process, not by the request that started it."""
+
+    running: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run `work` as a task of the process, not of the caller.
+
+        A token exchange or refresh must reach its database write even when the HTTP client
+        that asked disconnects or times out; shutdown waits for these tasks.
+        """
+        task = asyncio.get_running_loop().create_task(work)
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        return task
+
+    async def owned(self, work: Coroutine[Any, Any, T]) -> T:
+        """`spawn` and wait: cancelling the caller leaves the work running."""
+        return await asyncio.shield(self.spawn(work))
+
+    async def drain(self, seconds: float) -> int:
+        """Wait up to `seconds` for owned work (an exchange or refresh may hold a reply
+        Mercado Pago already sent); how many were still running after that."""
+        if not self.running:
+            return 0
+        logs.event(log, "shutdown.draining", {"in_flight": len(self.running)})
+        _, pending = await asyncio.wait(set(self.running), timeout=max(seconds, 0))
+        return len(pending)
+
+
+@dataclass
+class Runtime:
+    """What one API process holds; routes hand each flow the parts it uses."""
+
+    settings: Settings
     clock: Clock
+    db: Database
+    keyring: Keyring
+    upstream: Upstream
+    tasks: Tasks
+    http: httpx.AsyncClient  # events to internal services
     key_buckets: Buckets
     cache: Cache
     reads: ReadCounter = field(default_factory=ReadCounter)
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
     async def build(
@@ -97,30 +192,14 @@ class Runtime:
         transport: httpx.AsyncBaseTransport | None = None,
         application_name: str = "broker-api",
     ) -> Runtime:
-        # Claims, stores and cold reads go through `direct`; the engine carries the rest
-        # (links, admin, failures, events), so its pool no longer grows with the concurrency.
-        engine = db.make_engine(url, application_name)
-        http = httpx.AsyncClient(transport=transport, follow_redirects=False)
-        # About 8 connections per upstream client at full refresh concurrency. No httpx
-        # timeout: each call runs under one asyncio deadline (MP_TIMEOUT_SECONDS, see
-        # mercadopago.py), which httpx's 5 s per-phase default would otherwise cut short.
-        upstream = [
-            httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=None)  # noqa: S113
-            for _ in range(max(1, settings.broker_refresh_concurrency // UPSTREAM_SHARD))
-        ]
         return cls(
             settings=settings,
-            engine=engine,
-            sessions=db.make_sessionmaker(engine),
-            autocommit=engine.execution_options(isolation_level="AUTOCOMMIT"),
-            direct=await db.direct_pool(
-                url, application_name, settings.broker_db_direct_connections
-            ),
-            keyring=load_keyring(settings),
-            oauth=oauth_app(settings),
-            mercadopago=MercadoPagoClient(upstream, settings.mp_timeout_seconds, clock),
-            http=http,
             clock=clock,
+            db=await Database.open(settings, url, application_name),
+            keyring=load_keyring(settings),
+            upstream=Upstream.open(settings, clock, transport),
+            tasks=Tasks(),
+            http=httpx.AsyncClient(transport=transport, follow_redirects=False),
             key_buckets=Buckets(
                 settings.broker_rate_limit_per_key_per_second,
                 burst=settings.broker_rate_limit_per_key_per_second,
@@ -128,35 +207,12 @@ class Runtime:
             cache=Cache(settings.broker_token_cache_size),
         )
 
-    def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        """Run `work` as a task of the process, not of the caller.
-
-        A token exchange or refresh must reach its database write even when the HTTP client
-        that asked disconnects or times out; shutdown waits for these tasks.
-        """
-        task = asyncio.get_running_loop().create_task(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    async def owned(self, work: Coroutine[Any, Any, T]) -> T:
-        """`spawn` and wait: cancelling the caller leaves the work running."""
-        return await asyncio.shield(self.spawn(work))
-
-    async def drain(self, grace_seconds: float = 15.0) -> None:
-        """Shutdown waits for in-flight exchanges to store what Mercado Pago already answered."""
-        if self.tasks:
-            logs.event(log, "shutdown.draining", {"in_flight": len(self.tasks)})
-            await asyncio.wait(set(self.tasks), timeout=grace_seconds)
-
-    async def close(self) -> None:
-        await self.drain()
-        await self.reads.flush(self.direct)
+    async def close(self, seconds: float) -> None:
+        """Close what the process opened, within `seconds` (the end of the shutdown budget)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        with contextlib.suppress(TimeoutError):  # counts not written are lost, not waited for
+            await asyncio.wait_for(self.reads.flush(self.db.direct), seconds / 2)
         await self.http.aclose()
-        for client in self.mercadopago.clients:
-            await client.aclose()
-        await self.engine.dispose()
-        try:  # close waits for connections in use; a statement stuck past this is cut off
-            await asyncio.wait_for(self.direct.close(), POOL_CLOSE_SECONDS)
-        except TimeoutError:
-            self.direct.terminate()
+        await self.upstream.close()
+        await self.db.close(end - loop.time())

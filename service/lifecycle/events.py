@@ -37,7 +37,7 @@ from service.core.config import Settings, Subscriber
 from service.core.db import transaction
 from service.core.domain import DeliveryState, EventType
 from service.core.models import Event, EventDelivery, Seller
-from service.core.runtime import Runtime
+from service.core.runtime import Clock
 
 log = logging.getLogger("broker.events")
 
@@ -153,12 +153,15 @@ class _Due:
 class Dispatcher:
     """Delivers pending events; runs beside the refresher (`broker refresher`)."""
 
-    def __init__(self, rt: Runtime) -> None:
-        self.settings = rt.settings
-        self.sessions = rt.sessions
-        self.http = rt.http
-        self.clock = rt.clock
-        self.subscribers = {s.name: s for s in rt.settings.broker_event_subscribers}
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        sessions: async_sessionmaker[AsyncSession],
+        http: httpx.AsyncClient,
+    ) -> None:
+        self.settings, self.clock, self.sessions, self.http = settings, clock, sessions, http
+        self.subscribers = {s.name: s for s in settings.broker_event_subscribers}
 
     async def run(self, stop: asyncio.Event, poll_seconds: float = 1.0) -> None:
         while not stop.is_set():

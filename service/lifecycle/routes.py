@@ -44,7 +44,7 @@ async def list_sellers(
     """List sellers by status or token expiry, in seller_id order, a page at a time."""
     apikeys.authorize(key, "sellers:admin")
     stmt = sellers.page_query(key.namespace, status, expiring_before, cursor, limit)
-    async with rt.sessions() as session:
+    async with rt.db.sessions() as session:
         found = list(await session.scalars(stmt))
     page = found[:limit]
     more = len(found) > limit
@@ -62,7 +62,7 @@ async def list_sellers(
 async def get_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
     """Show a seller's link status, token expiry and last refresh; never a secret."""
     apikeys.authorize(key, "sellers:admin", seller_id)
-    return await sellers.status(rt.sessions, seller_id)
+    return await sellers.status(rt.db.sessions, seller_id)
 
 
 @router.get(
@@ -85,7 +85,7 @@ async def read_audit(
     apikeys.authorize(key, "sellers:admin", seller_id)
     if key.namespace and seller_id is None:
         raise Forbidden("A key limited to a namespace must name one of its sellers.")
-    async with rt.sessions() as session:
+    async with rt.db.sessions() as session:
         events = await audit.query(session, seller_id, actor, before, limit)
     return [AuditEntry.model_validate(event) for event in events]
 
@@ -100,9 +100,14 @@ async def unlink_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> 
     """Unlink a seller: destroy its stored tokens, keep the row (as `unlinked`) for its history."""
     apikeys.authorize(key, "sellers:admin", seller_id)
     await sellers.unlink(
-        rt.sessions, rt.settings, rt.clock(), seller_id, Reason.UNLINKED_BY_PLATFORM, actor=key.name
+        rt.db.sessions,
+        rt.settings,
+        rt.clock(),
+        seller_id,
+        Reason.UNLINKED_BY_PLATFORM,
+        actor=key.name,
     )
-    return await sellers.status(rt.sessions, seller_id)
+    return await sellers.status(rt.db.sessions, seller_id)
 
 
 @notifications_router.post(

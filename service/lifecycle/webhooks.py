@@ -115,7 +115,7 @@ async def _claim(rt: Runtime, request_id: str) -> bool:
     died mid-way) is taken over by a retry after CLAIM_SECONDS."""
     now = rt.clock()
     statement = insert(WebhookReceipt).values(request_id=request_id, received_at=now)
-    async with transaction(rt.sessions) as session:
+    async with transaction(rt.db.sessions) as session:
         taken = await session.scalar(
             statement.on_conflict_do_update(
                 index_elements=[WebhookReceipt.request_id],
@@ -128,7 +128,7 @@ async def _claim(rt: Runtime, request_id: str) -> bool:
 
 
 async def _handled(rt: Runtime, request_id: str) -> None:
-    async with transaction(rt.sessions) as session:
+    async with transaction(rt.db.sessions) as session:
         await session.execute(
             update(WebhookReceipt)
             .where(WebhookReceipt.request_id == request_id)
@@ -137,7 +137,7 @@ async def _handled(rt: Runtime, request_id: str) -> None:
 
 
 async def _release(rt: Runtime, request_id: str) -> None:
-    async with transaction(rt.sessions) as session:
+    async with transaction(rt.db.sessions) as session:
         await session.execute(delete(WebhookReceipt).where(WebhookReceipt.request_id == request_id))
 
 
@@ -151,7 +151,7 @@ def _user_id(value: Any) -> int | None:
 async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Handled:
     if (body.get("type") or body.get("topic")) != TOPIC:
         return Handled("ignored")
-    if str(body.get("application_id", "")) != rt.oauth.client_id:
+    if str(body.get("application_id", "")) != rt.upstream.oauth.client_id:
         return Handled("ignored")  # another application's notification
     if body.get("action") != "application.deauthorized":
         return Handled("ignored")
@@ -165,12 +165,12 @@ async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Hand
         # The body is not signed: one naming another user than `data.id` is not believed.
         log.warning("webhook.user_mismatch", extra={"fields": {"mp_user_id": user_id}})
         return Handled("ignored")
-    async with rt.sessions() as session:
+    async with rt.db.sessions() as session:
         sellers = list(
             await session.scalars(
                 select(Seller).where(
                     Seller.mp_user_id == user_id,
-                    Seller.client_id == rt.oauth.client_id,
+                    Seller.client_id == rt.upstream.oauth.client_id,
                     Seller.status != Status.UNLINKED,
                 )
             )
@@ -182,7 +182,7 @@ async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Hand
         token = rt.keyring.open_column(
             Seller.access_token, seller.seller_id, seller.client_id, seller.access_token
         )
-        check = await rt.mercadopago.check_token(rt.settings.mp_api_url, token)
+        check = await rt.upstream.mercadopago.check_token(rt.settings.mp_api_url, token)
         if check == TokenCheck.WORKS:
             continue  # the hint was wrong (or forged): the token still works
         if check == TokenCheck.FORBIDDEN:
@@ -193,7 +193,7 @@ async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Hand
             )
             continue
         if await unlink(
-            rt.sessions,
+            rt.db.sessions,
             rt.settings,
             rt.clock(),
             seller.seller_id,

@@ -130,7 +130,7 @@ async def start_link(
     now = rt.clock()
     token = secrets.token_urlsafe(32)
     expires_at = now + timedelta(seconds=rt.settings.broker_link_ttl_seconds)
-    async with transaction(rt.sessions) as session:
+    async with transaction(rt.db.sessions) as session:
         seller = await session.get(Seller, seller_id)
         if seller is not None and seller.status != Status.UNLINKED and seller.live_mode == test:
             held = "live" if seller.live_mode else "sandbox"
@@ -139,7 +139,7 @@ async def start_link(
             Link(
                 id_hash=pkce.digest(token),
                 seller_id=seller_id,
-                client_id=rt.oauth.client_id,
+                client_id=rt.upstream.oauth.client_id,
                 return_url=return_url,
                 test=test,
                 created_by=key.id,
@@ -161,7 +161,7 @@ async def open_link(
     """Start an attempt. Returns (authorization URL, browser binder) or why not."""
     now = rt.clock()
     method = None if rt.settings.mp_pkce_method == "off" else rt.settings.mp_pkce_method
-    async with transaction(rt.sessions) as session:
+    async with transaction(rt.db.sessions) as session:
         link = await session.get(Link, pkce.digest(token))
         refusal = (
             Refusal.LINK_NOT_FOUND
@@ -200,7 +200,7 @@ async def open_link(
         )
     _event("link.opened", seller_id=link.seller_id, attempt=attempt_id)
     challenge = pkce.challenge(verifier, method) if method else None
-    return rt.oauth.authorization_url(state, challenge, method), binder
+    return rt.upstream.oauth.authorization_url(state, challenge, method), binder
 
 
 # -- GET /oauth/callback ---------------------------------------------------------------------
@@ -244,7 +244,7 @@ async def _handle_callback(
     assert code is not None
     # The exchange belongs to the process: a seller closing the tab cannot cancel it between
     # Mercado Pago's reply and our write.
-    outcome = await rt.owned(_exchange_and_store(rt, claimed, code))
+    outcome = await rt.tasks.owned(_exchange_and_store(rt, claimed, code))
     return CallbackResult(outcome, claimed.seller_id, claimed.return_url)
 
 
@@ -253,7 +253,7 @@ async def _claim_attempt(
 ) -> _Claimed | CallbackResult:
     """Consume the attempt exactly once and commit that before anything is sent upstream."""
     now = rt.clock()
-    async with transaction(rt.sessions) as session:
+    async with transaction(rt.db.sessions) as session:
         attempt = await session.scalar(
             select(LinkAttempt)
             .where(LinkAttempt.state_hash == pkce.digest(state))
@@ -297,8 +297,8 @@ async def _claim_attempt(
 async def _exchange_and_store(rt: Runtime, claimed: _Claimed, code: str) -> Outcome:
     error: str | None = None
     try:
-        tokens, sent_at = await rt.mercadopago.exchange_code(
-            rt.oauth, code, claimed.verifier, claimed.test
+        tokens, sent_at = await rt.upstream.mercadopago.exchange_code(
+            rt.upstream.oauth, code, claimed.verifier, claimed.test
         )
     except TransientUpstreamError as exc:
         outcome, error = Outcome.UPSTREAM_UNAVAILABLE, exc.error
@@ -308,7 +308,7 @@ async def _exchange_and_store(rt: Runtime, claimed: _Claimed, code: str) -> Outc
         outcome = await _store_tokens(rt, claimed, tokens, sent_at)
     metrics.TOKEN_EXCHANGES.labels(outcome).inc()
     if outcome not in SUCCESS:
-        async with transaction(rt.sessions) as session:
+        async with transaction(rt.db.sessions) as session:
             attempt = await session.get(LinkAttempt, claimed.attempt_id)
             assert attempt is not None
             attempt.outcome = outcome
@@ -342,7 +342,7 @@ async def _store_tokens(
     live_mode = pair.live_mode if pair.live_mode is not None else not claimed.test
     for _ in range(3):
         try:
-            async with transaction(rt.sessions) as session:
+            async with transaction(rt.db.sessions) as session:
                 return await _store_linked(rt, session, claimed, pair, user_id, live_mode)
         except IntegrityError:
             continue  # two first links of one seller raced on the insert; the loser re-reads

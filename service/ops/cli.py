@@ -28,6 +28,7 @@ from service.core.db import transaction
 from service.core.domain import UNLINK_REASONS, Reason, Status
 from service.core.runtime import load_keyring, utcnow
 from service.lifecycle import rekey
+from service.ops.background import REQUEST_GRACE_SECONDS
 from service.serving import apikeys
 
 ROOT = db.ROOT
@@ -75,6 +76,9 @@ def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
         # libuv's event loop and the C HTTP parser: the hot path's per-request cost halves.
         loop="uvloop",
         http="httptools",
+        # After SIGTERM, requests in flight get this long; then the lifespan's shutdown runs
+        # (background.py: one budget for both, inside compose's 30 s grace).
+        timeout_graceful_shutdown=int(REQUEST_GRACE_SECONDS),
     )
 
 
@@ -136,32 +140,28 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 
 async def _refresher(settings: Settings, url: str) -> None:
     from service.core.runtime import Runtime
-    from service.lifecycle import events
     from service.ops import observe
-    from service.refresh.engine import Refresher
+    from service.ops.background import Background, refresher_of
 
     runtime = await Runtime.build(settings, url, application_name="broker-refresher")
-    refresher = Refresher(runtime)
-    stop = asyncio.Event()
+    stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping.set)
     if settings.broker_refresher_metrics_port:
         # This process has no API: its counters get a /metrics server of their own.
         prometheus_client.start_http_server(
             settings.broker_refresher_metrics_port, settings.broker_host
         )
     health = observe.Health(settings.broker_readiness_grace_seconds)
+    background = Background(runtime, refresher_of(runtime), health, api=False)
+    waits = {asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(background.wait())}
     try:
-        await asyncio.gather(
-            refresher.run(stop),
-            events.Dispatcher(runtime).run(stop),
-            observe.watch(health, runtime, stop),
-        )
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await runtime.drain()  # refreshes in flight store their pairs
-        await refresher.release_leases()  # a replacement picks up the rest at once
-        await runtime.close()
+        for wait in waits:
+            wait.cancel()
+        await background.stop()
 
 
 async def _pause_switch(settings: Settings, action: str, reason: str | None) -> None:

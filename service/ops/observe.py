@@ -22,9 +22,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 from service.core import db, logs, metrics
+from service.core.config import Settings
 from service.core.logs import request_id
-from service.core.runtime import Runtime
+from service.core.runtime import Clock
 
 log = logging.getLogger("broker.observe")
 
@@ -83,16 +86,24 @@ class Health:
         return True, "ok"
 
 
-async def watch(health: Health, rt: Runtime, stop: asyncio.Event) -> None:
+async def watch(
+    health: Health,
+    settings: Settings,
+    clock: Clock,
+    sessions: async_sessionmaker[AsyncSession],
+    stop: asyncio.Event,
+) -> None:
     """Checks the database every `BROKER_DB_CHECK_SECONDS`; refreshes the database gauges."""
-    settings = rt.settings
     head = db.head_revision()
     next_gauges = 0.0
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         up = False
         try:
-            async with asyncio.timeout(settings.broker_db_check_seconds), rt.sessions() as session:
+            async with (
+                asyncio.timeout(settings.broker_db_check_seconds),
+                sessions() as session,
+            ):
                 revision = await db.schema_revision(session)
             health.schema_at_head = revision == head
             health.database_ok_at = time.monotonic()
@@ -103,9 +114,9 @@ async def watch(health: Health, rt: Runtime, stop: asyncio.Event) -> None:
         if up and loop.time() >= next_gauges:
             next_gauges = loop.time() + settings.broker_metrics_db_seconds
             try:
-                async with rt.sessions() as session:
+                async with sessions() as session:
                     await metrics.collect_database_gauges(
-                        session, rt.clock(), settings.broker_expiring_soon_days
+                        session, clock(), settings.broker_expiring_soon_days
                     )
             except Exception as exc:
                 logs.event(log, "metrics.collect_failed", {"error": type(exc).__name__}, 30)

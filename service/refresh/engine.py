@@ -39,8 +39,8 @@ from sqlalchemy import or_, update
 from sqlalchemy.exc import DBAPIError
 
 from service.core import db, logs, metrics
-from service.core.config import LEASE_MARGIN_SECONDS
-from service.core.crypto import fingerprint
+from service.core.config import LEASE_MARGIN_SECONDS, Settings
+from service.core.crypto import Keyring, fingerprint
 from service.core.db import BROKEN_CONNECTION, transaction
 from service.core.domain import OUTCOME_UNKNOWN, AttemptOutcome, Reason
 from service.core.mercadopago import (
@@ -51,7 +51,7 @@ from service.core.mercadopago import (
     TransientUpstreamError,
 )
 from service.core.models import Seller
-from service.core.runtime import Runtime
+from service.core.runtime import Clock, Database, Tasks, Upstream
 from service.lifecycle import audit, events, sellers
 from service.lifecycle.sellers import Stored
 from service.refresh import breaker
@@ -116,9 +116,17 @@ class RateLimiter:
 class Refresher:
     """One per process: refreshes on demand (`refresh`) and in the background (`run`)."""
 
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.settings = rt.settings
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        database: Database,
+        keyring: Keyring,
+        upstream: Upstream,
+        tasks: Tasks,
+    ) -> None:
+        self.settings, self.clock, self.db = settings, clock, database
+        self.keyring, self.upstream, self.tasks = keyring, upstream, tasks
         self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.inflight: dict[str, asyncio.Task[Outcome]] = {}
         self.joined = 0  # callers that joined a refresh already in flight (single-flight)
@@ -130,6 +138,13 @@ class Refresher:
         self.burst = breaker.Burst(
             self.settings.broker_breaker_invalid_grant_threshold,
             self.settings.broker_breaker_window_seconds,
+        )
+
+    def replica(self) -> Refresher:
+        """A refresher with the same parts under another owner: another process, as far as
+        the leases can tell (tests race two of them)."""
+        return Refresher(
+            self.settings, self.clock, self.db, self.keyring, self.upstream, self.tasks
         )
 
     # -- entry points ----------------------------------------------------------------------
@@ -198,7 +213,7 @@ class Refresher:
         A lease whose request may be at Mercado Pago stays until it lapses and the late-reply
         grace after it has run (its outcome is unknown: the next attempt will tell)."""
         try:
-            async with transaction(self.rt.sessions) as session:
+            async with transaction(self.db.sessions) as session:
                 released = await session.execute(
                     update(Seller)
                     .where(
@@ -221,8 +236,8 @@ class Refresher:
     async def _prune(self) -> None:
         try:
             events, attempts = await audit.prune(
-                self.rt.sessions,
-                self.rt.clock(),
+                self.db.sessions,
+                self.clock(),
                 self.settings.broker_audit_retention_days,
                 self.settings.broker_attempt_retention_days,
             )
@@ -234,7 +249,7 @@ class Refresher:
 
     async def _notify_expiring(self) -> None:
         try:
-            sent = await events.notify_expiring(self.rt.sessions, self.settings, self.rt.clock())
+            sent = await events.notify_expiring(self.db.sessions, self.settings, self.clock())
         except Exception as exc:
             _event("expiring.scan_failed", logging.ERROR, error=type(exc).__name__)
             return
@@ -242,7 +257,7 @@ class Refresher:
             _event("expiring.notified", logging.WARNING, sellers=sent)
 
     def _start(self, seller_id: str, work: Any) -> asyncio.Task[Outcome]:
-        task: asyncio.Task[Outcome] = self.rt.spawn(work)
+        task: asyncio.Task[Outcome] = self.tasks.spawn(work)
         self.inflight[seller_id] = task
 
         def done(task: asyncio.Task[Outcome]) -> None:
@@ -259,7 +274,7 @@ class Refresher:
     # -- 1. claim ----------------------------------------------------------------------------
 
     async def _claim_one(self, seller_id: str, on_read: bool) -> Outcome:
-        now = self.rt.clock()
+        now = self.clock()
         # At most one on-read refresh per seller per cooldown window.
         cooldown = (
             now - timedelta(seconds=self.settings.broker_on_read_cooldown_seconds)
@@ -268,7 +283,7 @@ class Refresher:
         )
         claims = await self._claim(CLAIM_ONE, now, seller_id=seller_id, cooldown=cooldown)
         if not claims:
-            async with db.direct(self.rt.direct) as connection:
+            async with db.direct(self.db.direct) as connection:
                 free = await connection.fetchval(
                     IS_FREE.sql,
                     *IS_FREE.args(seller_id=seller_id, now=now, grace=self.late_reply_grace),
@@ -277,7 +292,7 @@ class Refresher:
         return await self._refresh_claimed(claims[0])
 
     async def _claim_due(self, limit: int) -> Sequence[Claim]:
-        return await self._claim(CLAIM_DUE, self.rt.clock(), limit=limit)
+        return await self._claim(CLAIM_DUE, self.clock(), limit=limit)
 
     async def _claim(self, statement: db.Hot, now: datetime, **where: object) -> list[Claim]:
         """Take the leases and record the attempts in one transaction (one per batch).
@@ -287,7 +302,7 @@ class Refresher:
         lease_until = now + timedelta(seconds=self.settings.broker_lease_seconds)
         claims = []
         async with (
-            db.direct(self.rt.direct) as connection,
+            db.direct(self.db.direct) as connection,
             connection.transaction(),
         ):
             rows = await connection.fetch(
@@ -296,13 +311,13 @@ class Refresher:
                     owner=self.owner,
                     lease_until=lease_until,
                     now=now,
-                    client_id=self.rt.oauth.client_id,
+                    client_id=self.upstream.oauth.client_id,
                     grace=self.late_reply_grace,
                     **where,
                 ),
             )
             for row in rows:
-                token = self.rt.keyring.open_column(
+                token = self.keyring.open_column(
                     Seller.refresh_token, row["seller_id"], row["client_id"], row["refresh_token"]
                 )
                 claims.append(
@@ -351,9 +366,9 @@ class Refresher:
             return breaker.Gate.CLOSED
         check = self.gate_check = loop.create_task(
             breaker.gate(
-                self.rt.sessions,
+                self.db.sessions,
                 client_id,
-                self.rt.clock(),
+                self.clock(),
                 self.settings.broker_breaker_probe_seconds,
             )
         )
@@ -382,18 +397,20 @@ class Refresher:
             return Outcome.TRANSIENT
         outcome = await self._store(claim, tokens, sent_at)
         if gate == breaker.Gate.PROBE:
-            await breaker.close(self.rt.sessions, claim.client_id)
+            await breaker.close(self.db.sessions, claim.client_id)
         return outcome
 
     async def _send(self, claim: Claim) -> tuple[TokenSet, datetime]:
-        deadline = self.rt.mercadopago.timeout + LEASE_MARGIN_SECONDS
+        deadline = self.upstream.mercadopago.timeout + LEASE_MARGIN_SECONDS
         for attempt in range(NOT_SENT_RETRIES + 1):
             await self.rate.wait()
-            if (claim.lease_until - self.rt.clock()).total_seconds() < deadline:
+            if (claim.lease_until - self.clock()).total_seconds() < deadline:
                 # Not enough lease left to finish: another worker could claim mid-flight.
                 raise TransientUpstreamError("lease_too_short", not_sent=True)
             try:
-                return await self.rt.mercadopago.refresh(self.rt.oauth, claim.refresh_token)
+                return await self.upstream.mercadopago.refresh(
+                    self.upstream.oauth, claim.refresh_token
+                )
             except TransientUpstreamError as exc:
                 if not exc.not_sent or attempt == NOT_SENT_RETRIES:
                     raise
@@ -404,7 +421,7 @@ class Refresher:
     async def _store(self, claim: Claim, tokens: TokenSet, sent_at: datetime) -> Outcome:
         """Write the new pair at once, retried until it lands: it exists nowhere else."""
         pair = sellers.sealed_pair(
-            self.rt.keyring, self.settings, claim.seller_id, claim.client_id, tokens, sent_at
+            self.keyring, self.settings, claim.seller_id, claim.client_id, tokens, sent_at
         )
         delay = 0.05
         while True:
@@ -421,16 +438,16 @@ class Refresher:
                 delay = min(delay * 2, 5.0)
 
     async def _store_pair(self, claim: Claim, pair: sellers.Pair) -> Outcome:
-        now = self.rt.clock()
+        now = self.clock()
         # The common case in one statement: linked, not failing, still at the claimed version.
-        async with db.direct(self.rt.direct) as connection:
+        async with db.direct(self.db.direct) as connection:
             healthy = await sellers.store_refreshed_healthy(
                 connection, claim.seller_id, claim.version, pair, now
             )
         stored = Stored.REFRESHED
         if not healthy:
             stored = await sellers.store_refreshed(
-                self.rt.sessions, self.settings, now, claim.seller_id, claim.version, pair
+                self.db.sessions, self.settings, now, claim.seller_id, claim.version, pair
             )
         if stored == Stored.SUPERSEDED:
             # A relink stored a newer pair meanwhile; ours is older and not needed.
@@ -444,10 +461,10 @@ class Refresher:
     # -- 4-6. failures -------------------------------------------------------------------------
 
     async def _on_invalid_grant(self, claim: Claim, exc: MercadoPagoError) -> Outcome:
-        now = self.rt.clock()
+        now = self.clock()
         reason = Reason.ROTATION_LOST if claim.previous_unknown else Reason.REVOKED
         marked = await sellers.mark_relink_required(
-            self.rt.sessions,
+            self.db.sessions,
             self.settings,
             now,
             claim.seller_id,
@@ -465,7 +482,7 @@ class Refresher:
         if self.burst.add(claim.client_id, now):
             self.clear_until = 0.0
             await breaker.trip(
-                self.rt.sessions,
+                self.db.sessions,
                 claim.client_id,
                 "invalid_grant_burst",
                 now,
@@ -474,10 +491,10 @@ class Refresher:
         return Outcome.RELINK_REQUIRED
 
     async def _on_application_error(self, claim: Claim, exc: MercadoPagoError) -> None:
-        now = self.rt.clock()
+        now = self.clock()
         self.clear_until = 0.0
         await breaker.trip(
-            self.rt.sessions,
+            self.db.sessions,
             claim.client_id,
             exc.error,
             now,
@@ -502,9 +519,9 @@ class Refresher:
         self, claim: Claim, outcome: AttemptOutcome, error: str, *, back_off: bool
     ) -> None:
         await sellers.record_failure(
-            self.rt.sessions,
+            self.db.sessions,
             self.settings,
-            self.rt.clock(),
+            self.clock(),
             claim.seller_id,
             self.owner,
             outcome,

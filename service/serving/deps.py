@@ -38,7 +38,7 @@ async def authenticate(rt: Runtime, authorization: str | None) -> KeyView:
     key = rt.cache.key(prefix)
     if key is None:
         begun = rt.cache.begin()
-        async with rt.autocommit.connect() as connection:
+        async with rt.db.autocommit.connect() as connection:
             key = await apikeys.find(connection, prefix)
         if key is not None:
             rt.cache.store_key(key, begun)

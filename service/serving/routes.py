@@ -71,4 +71,4 @@ async def report_invalid_token(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyD
     """Report that Mercado Pago refused the token; the broker checks it and marks revocations."""
     apikeys.authorize(key, "tokens:read", seller_id)
     await tokens.report_invalid(rt, seller_id)
-    return await sellers.status(rt.sessions, seller_id)
+    return await sellers.status(rt.db.sessions, seller_id)

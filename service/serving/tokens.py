@@ -79,7 +79,7 @@ async def _load(rt: Runtime, seller_id: str, fresh: bool = False) -> SellerView:
     view = None if fresh else rt.cache.seller(seller_id)
     if view is None:
         begun = rt.cache.begin()
-        async with db.direct(rt.direct) as connection:
+        async with db.direct(rt.db.direct) as connection:
             seller = await connection.fetchrow(READ.sql, *READ.args(seller_id=seller_id))
         if seller is None:
             raise SellerNotFound(f"No linked seller {seller_id!r}.")
@@ -159,7 +159,7 @@ async def read_token(rt: Runtime, refresher: Refresher, seller_id: str, min_ttl:
 async def _wait_for_other_refresh(rt: Runtime, before: SellerView) -> SellerView:
     """Another process holds the lease: wait (bounded) until it stores or lets go."""
     loop = asyncio.get_running_loop()
-    give_up = loop.time() + rt.mercadopago.timeout + LEASE_MARGIN_SECONDS
+    give_up = loop.time() + rt.upstream.mercadopago.timeout + LEASE_MARGIN_SECONDS
     while True:
         seller = await _load(rt, before.seller_id, fresh=True)
         lease_held = seller.lease_until is not None and seller.lease_until >= rt.clock()
@@ -175,14 +175,14 @@ async def report_invalid(rt: Runtime, seller_id: str) -> SellerView:
     if access_token is None:  # `_load` never returns an unlinked seller
         raise SellerNotFound(f"No linked seller {seller_id!r}.")
     try:
-        check = await rt.mercadopago.check_token(rt.settings.mp_api_url, access_token)
+        check = await rt.upstream.mercadopago.check_token(rt.settings.mp_api_url, access_token)
     except TransientUpstreamError:
         raise UpstreamUnavailable("Mercado Pago could not confirm the token now.") from None
     if check != TokenCheck.REVOKED:
         return seller  # it works, or a 403 (a scope, not a dead grant): nothing changes
     # Only the token we checked: a refresh that landed meanwhile made it moot.
     if await sellers.mark_relink_required(
-        rt.sessions, rt.settings, rt.clock(), seller_id, seller.version, Reason.REVOKED
+        rt.db.sessions, rt.settings, rt.clock(), seller_id, seller.version, Reason.REVOKED
     ):
         log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
     return await _load(rt, seller_id, fresh=True)
