@@ -29,7 +29,7 @@ async def test_links_refreshes_and_token_reads_are_recorded_and_queryable(
     # Reads are counted in memory, not written one by one.
     assert await sql.fetchval("SELECT count(*) FROM audit_events WHERE action = 'token.read'") == 0
     runtime = broker.app.state.runtime
-    assert await runtime.reads.flush(runtime.direct) == 2  # two minutes of reads
+    assert await runtime.reads.flush(runtime.db.direct) == 2  # two minutes of reads
     reply = await broker.http.get("/audit", params={"seller_id": SELLER})
     assert reply.status_code == 200
     events = [(e["action"], e["count"]) for e in reversed(reply.json())]
@@ -63,11 +63,11 @@ async def test_read_counts_that_could_not_be_written_are_kept_for_the_next_flush
     finally:
         await nowhere.close()
     assert await sql.fetchval("SELECT count(*) FROM audit_events WHERE actor = 'billing'") == 0
-    assert await counter.flush(broker.app.state.runtime.direct) == 1250  # kept, then written
+    assert await counter.flush(broker.app.state.runtime.db.direct) == 1250  # kept, then written
     rows = await sql.fetch("SELECT seller_id, count FROM audit_events WHERE actor = 'billing'")
     assert len(rows) == 1250
     assert {r["count"] for r in rows} == {2}
-    assert await counter.flush(broker.app.state.runtime.direct) == 0  # nothing twice
+    assert await counter.flush(broker.app.state.runtime.db.direct) == 0  # nothing twice
 
 
 async def test_a_namespaced_key_sees_only_its_sellers_audit(
@@ -110,7 +110,7 @@ async def test_retention_prunes_old_events_and_old_link_attempts_only(
     )
     await sql.execute("UPDATE link_attempts SET created_at = $1", clock.now - timedelta(days=31))
     runtime = broker.app.state.runtime
-    events, attempts = await audit.prune(runtime.sessions, clock.now, 365, 30)
+    events, attempts = await audit.prune(runtime.db.sessions, clock.now, 365, 30)
     assert (events, attempts) == (1, 1)
     kept = {r["action"] for r in await sql.fetch("SELECT action FROM audit_events")}
     assert kept == {"key.created", "link.created"}

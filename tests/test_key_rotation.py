@@ -101,12 +101,12 @@ async def test_reencryption_racing_a_refresh_loses_nothing(
     await simulator.wait_until_held()  # Mercado Pago rotated; the new pair is on its way
 
     runtime = broker.app.state.runtime
-    first = await rekey.reencrypt(runtime.sessions, runtime.keyring, clock)
+    first = await rekey.reencrypt(runtime.db.sessions, runtime.keyring, clock)
     assert (first.done, first.skipped_leased) == (4, 1)  # the leased row is left alone
 
     await simulator.release()
     fresh = (await read).json()["access_token"]
-    second = await rekey.reencrypt(runtime.sessions, runtime.keyring, clock)
+    second = await rekey.reencrypt(runtime.db.sessions, runtime.keyring, clock)
     assert second.total == 0  # the refresh sealed its pair under the new primary
 
     row = await sql.fetchrow("SELECT * FROM sellers WHERE seller_id = $1", racing)
@@ -157,7 +157,7 @@ async def test_a_version_bump_between_reencryptions_read_and_write_is_never_writ
     [seller_id] = await seed_sellers(
         sql, simulator, settings, 1, expires_in=3600, due=False, keyring=Keyring.parse(OLD)
     )
-    sessions, ring = broker.app.state.runtime.sessions, Keyring.parse(f"{NEW},{OLD}")
+    sessions, ring = broker.app.state.runtime.db.sessions, Keyring.parse(f"{NEW},{OLD}")
     async with sessions() as session:  # re-encryption's read of the row (version 1)
         read = await session.get(Seller, seller_id)
         assert read is not None
@@ -182,7 +182,7 @@ async def test_reencryption_skips_a_row_a_refresh_is_storing_and_the_refresh_kee
         sql, simulator, settings, 3, expires_in=3600, due=False, keyring=Keyring.parse(OLD)
     )
     storing = sellers[1]
-    sessions, ring = broker.app.state.runtime.sessions, Keyring.parse(f"{NEW},{OLD}")
+    sessions, ring = broker.app.state.runtime.db.sessions, Keyring.parse(f"{NEW},{OLD}")
     refresh = await admin_connect(database_url)
     try:
         # A refresh in the middle of its store: it holds the row until it commits.
@@ -213,7 +213,7 @@ async def test_an_interrupted_reencryption_resumes_with_only_the_rest_then_the_o
     async with SellerBrowser() as browser:
         await browser.open_link(await broker.start_link("half-way"))  # an attempt in progress
     pairs = {s: await open_pair(sql, Keyring.parse(OLD), s) for s in sellers}
-    sessions, ring = broker.app.state.runtime.sessions, Keyring.parse(f"{NEW},{OLD}")
+    sessions, ring = broker.app.state.runtime.db.sessions, Keyring.parse(f"{NEW},{OLD}")
 
     reports: list[int] = []
 

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     broker_refresh_poll_seconds: float = Field(default=1.0, gt=0, le=60)
     broker_serve_refresher: bool = False
     broker_lease_seconds: int = Field(default=60, ge=5)
+    # After SIGTERM (and uvicorn's 10 s for requests in flight): the whole shutdown sequence
+    # (service/ops/background.py). With compose's 30 s grace, 10 + 15 leaves room to exit.
+    broker_shutdown_seconds: float = Field(default=15.0, ge=4, le=300)
     broker_min_ttl_max_seconds: int = Field(default=30 * 24 * 3600, ge=0)
     broker_on_read_cooldown_seconds: int = Field(default=30, ge=0)
     broker_backoff_base_seconds: int = Field(default=30, ge=1)

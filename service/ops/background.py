@@ -2,9 +2,9 @@
 
 `broker serve` runs them in its lifespan, `broker refresher` as the whole process: the same
 runner, so both stop the same way. Shutdown is one sequence under one budget,
-`SHUTDOWN_SECONDS`, well inside the 30 s that docker-compose (and Kubernetes by default)
-grant after SIGTERM; uvicorn first lets requests in flight finish for up to
-`REQUEST_GRACE_SECONDS` (`cli.uvicorn_config`):
+`BROKER_SHUTDOWN_SECONDS` (15 s), inside the 30 s that docker-compose (and Kubernetes by
+default) grant after SIGTERM; in `broker serve`, uvicorn first lets requests in flight finish
+for up to `REQUEST_GRACE_SECONDS` (`cli.uvicorn_config`):
 
 1. stop the loops: no new claims, no new deliveries;
 2. drain: exchanges and refreshes the process owns may hold a reply Mercado Pago already
@@ -30,7 +30,6 @@ from service.refresh.engine import Refresher
 
 log = logging.getLogger("broker")
 
-SHUTDOWN_SECONDS = 15.0
 REQUEST_GRACE_SECONDS = 10.0  # uvicorn's, before the lifespan's shutdown starts
 CLOSE_RESERVE_SECONDS = 3.0  # of the budget, kept for leases, counts and pools
 
@@ -69,7 +68,7 @@ class Background:
         """The shutdown sequence; how many seconds it took."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + SHUTDOWN_SECONDS
+        deadline = started + self.rt.settings.broker_shutdown_seconds
         self.health.stopping = True  # /readyz fails at once: the balancer drains this replica
         self.stopping.set()
         await asyncio.wait(self.loops, timeout=deadline - CLOSE_RESERVE_SECONDS - loop.time())
