@@ -4,12 +4,12 @@
 # and the simulator refuses to run in it.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY service ./service
-# Dependencies and the `broker` script only: the package itself runs from /app, beside the
-# alembic/ folder that `broker migrate` reads.
-RUN pip install --no-cache-dir --prefix=/install . \
- && rm -rf /install/lib/python3.11/site-packages/service
+COPY requirements/runtime.txt ./requirements/
+# The runtime dependencies exactly as uv.lock pins them (requirements/runtime.txt is its export):
+# every file's hash checked, nothing resolved, wheels only so no sdist's build code runs. No dev
+# extra, so no embedded PostgreSQL. tests/test_lock.py runs this same command in a scratch venv.
+RUN pip install --no-cache-dir --prefix=/install \
+      --require-hashes --no-deps --only-binary=:all: -r requirements/runtime.txt
 
 FROM python:3.11-slim
 # The data dir exists, owned by the broker user, so a fresh named volume mounted on it (the dev
@@ -23,6 +23,12 @@ COPY --from=build /install /usr/local
 COPY alembic.ini ./
 COPY alembic ./alembic
 COPY service ./service
+# The `broker` command as pip writes it for [project.scripts]: the package runs from /app, beside
+# the alembic/ folder that `broker migrate` reads, so nothing is built and no unlocked build
+# backend is downloaded.
+RUN printf '#!/usr/local/bin/python\nimport sys\nfrom service.ops.cli import main\nsys.exit(main())\n' \
+      > /usr/local/bin/broker \
+ && chmod 755 /usr/local/bin/broker
 # Compiled now: the broker user cannot write __pycache__ under /app.
 RUN python -m compileall -q /app/service /app/alembic
 ENV PYTHONPATH=/app \

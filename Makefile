@@ -4,13 +4,24 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint openapi bench clean
+.PHONY: run test lint openapi bench lock clean
 
-$(STAMP): pyproject.toml
+# Every install comes from uv.lock (exact versions, hashes checked); `make lock` updates it.
+# uv itself is bootstrapped with pip at the version and hashes the lock records for it.
+UV := $(BIN)/uv
+UV_FROM_LOCK := import tomllib; uv = next(p for p in tomllib.load(open("uv.lock", "rb"))["package"] \
+	if p["name"] == "uv"); print("uv==" + uv["version"], *("--hash=" + w["hash"] for w in uv["wheels"]))
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+$(UV):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -c '$(UV_FROM_LOCK)' > $(VENV)/uv-requirement.txt
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(VENV)/uv-requirement.txt
+
+# --locked: refuse a lock that no longer matches pyproject.toml instead of quietly re-resolving.
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --quiet --locked --extra dev || { echo "make: is uv.lock stale? run: make lock" >&2; exit 1; }
 	@touch $(STAMP)
 
 run: $(STAMP)  ## migrate and serve; with no MP_* credentials, a demo on the built-in simulator
@@ -30,8 +41,8 @@ openapi: $(STAMP)  ## regenerate openapi/openapi.json from the app
 BENCH_STAMP := $(VENV)/.bench-installed
 BENCH_ARGS  ?=
 
-$(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+$(BENCH_STAMP): $(STAMP)
+	$(UV) sync --quiet --locked --extra dev --extra bench
 	@touch $(BENCH_STAMP)
 
 # Not part of `make test`. Options: make bench BENCH_ARGS='--sellers 1000000 --skip-wave'.
@@ -47,6 +58,12 @@ bench: $(BENCH_STAMP)  ## the benchmark (bench/README.md): writes bench/RESULTS.
 	    echo "make bench: could not install wrk: apt-get install -y wrk" >&2; exit 1; }; \
 	}
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# After editing dependencies in pyproject.toml; UPGRADE=1 also moves every pin to the newest
+# release its range allows. requirements/runtime.txt is what the Dockerfile installs.
+lock: | $(UV)  ## re-resolve uv.lock and requirements/runtime.txt from pyproject.toml
+	$(UV) lock $(if $(UPGRADE),--upgrade)
+	$(UV) export --quiet --frozen --no-emit-project --output-file requirements/runtime.txt
 
 clean:
 	rm -rf $(VENV) .broker .pytest_cache .mypy_cache .ruff_cache .hypothesis
