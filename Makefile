@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint openapi bench clean
+.PHONY: run test test-fast lint openapi bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## migrate and serve; with no MP_* credentials, a demo on the built-in simulator
 	$(BIN)/broker run
 
-test: $(STAMP)  ## the whole suite on a real PostgreSQL (embedded unless DATABASE_URL is set)
-	$(BIN)/pytest
+# A worker per core, each with its own embedded PostgreSQL (or its own databases on DATABASE_URL).
+PYTEST := $(BIN)/pytest -n auto --dist worksteal
+
+test: $(STAMP)  ## the whole suite on a real PostgreSQL (embedded unless DATABASE_URL is set), with coverage
+	$(PYTEST) --cov=service --cov-report=term
+
+test-fast: $(STAMP)  ## the inner loop: everything but the chaos, soak, fuzz and browser tests
+	$(PYTEST) -m "not chaos and not soak and not fuzz and not browser"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -22,7 +22,7 @@ from service.core.crypto import context
 from service.core.runtime import Runtime
 from service.lifecycle import events
 from service.lifecycle.events import Dispatcher
-from tests.conftest import (
+from tests.support import (
     CLIENT_ID,
     Broker,
     FakeClock,
@@ -31,7 +31,7 @@ from tests.conftest import (
     Simulator,
     seed_sellers,
 )
-from tests.processes import env_for, run_cli
+from tests.support.processes import env_for, run_cli
 
 SECRET = "whsec-billing-0123456789abcdef"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.serving.fast import _token_read
-from tests.conftest import Broker, SellerBrowser
+from tests.support import Broker, SellerBrowser
 
 
 def scope(path: str, query: bytes = b"", method: str = "GET") -> dict[str, object]:

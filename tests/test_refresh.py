@@ -20,7 +20,7 @@ from service.core.crypto import context
 from service.core.runtime import Runtime
 from service.refresh.engine import Outcome, Refresher
 from service.serving.tokens import read_token
-from tests.conftest import (
+from tests.support import (
     CLIENT_SECRET,
     SIM_EXPIRES_IN,
     Broker,
