@@ -53,6 +53,7 @@ FAULTS: list[dict[str, Any]] = [
 ]
 
 
+@pytest.mark.timeout(SOAK_SECONDS + 240)  # the run, then up to 60 s settling, then checks
 async def test_soak_mixed_traffic_with_random_faults_keeps_every_rotation(
     settings: Settings,
     sockets: tuple[socket.socket, socket.socket],
