@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -53,12 +56,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """DATABASE_URL when given (its database is the admin one), else an embedded server."""
+def server_url() -> Iterator[str]:
+    """DATABASE_URL when given (its database is the admin one), else an embedded server (one
+    per xdist worker). Its data lives outside pytest's /tmp/pytest-of-<user>: every pytest
+    session resets that to mode 0700, which locks out the server's own user mid-run when
+    another checkout's suite starts beside this one."""
     given = os.environ.get("DATABASE_URL")
     if given:
-        return Settings(_env_file=None, database_url=given).database_url or given
-    return embedded.start(tmp_path_factory.mktemp("pg"), database="postgres")
+        yield Settings(_env_file=None, database_url=given).database_url or given
+        return
+    data = Path(tempfile.mkdtemp(prefix="broker-tests-pg-"))
+    data.chmod(0o755)
+    yield embedded.start(data, database="postgres")
+    shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
