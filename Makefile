@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint openapi bench lock clean
+.PHONY: run test test-fast lint openapi bench lock clean
 
 # Every install comes from uv.lock (exact versions, hashes checked); `make lock` updates it.
 # uv itself is bootstrapped with pip at the version and hashes the lock records for it.
@@ -27,8 +27,14 @@ $(STAMP): pyproject.toml uv.lock | $(UV)
 run: $(STAMP)  ## migrate and serve; with no MP_* credentials, a demo on the built-in simulator
 	$(BIN)/broker run
 
-test: $(STAMP)  ## the whole suite on a real PostgreSQL (embedded unless DATABASE_URL is set)
-	$(BIN)/pytest
+# A worker per core, each with its own embedded PostgreSQL (or its own databases on DATABASE_URL).
+PYTEST := $(BIN)/pytest -n auto --dist worksteal
+
+test: $(STAMP)  ## the whole suite on a real PostgreSQL (embedded unless DATABASE_URL is set), with coverage
+	$(PYTEST) --cov=service --cov-report=term
+
+test-fast: $(STAMP)  ## the inner loop: everything but the chaos, soak, fuzz and browser tests
+	$(PYTEST) -m "not chaos and not soak and not fuzz and not browser"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

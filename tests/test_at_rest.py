@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from service.core.crypto import context
-from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, query_of, settings_keyring
+from tests.support import Broker, FakeClock, SellerBrowser, Simulator, query_of, settings_keyring
 
 
 async def dump_every_table(sql: asyncpg.Connection) -> str:

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from service.lifecycle import audit
-from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, create_api_key
-from tests.processes import base_env, run_cli
+from tests.support import Broker, FakeClock, SellerBrowser, Simulator, create_api_key
+from tests.support.processes import base_env, run_cli
 
 SELLER = "billing/seller-1"
 

@@ -22,17 +22,20 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
-from tests.conftest import Broker, Simulator
+from tests.support import Broker, Simulator
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 TIMEOUT = 15  # seconds for any one page: a hung flow fails instead of stalling the suite
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-    reason=f"REAL-BROWSER TEST NOT RUN: {CHROMIUM} or {CHROMEDRIVER} is missing; install "
-    "Debian's chromium and chromium-driver (.ci/run does)",
-)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+        reason=f"REAL-BROWSER TEST NOT RUN: {CHROMIUM} or {CHROMEDRIVER} is missing; install "
+        "Debian's chromium and chromium-driver (.ci/run does)",
+    ),
+]
 
 # Headless, with Chromium's own background traffic (updates, sync, QUIC) switched off.
 FLAGS = (

@@ -21,15 +21,15 @@ from service.main import create_app
 from service.serving import apikeys
 from service.serving import cache as cache_module
 from service.serving.cache import Cache
-from tests.conftest import (
+from tests.support import (
     Broker,
     Loopback,
     SellerBrowser,
     Simulator,
-    _bound_socket,
+    bound_socket,
     create_api_key,
 )
-from tests.processes import env_for, run_cli
+from tests.support.processes import env_for, run_cli
 
 STALE_BOUND = 1.0  # seconds: the issue's promise
 
@@ -190,7 +190,7 @@ async def replica(
     """Another API process on the same database (in this event loop, over real HTTP)."""
     app = create_app(settings, database_url=database_url)
     async with (
-        Loopback(app, _bound_socket()) as server,
+        Loopback(app, bound_socket()) as server,
         httpx.AsyncClient(
             base_url=server.url, headers={"Authorization": f"Bearer {api_key}"}
         ) as http,

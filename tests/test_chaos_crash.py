@@ -23,14 +23,13 @@ replacement `broker refresher` starts right after the kill, as a supervisor woul
 Afterwards, for every seller: the refresh token the broker holds is the one the simulator
 last issued (same fingerprint), or the seller is `relink_required` with a reason and a
 `seller.relink_required` event was delivered. Nobody is left silently broken. Run with `-s` to
-see the figures (docs/reliability/crash.md).
+see the figures (docs/RELIABILITY.md, "Process crash").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import signal
 import socket
@@ -44,13 +43,17 @@ from typing import Any, Literal, TypeVar
 
 import asyncpg
 import httpx
+import pytest
 from fastapi import FastAPI, Request, Response
 
 from service.core.config import Settings
-from service.core.crypto import Keyring, context
+from service.core.crypto import Keyring, context, fingerprint
 from service.lifecycle.sellers import STORE_HEALTHY
-from tests.conftest import Loopback, Simulator, create_api_key, seed_sellers, settings_keyring
-from tests.processes import api_process, broker_process, enter_all, env_for, free_port
+from service.simulator.state import fingerprint as simulator_fingerprint
+from tests.support import Loopback, Simulator, create_api_key, seed_sellers, settings_keyring
+from tests.support.processes import api_process, broker_process, enter_all, env_for, free_port
+
+pytestmark = pytest.mark.chaos
 
 T = TypeVar("T")
 Point = Literal["before_send", "after_rotate", "at_commit"]
@@ -160,11 +163,6 @@ async def stop_together(processes: list[asyncio.subprocess.Process]) -> None:
     await asyncio.gather(*(asyncio.wait_for(p.wait(), 30) for p in running), return_exceptions=True)
 
 
-def fingerprint(token: str) -> str:
-    """The simulator's fingerprint of a refresh token (`/_control/grants`)."""
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
-
-
 async def stored(sql: asyncpg.Connection, ring: Keyring, seller_id: str) -> dict[str, Any]:
     row = await sql.fetchrow("SELECT * FROM sellers WHERE seller_id = $1", seller_id)
     assert row is not None
@@ -175,9 +173,8 @@ async def stored(sql: asyncpg.Connection, ring: Keyring, seller_id: str) -> dict
     refresh_token = opened("refresh_token")
     return dict(row) | {
         "access": opened("access_token"),
-        "refresh_fingerprint": fingerprint(refresh_token),
-        # service.refresh.fingerprint: what the broker records for an attempt
-        "refresh_token_fingerprint_broker": hashlib.sha256(refresh_token.encode()).hexdigest()[:16],
+        "refresh_fingerprint": simulator_fingerprint(refresh_token),  # as `/_control/grants`
+        "refresh_token_fingerprint_broker": fingerprint(refresh_token),  # what an attempt records
     }
 
 
@@ -538,7 +535,7 @@ async def crash(
 
 
 def report(result: dict[str, Any]) -> None:
-    """The figures of docs/reliability/crash.md (shown with pytest -s)."""
+    """The figures of docs/RELIABILITY.md, "Process crash" (shown with pytest -s)."""
     load: Counter[int] = result["load"]
     window: Counter[int] = result["load_crash_window"]
     print(f"\n== crash point {result['point']} ==")

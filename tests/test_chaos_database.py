@@ -1,6 +1,6 @@
 """The database goes away under load: clean 503s, no hang, no 500, recovery by itself.
 
-The broker reaches PostgreSQL through a loopback TCP proxy (tests/netproxy.py) that the test
+The broker reaches PostgreSQL through a loopback TCP proxy (tests/support/netproxy.py) that the test
 cuts: open connections are aborted and new ones refused, as when the database host is gone.
 A restart is the other face of it: every server connection dropped at once, the server back
 at once (`pg_terminate_backend` on every broker connection).
@@ -22,7 +22,7 @@ import pytest
 from service.core.config import Settings
 from service.core.db import is_database_outage
 from service.main import create_app
-from tests.conftest import (
+from tests.support import (
     Loopback,
     SellerBrowser,
     Simulator,
@@ -30,7 +30,9 @@ from tests.conftest import (
     query_of,
     seed_sellers,
 )
-from tests.netproxy import proxied
+from tests.support.netproxy import proxied
+
+pytestmark = pytest.mark.chaos
 
 OUTAGE_SECONDS = 10.0  # the issue's figure: the database unreachable for 10 s
 READERS = 8

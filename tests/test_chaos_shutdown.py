@@ -10,10 +10,13 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
 
 from service.core.config import Settings
-from tests.conftest import Simulator, create_api_key, seed_sellers
-from tests.processes import api_process, broker_process, env_for, free_port
+from tests.support import Simulator, create_api_key, seed_sellers
+from tests.support.processes import api_process, broker_process, env_for, free_port
+
+pytestmark = pytest.mark.chaos
 
 WAVE = 300
 

@@ -12,13 +12,12 @@ app that notes when each token request arrived, when it was answered or abandone
 hung up at its deadline), its status and the seller (the user id that ends the simulator's
 refresh tokens; the token itself is not kept). From that: requests per second, requests in
 flight, and each seller's sequence of attempts (backoff). Run with `-s` for the figures
-(docs/reliability/upstream.md).
+(docs/RELIABILITY.md, "Upstream").
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import random
 import signal
@@ -35,13 +34,17 @@ from urllib.parse import parse_qsl
 
 import asyncpg
 import httpx
+import pytest
 import uvicorn
 
 from service.core.config import Settings
 from service.core.crypto import context
 from service.ops.cli import QuietServer
-from tests.conftest import Simulator, create_api_key, seed_sellers, settings_keyring
-from tests.processes import api_process, broker_process, enter_all, env_for, free_port
+from service.simulator.state import fingerprint as simulator_fingerprint
+from tests.support import Simulator, create_api_key, seed_sellers, settings_keyring
+from tests.support.processes import api_process, broker_process, enter_all, env_for, free_port
+
+pytestmark = pytest.mark.chaos
 
 T = TypeVar("T")
 SELLERS = 2000
@@ -437,7 +440,7 @@ async def test_a_refresh_wave_through_an_upstream_outage_stays_capped_and_catche
             context("sellers", row["seller_id"], "refresh_token", row["client_id"]),
         )
         live = grants[str(row["mp_user_id"])]["refresh_token_fingerprint"]
-        assert hashlib.sha256(token.encode()).hexdigest()[:12] == live
+        assert simulator_fingerprint(token) == live
     # -- tokens still valid were served throughout --------------------------------------------
     assert set(reads.replies) == {200}, reads.replies
     assert reads.replies[200] > 100

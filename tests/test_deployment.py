@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from service.core.config import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Settings
 from service.core.crypto import generate_key_spec
 from service.ops import demo
-from tests.conftest import CLIENT_SECRET, ROOT
+from tests.support import CLIENT_SECRET, ROOT
 
 SERVICES = {"postgres", "migrate", "broker", "refresher", "simulator"}
 LONG_RUNNING = SERVICES - {"migrate"}

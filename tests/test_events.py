@@ -22,7 +22,7 @@ from service.core.crypto import context
 from service.core.runtime import Runtime
 from service.lifecycle import events
 from service.lifecycle.events import Dispatcher
-from tests.conftest import (
+from tests.support import (
     CLIENT_ID,
     Broker,
     FakeClock,
@@ -31,7 +31,7 @@ from tests.conftest import (
     Simulator,
     seed_sellers,
 )
-from tests.processes import env_for, run_cli
+from tests.support.processes import env_for, run_cli
 
 SECRET = "whsec-billing-0123456789abcdef"
 
@@ -138,17 +138,25 @@ async def test_a_receiver_answering_a_byte_at_a_time_is_cut_at_one_deadline(
 ) -> None:
     """httpx's timeout is per read: a byte every 0.2 s would keep a 1 s one alive for ever."""
     dripped = 0
+    handlers: set[asyncio.Task[object]] = set()
 
     async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal dripped
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 204 No Content\r\n")
-        for _ in range(50):  # bounded: 10 s of headers, one byte at a time
-            writer.write(b"X")
-            dripped += 1
-            await writer.drain()
-            await asyncio.sleep(0.2)
-        writer.close()
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 204 No Content\r\n")
+            for _ in range(50):  # bounded: 10 s of headers, one byte at a time
+                writer.write(b"X")
+                dripped += 1
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except ConnectionError:
+            pass  # the broker hung up: what this test wants
+        finally:
+            writer.transport.abort()  # no socket outlives the test (or its event loop)
 
     server = await asyncio.start_server(drip, sock=receiver_socket)
     try:
@@ -159,6 +167,9 @@ async def test_a_receiver_answering_a_byte_at_a_time_is_cut_at_one_deadline(
         assert await send.deliver_due() == 1
     finally:
         server.close()
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
     row = await sql.fetchrow("SELECT state, last_error FROM event_deliveries")
     assert (row["state"], row["last_error"]) == ("pending", "Timeout")
     assert dripped <= 10  # cut after about 1 s of dripping, not 10 s

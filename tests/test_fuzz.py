@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.core.config import Settings
 from service.linking.routes import COOKIE
-from tests.conftest import ROOT, Broker, SellerBrowser, Simulator, query_of, seed_sellers
+from tests.support import ROOT, Broker, SellerBrowser, Simulator, query_of, seed_sellers
 
 DOCUMENT = ROOT / "openapi" / "openapi.json"
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "100"))  # per operation
@@ -48,15 +48,18 @@ CHECKS: list[CheckFunction] = [
 ]
 
 # A 429 is a limit doing its job, not a bug: raise the limits out of the fuzzer's reach.
-pytestmark = pytest.mark.parametrize(
-    "settings_overrides",
-    [
-        {
-            "broker_rate_limit_per_address_per_minute": 1_000_000,
-            "broker_rate_limit_per_key_per_second": 1_000_000,
-        }
-    ],
-)
+pytestmark = [
+    pytest.mark.fuzz,
+    pytest.mark.parametrize(
+        "settings_overrides",
+        [
+            {
+                "broker_rate_limit_per_address_per_minute": 1_000_000,
+                "broker_rate_limit_per_key_per_second": 1_000_000,
+            }
+        ],
+    ),
+]
 
 
 def fuzz(

@@ -2,51 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
-
 import asyncpg
 import httpx
 import pytest
 
-from service.core import db
-from service.core.errors import PROBLEM_JSON
 from service.linking.flow import check_return_url
-from service.serving import apikeys
-from tests.conftest import Broker, SellerBrowser, create_api_key
-
-
-def assert_problem(reply: httpx.Response, status: int, code: str) -> None:
-    assert reply.status_code == status, reply.text
-    assert reply.headers["content-type"] == PROBLEM_JSON
-    body = reply.json()
-    assert body["code"] == code
-    assert body["status"] == status
-    assert body["title"]
-    assert body["detail"]
-
-
-async def new_key(
-    database_url: str, scopes: tuple[str, ...] = apikeys.SCOPES, namespace: str | None = None
-) -> str:
-    engine = db.make_engine(database_url, "tests", pool_size=1)
-    try:
-        async with db.transaction(db.make_sessionmaker(engine)) as session:
-            _, secret = await apikeys.create(
-                session, f"k-{namespace}", datetime.now(UTC), scopes, namespace
-            )
-    finally:
-        await engine.dispose()
-    return secret
-
-
-@asynccontextmanager
-async def calling_with(broker: Broker, key: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=broker.url, headers={"Authorization": f"Bearer {key}"}
-    ) as caller:
-        yield caller
+from tests.support import (
+    Broker,
+    SellerBrowser,
+    assert_problem,
+    calling_with,
+    create_api_key,
+    new_key,
+)
 
 
 async def linked(broker: Broker, seller_id: str, user_id: int) -> None:

@@ -14,7 +14,7 @@ from service.core.crypto import Keyring, SealError, context, generate_key_spec
 from service.core.db import transaction
 from service.core.models import Seller
 from service.lifecycle import rekey, sellers
-from tests.conftest import (
+from tests.support import (
     Broker,
     FakeClock,
     SellerBrowser,
@@ -22,7 +22,7 @@ from tests.conftest import (
     admin_connect,
     seed_sellers,
 )
-from tests.processes import base_env, run_cli
+from tests.support.processes import base_env, run_cli
 
 OLD, NEW = generate_key_spec("k1"), generate_key_spec("k2")
 

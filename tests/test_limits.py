@@ -12,9 +12,8 @@ import pytest
 
 from service.core.config import Settings
 from service.serving.limits import Buckets, client_address
-from tests.conftest import Broker, SellerBrowser
-from tests.processes import api_process, free_port
-from tests.test_internal_api import assert_problem
+from tests.support import Broker, SellerBrowser, assert_problem
+from tests.support.processes import api_process, free_port
 
 
 async def test_an_oversized_body_is_413_and_stores_nothing(
@@ -72,7 +71,7 @@ async def test_api_keys_are_rate_limited_per_key(broker: Broker, database_url: s
     statuses = [(await broker.token("nobody")).status_code for _ in range(4)]
     assert statuses[:2] == [404, 404]
     assert 429 in statuses[2:]
-    from tests.conftest import create_api_key
+    from tests.support import create_api_key
 
     other = await create_api_key(database_url)  # another key has its own budget
     async with httpx.AsyncClient(

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from service.core.crypto import context
-from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, query_of, settings_keyring
+from tests.support import Broker, FakeClock, SellerBrowser, Simulator, query_of, settings_keyring
 
 SELLER = "seller-7"
 

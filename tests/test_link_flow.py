@@ -12,7 +12,7 @@ import pytest
 from service.core.crypto import context
 from service.linking import pkce
 from service.linking.flow import Outcome
-from tests.conftest import (
+from tests.support import (
     CLIENT_ID,
     SIM_EXPIRES_IN,
     Broker,

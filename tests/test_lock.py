@@ -20,7 +20,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 UV = Path(sys.executable).with_name("uv")
 RUNTIME = ROOT / "requirements" / "runtime.txt"

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from service.main import create_app
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def test_the_committed_openapi_document_is_fresh() -> None:

@@ -18,7 +18,7 @@ import httpx
 from service.core.config import DEMO_CLIENT_ID, Settings
 from service.core.crypto import context
 from service.linking.pkce import challenge
-from tests.conftest import (
+from tests.support import (
     CLIENT_SECRET,
     Broker,
     SellerBrowser,
@@ -27,7 +27,7 @@ from tests.conftest import (
     query_of,
     settings_keyring,
 )
-from tests.processes import base_env, broker_process, env_for, free_port, run_cli
+from tests.support.processes import base_env, broker_process, env_for, free_port, run_cli
 
 
 def printed_curl(banner: str, step: str) -> list[str]:

@@ -21,7 +21,7 @@ from service.core.runtime import Runtime
 from service.lifecycle.sellers import STORE_HEALTHY
 from service.refresh.engine import Outcome
 from service.serving.tokens import read_token
-from tests.conftest import (
+from tests.support import (
     CLIENT_SECRET,
     SIM_EXPIRES_IN,
     Broker,

@@ -14,8 +14,8 @@ import asyncpg
 import httpx
 
 from service.core.config import Settings
-from tests.conftest import Simulator, create_api_key, seed_sellers
-from tests.processes import api_process, broker_process, env_for, free_port
+from tests.support import Simulator, create_api_key, seed_sellers
+from tests.support.processes import api_process, broker_process, env_for, free_port
 
 SIMULATED_LIFETIME = 3600
 

@@ -7,8 +7,8 @@ import json
 import asyncpg
 
 from service.core.config import Settings
-from tests.conftest import Broker, Simulator, seed_sellers
-from tests.processes import env_for, run_cli
+from tests.support import Broker, Simulator, seed_sellers
+from tests.support.processes import env_for, run_cli
 
 
 async def test_a_restored_database_is_re_validated_and_burned_tokens_are_named_rotation_lost(

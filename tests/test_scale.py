@@ -9,7 +9,7 @@ import asyncpg
 from service.lifecycle.events import expiring_query
 from service.refresh.sql import CLAIM_DUE
 from service.serving.tokens import READ
-from tests.conftest import CLIENT_ID, Broker
+from tests.support import CLIENT_ID, Broker
 
 SELLERS = 1_000_000
 

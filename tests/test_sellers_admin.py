@@ -7,8 +7,16 @@ import httpx
 import pytest
 
 from service.core.config import Settings
-from tests.conftest import Broker, FakeClock, SellerBrowser, Simulator, seed_sellers
-from tests.test_internal_api import assert_problem, calling_with, new_key
+from tests.support import (
+    Broker,
+    FakeClock,
+    SellerBrowser,
+    Simulator,
+    assert_problem,
+    calling_with,
+    new_key,
+    seed_sellers,
+)
 
 
 async def test_sellers_are_listed_by_status_and_expiry_a_page_at_a_time(

@@ -9,10 +9,13 @@ import socket
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from service.core.config import Settings
-from tests.conftest import Simulator, seed_sellers
-from tests.processes import broker_process, env_for
+from tests.support import Simulator, seed_sellers
+from tests.support.processes import broker_process, env_for
+
+pytestmark = pytest.mark.chaos
 
 BUDGET = 4.0  # BROKER_SHUTDOWN_SECONDS for this test (15 by default)
 SLACK = 2.5  # the interpreter's own exit, the scheduler of a loaded 2-core machine

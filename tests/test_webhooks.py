@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
 from service.lifecycle.webhooks import manifest, signature, verify
-from tests.conftest import CLIENT_ID, Broker, FakeClock, Loopback, SellerBrowser, Simulator
+from tests.support import CLIENT_ID, Broker, FakeClock, Loopback, SellerBrowser, Simulator
 
 NEW, OLD = "whsec-new-0123456789", "whsec-old-0123456789"
 SECRETS = pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from typing import TypeVar
 import httpx
 
 from service.core.config import Settings
-from tests.conftest import CLIENT_SECRET, ROOT
+from tests.support.config import CLIENT_SECRET, ROOT
 
 T = TypeVar("T")
 
