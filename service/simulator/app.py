@@ -265,7 +265,7 @@ def _error(sim: Simulator, code: str, message: str, status: int) -> JSONResponse
     return JSONResponse(body, status_code=status)
 
 
-def _token_body(sim: Simulator, issued: IssuedTokens, minimal: bool = False) -> dict[str, Any]:
+def _token_body(sim: Simulator, issued: IssuedTokens, *, minimal: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {
         "access_token": issued.access_token,
         "token_type": sim.faults.token_type,
