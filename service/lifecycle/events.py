@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from service.core.db import transaction
 from service.core.domain import DeliveryState, EventType
 from service.core.models import Event, EventDelivery, Seller
 from service.core.runtime import Runtime
+from service.refresh import policy
 
 log = logging.getLogger("broker.events")
 
@@ -131,15 +131,6 @@ def verify(secret: str, header: str, payload: bytes, now: float, tolerance: floa
         return False
     expected = sign(secret, int(parts["t"]), payload).split("v1=", 1)[1]
     return hmac.compare_digest(expected, parts.get("v1", ""))
-
-
-def backoff(attempts: int, settings: Settings) -> timedelta:
-    """Exponential with full jitter in its upper half: 5 s, 10 s, 20 s ... capped."""
-    ceiling = min(
-        settings.broker_event_backoff_max_seconds,
-        settings.broker_event_backoff_base_seconds * 2 ** max(attempts - 1, 0),
-    )
-    return timedelta(seconds=ceiling * random.uniform(0.5, 1.0))  # noqa: S311 (jitter only)
 
 
 @dataclass(frozen=True)
@@ -247,7 +238,13 @@ class Dispatcher:
             values |= {"state": DeliveryState.FAILED}
             outcome = DeliveryState.FAILED
         else:
-            values |= {"next_attempt_at": now + backoff(attempts, self.settings)}
+            # 5 s, 10 s, 20 s ... by default: the first retry after one base period.
+            retry_in = policy.backoff(
+                attempts - 1,
+                self.settings.broker_event_backoff_base_seconds,
+                self.settings.broker_event_backoff_max_seconds,
+            )
+            values |= {"next_attempt_at": now + retry_in}
             outcome = "retry"
         async with transaction(self.sessions) as session:
             await session.execute(
