@@ -56,6 +56,7 @@ from service.lifecycle import audit, events, sellers
 from service.lifecycle.sellers import Stored
 from service.refresh import breaker
 from service.refresh.sql import CLAIM_DUE, CLAIM_ONE, IS_FREE, RECORD_ATTEMPT
+from service.serving.limits import Buckets
 
 log = logging.getLogger("broker.refresh")
 
@@ -92,25 +93,19 @@ def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
 
 
 class RateLimiter:
-    """A token bucket: at most `rate` sends per second from this process, bursts of one second."""
+    """At most `rate` sends per second from this process, bursts of one second (at least one
+    send): senders wait their turn, in order, on the same token bucket the API's limits use."""
 
     def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.updated = asyncio.get_running_loop().time()
+        self.bucket = Buckets(rate, burst=max(rate, 1.0), capacity=1)
         self.lock = asyncio.Lock()
 
     async def wait(self) -> None:
         async with self.lock:
             loop = asyncio.get_running_loop()
-            now = loop.time()
-            self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
-            if self.tokens < 1:
-                await asyncio.sleep((1 - self.tokens) / self.rate)
-                self.updated = loop.time()
-                self.tokens = 1
-            self.tokens -= 1
+            # The sleep is the bucket's computed wait, not a poll (ASYNC110 suspects one).
+            while (delay := self.bucket.take("", loop.time())) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(delay)
 
 
 class Refresher:
