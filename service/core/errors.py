@@ -51,10 +51,6 @@ class Forbidden(BrokerError):
     code, status, title = "forbidden", 403, "This API key may not do that"
 
 
-class NotFound(BrokerError):
-    code, status, title = "not_found", 404, "No such resource"
-
-
 class SellerNotFound(BrokerError):
     code, status, title = "seller_not_found", 404, "No such seller"
 

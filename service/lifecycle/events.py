@@ -124,15 +124,6 @@ def sign(secret: str, timestamp: int, payload: bytes) -> str:
     return f"t={timestamp},v1={mac.hexdigest()}"
 
 
-def verify(secret: str, header: str, payload: bytes, now: float, tolerance: float = 300) -> bool:
-    """What a receiver does (the README shows the same in a few lines)."""
-    parts = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
-    if not parts.get("t", "").isdigit() or abs(now - int(parts["t"])) > tolerance:
-        return False
-    expected = sign(secret, int(parts["t"]), payload).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, parts.get("v1", ""))
-
-
 @dataclass(frozen=True)
 class _Due:
     event: Event
