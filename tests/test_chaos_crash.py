@@ -23,7 +23,7 @@ replacement `broker refresher` starts right after the kill, as a supervisor woul
 Afterwards, for every seller: the refresh token the broker holds is the one the simulator
 last issued (same fingerprint), or the seller is `relink_required` with a reason and a
 `seller.relink_required` event was delivered. Nobody is left silently broken. Run with `-s` to
-see the figures (docs/reliability/crash.md).
+see the figures (docs/RELIABILITY.md, "Process crash").
 """
 
 from __future__ import annotations
@@ -538,7 +538,7 @@ async def crash(
 
 
 def report(result: dict[str, Any]) -> None:
-    """The figures of docs/reliability/crash.md (shown with pytest -s)."""
+    """The figures of docs/RELIABILITY.md, "Process crash" (shown with pytest -s)."""
     load: Counter[int] = result["load"]
     window: Counter[int] = result["load_crash_window"]
     print(f"\n== crash point {result['point']} ==")

@@ -12,7 +12,7 @@ app that notes when each token request arrived, when it was answered or abandone
 hung up at its deadline), its status and the seller (the user id that ends the simulator's
 refresh tokens; the token itself is not kept). From that: requests per second, requests in
 flight, and each seller's sequence of attempts (backoff). Run with `-s` for the figures
-(docs/reliability/upstream.md).
+(docs/RELIABILITY.md, "Upstream").
 """
 
 from __future__ import annotations
