@@ -93,19 +93,16 @@ def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
 
 
 class RateLimiter:
-    """At most `rate` sends per second from this process, bursts of one second (at least one
-    send): senders wait their turn, in order, on the same token bucket the API's limits use."""
+    """At most `rate` sends per second from this process, bursts of one second: each sender
+    reserves its turn on the token bucket the API's limits use, then waits for it."""
 
     def __init__(self, rate: float) -> None:
-        self.bucket = Buckets(rate, burst=max(rate, 1.0), capacity=1)
-        self.lock = asyncio.Lock()
+        self.bucket = Buckets(rate, burst=rate, capacity=1)
 
     async def wait(self) -> None:
-        async with self.lock:
-            loop = asyncio.get_running_loop()
-            # The sleep is the bucket's computed wait, not a poll (ASYNC110 suspects one).
-            while (delay := self.bucket.take("", loop.time())) > 0:  # noqa: ASYNC110
-                await asyncio.sleep(delay)
+        delay = self.bucket.reserve("", asyncio.get_running_loop().time())
+        if delay:
+            await asyncio.sleep(delay)
 
 
 class Refresher:
