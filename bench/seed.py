@@ -18,7 +18,9 @@ from typing import Any
 
 import asyncpg
 
-from service.core.crypto import Keyring, context
+from service.core import db
+from service.core.crypto import Keyring
+from service.core.models import Seller
 
 SCOPE = "offline_access read write"
 COLUMNS = (
@@ -61,18 +63,14 @@ def row(
     expires_at: datetime,
     next_refresh_at: datetime,
 ) -> tuple[Any, ...]:
-    """One `sellers` row, sealed like tests/conftest.seed_sellers (Keyring.seal + context)."""
-
-    def seal(column: str, value: str) -> str:
-        return ring.seal(value, context("sellers", sid, column, client_id))
-
+    """One `sellers` row, sealed the way the broker seals it (the context comes from the column)."""
     return (
         sid,
         client_id,
         user_id,
         "linked",
-        seal("access_token", access_token),
-        seal("refresh_token", refresh_token),
+        ring.seal_column(Seller.access_token, sid, client_id, access_token),
+        ring.seal_column(Seller.refresh_token, sid, client_id, refresh_token),
         SCOPE,
         True,
         expires_at,
@@ -108,12 +106,12 @@ async def copy_rows(connection: Any, rows: Iterable[tuple[Any, ...]]) -> None:
 
 
 async def seed_read_sellers(
-    dsn: str, key_spec: str, client_id: str, count: int, now: datetime, chunk: int = 10_000
+    url: str, key_spec: str, client_id: str, count: int, now: datetime, chunk: int = 10_000
 ) -> None:
     """Write `count` linked sellers seller-0000000.. with COPY, chunk by chunk."""
     workers = max(1, min(os.cpu_count() or 1, 8))
     loop = asyncio.get_running_loop()
-    connection = await asyncpg.connect(dsn)
+    connection = await asyncpg.connect(**db.asyncpg_params(url, "broker-bench"))
     try:
         with ProcessPoolExecutor(
             workers,

@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import BaseRoute
 
+from service import __version__
 from service.core import db, errors
 from service.core.config import Settings, get_settings
 from service.core.runtime import Clock, Runtime, utcnow
@@ -64,7 +65,7 @@ def create_app(
 
     app = FastAPI(
         title="Mercado Pago token broker",
-        version="0.1.0",
+        version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
     )

@@ -351,6 +351,23 @@ async def test_the_check_revision_applies_to_a_live_database_with_rows(
     ]
 
 
+async def test_revision_0006_ends_a_namespace_stored_before_the_check_with_its_slash(
+    database_url: str, sql: asyncpg.Connection
+) -> None:
+    await asyncio.to_thread(_alembic, database_url, "downgrade", "0005")
+    await sql.execute(
+        "INSERT INTO api_keys (id, name, prefix, digest, scopes, namespace, created_at) VALUES "
+        "('1', 'old', 'aaaaaaaa', 'd', '{}', 'billing', now()),"
+        "('2', 'new', 'bbbbbbbb', 'd', '{}', 'billing/', now()),"
+        "('3', 'all', 'cccccccc', 'd', '{}', NULL, now())"
+    )
+    await asyncio.to_thread(_alembic, database_url, "upgrade", "head")
+    rows = await sql.fetch("SELECT name, namespace FROM api_keys ORDER BY id")
+    assert [tuple(r) for r in rows] == [("old", "billing/"), ("new", "billing/"), ("all", None)]
+    await asyncio.to_thread(_alembic, database_url, "downgrade", "0005")
+    assert await sql.fetchval("SELECT count(*) FROM api_keys WHERE last_used_at IS NULL") == 3
+
+
 # -- hot statements ---------------------------------------------------------------------------
 
 HOT = [

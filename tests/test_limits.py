@@ -189,3 +189,12 @@ def test_a_bucket_refills_at_its_rate_and_forgets_the_least_recent() -> None:
     buckets.take("b", now=2)
     buckets.take("c", now=2)
     assert "a" not in buckets.buckets
+
+
+def test_a_reservation_waits_its_turn_and_a_rate_below_one_always_waits() -> None:
+    per_second = Buckets(rate=10, burst=10, capacity=1)
+    assert [per_second.reserve("", 0.0) for _ in range(10)] == [0.0] * 10  # one second's burst
+    assert [round(per_second.reserve("", 0.0), 6) for _ in range(2)] == [0.1, 0.2]  # in order
+    slow = Buckets(rate=0.05, burst=0.05, capacity=1)
+    assert round(slow.reserve("", 0.0), 6) == 19.0  # (1 - 0.05) / 0.05: never a burst of one
+    assert round(slow.reserve("", 19.0), 6) == 20.0  # the next turn comes 20 s after the first

@@ -159,7 +159,8 @@ def head_revision() -> str:
     config = Config()
     config.set_main_option("script_location", str(ROOT / "alembic"))
     head = ScriptDirectory.from_config(config).get_current_head()
-    assert head is not None
+    if head is None:
+        raise RuntimeError(f"no Alembic revision under {ROOT / 'alembic'}")
     return head
 
 

@@ -56,7 +56,7 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         pairs = " ".join(f"{k}={v}" for k, v in _fields(record).items())
-        stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        stamp = self.formatTime(record, "%H:%M:%S")  # local time, for a terminal
         return f"{stamp} {record.levelname:<7} {record.getMessage()} {pairs}".rstrip()
 
 
@@ -67,7 +67,7 @@ def event(
     logger.log(level, name, extra={"fields": fields})
 
 
-def configure(json_lines: bool, level: int | str = logging.INFO) -> None:
+def configure(*, json_lines: bool, level: int | str = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()

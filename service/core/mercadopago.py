@@ -184,7 +184,7 @@ class MercadoPagoClient:
         self.working_secret: dict[str, int] = {}  # client_id -> index of the secret that worked
 
     async def exchange_code(
-        self, app: OAuthApp, code: str, code_verifier: str | None, test: bool
+        self, app: OAuthApp, code: str, code_verifier: str | None, *, test: bool
     ) -> tuple[TokenSet, datetime]:
         """Exchange an authorization code. Returns the tokens and when the request left."""
         form = {

@@ -48,7 +48,6 @@ class ApiKey(Base):
     namespace: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(Timestamp)
     revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
-    last_used_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class Link(Base):

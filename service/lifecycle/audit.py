@@ -66,8 +66,8 @@ class ReadCounter:
                         columns=("at", "actor", "action", "seller_id", "count"),
                     )
                     await asyncio.sleep(0)
-        except Exception as exc:
-            self.counts.update(counts)  # keep them for the next flush
+        except Exception as exc:  # noqa: BLE001 a failed flush keeps its counts for the next
+            self.counts.update(counts)
             log.error("audit.flush_failed", extra={"fields": {"error": type(exc).__name__}})
             return 0
         return len(counts)

@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from service.core.db import transaction
 from service.core.domain import DeliveryState, EventType
 from service.core.models import Event, EventDelivery, Seller
 from service.core.runtime import Clock
+from service.refresh import policy
 
 log = logging.getLogger("broker.events")
 
@@ -124,24 +124,6 @@ def sign(secret: str, timestamp: int, payload: bytes) -> str:
     return f"t={timestamp},v1={mac.hexdigest()}"
 
 
-def verify(secret: str, header: str, payload: bytes, now: float, tolerance: float = 300) -> bool:
-    """What a receiver does (the README shows the same in a few lines)."""
-    parts = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
-    if not parts.get("t", "").isdigit() or abs(now - int(parts["t"])) > tolerance:
-        return False
-    expected = sign(secret, int(parts["t"]), payload).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, parts.get("v1", ""))
-
-
-def backoff(attempts: int, settings: Settings) -> timedelta:
-    """Exponential with full jitter in its upper half: 5 s, 10 s, 20 s ... capped."""
-    ceiling = min(
-        settings.broker_event_backoff_max_seconds,
-        settings.broker_event_backoff_base_seconds * 2 ** max(attempts - 1, 0),
-    )
-    return timedelta(seconds=ceiling * random.uniform(0.5, 1.0))  # noqa: S311 (jitter only)
-
-
 @dataclass(frozen=True)
 class _Due:
     event: Event
@@ -167,7 +149,7 @@ class Dispatcher:
         while not stop.is_set():
             try:
                 sent = await self.deliver_due()
-            except Exception as exc:  # a database blip must not end the loop
+            except Exception as exc:  # noqa: BLE001 a database blip must not end the loop
                 logs.event(log, "events.dispatch_failed", {"error": type(exc).__name__}, 40)
                 sent = 0
             if sent:
@@ -250,7 +232,13 @@ class Dispatcher:
             values |= {"state": DeliveryState.FAILED}
             outcome = DeliveryState.FAILED
         else:
-            values |= {"next_attempt_at": now + backoff(attempts, self.settings)}
+            # 5 s, 10 s, 20 s ... by default: the first retry after one base period.
+            retry_in = policy.backoff(
+                attempts - 1,
+                self.settings.broker_event_backoff_base_seconds,
+                self.settings.broker_event_backoff_max_seconds,
+            )
+            values |= {"next_attempt_at": now + retry_in}
             outcome = "retry"
         async with transaction(self.sessions) as session:
             await session.execute(
@@ -314,7 +302,7 @@ async def notify_expiring(
 
 
 async def list_events(
-    session: AsyncSession, failed_only: bool, limit: int
+    session: AsyncSession, limit: int, *, failed_only: bool
 ) -> list[tuple[Event, EventDelivery | None]]:
     query = (
         select(Event, EventDelivery)
@@ -332,6 +320,7 @@ async def replay(
     settings: Settings,
     now: datetime,
     event_ids: Sequence[str] = (),
+    *,
     all_failed: bool = False,
 ) -> int:
     """Put failed deliveries (these events', or all) back in the queue with a fresh period."""

@@ -115,7 +115,7 @@ async def unlink_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> 
     responses={
         200: {
             "description": "Handled, ignored or a duplicate: Mercado Pago need not retry",
-            "content": {"application/json": {"example": {"action": "unlinked", "sellers": 1}}},
+            "content": {"application/json": {"example": {"action": "unlinked"}}},
         },
         **responses(InvalidSignature, UpstreamUnavailable),
     },

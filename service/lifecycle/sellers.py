@@ -278,7 +278,11 @@ async def record_failure(
         seller.last_refresh_error = error
         seller.attempt_outcome = outcome
         if back_off:
-            seller.next_refresh_at = now + policy.backoff(seller.refresh_failures, settings)
+            seller.next_refresh_at = now + policy.backoff(
+                seller.refresh_failures,
+                settings.broker_backoff_base_seconds,
+                settings.broker_backoff_max_seconds,
+            )
         seller.lease_owner = seller.lease_until = None
         if seller.refresh_failures == 1:  # once per failing streak, not once per retry
             events.emit_for(session, settings, now, EventType.REFRESH_FAILED, seller)

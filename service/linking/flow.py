@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -123,7 +123,7 @@ def with_status(return_url: str, outcome: str, seller_id: str) -> str:
 
 
 async def start_link(
-    rt: Runtime, key: KeyView, seller_id: str, return_url: str | None, test: bool
+    rt: Runtime, key: KeyView, seller_id: str, return_url: str | None, *, test: bool
 ) -> tuple[str, datetime]:
     if return_url is not None:
         check_return_url(return_url, rt.settings.broker_return_url_allowlist)
@@ -238,10 +238,13 @@ async def _handle_callback(
     if not state or not (code or error):
         _event("callback.refused", reason=Refusal.INVALID_CALLBACK)
         return CallbackResult(Refusal.INVALID_CALLBACK)
-    claimed = await _claim_attempt(rt, state, binder, denied=bool(error) and not code)
+    # Past the check above, a callback without a code carries an error: the seller said no.
+    claimed = await _claim_attempt(rt, state, binder, denied=not code)
     if isinstance(claimed, CallbackResult):
         return claimed
-    assert code is not None
+    if not code:
+        _event("callback.outcome", outcome=Outcome.DENIED, seller_id=claimed.seller_id)
+        return CallbackResult(Outcome.DENIED, claimed.seller_id, claimed.return_url)
     # The exchange belongs to the process: a seller closing the tab cannot cancel it between
     # Mercado Pago's reply and our write.
     outcome = await rt.tasks.owned(_exchange_and_store(rt, claimed, code))
@@ -249,7 +252,7 @@ async def _handle_callback(
 
 
 async def _claim_attempt(
-    rt: Runtime, state: str, binder: str | None, denied: bool
+    rt: Runtime, state: str, binder: str | None, *, denied: bool
 ) -> _Claimed | CallbackResult:
     """Consume the attempt exactly once and commit that before anything is sent upstream."""
     now = rt.clock()
@@ -288,9 +291,6 @@ async def _claim_attempt(
         claimed = _Claimed(
             attempt.id, attempt.seller_id, attempt.client_id, attempt.test, verifier, return_url
         )
-    if denied:
-        _event("callback.outcome", outcome=Outcome.DENIED, seller_id=claimed.seller_id)
-        return CallbackResult(Outcome.DENIED, claimed.seller_id, return_url)
     return claimed
 
 
@@ -298,7 +298,7 @@ async def _exchange_and_store(rt: Runtime, claimed: _Claimed, code: str) -> Outc
     error: str | None = None
     try:
         tokens, sent_at = await rt.upstream.mercadopago.exchange_code(
-            rt.upstream.oauth, code, claimed.verifier, claimed.test
+            rt.upstream.oauth, code, claimed.verifier, test=claimed.test
         )
     except TransientUpstreamError as exc:
         outcome, error = Outcome.UPSTREAM_UNAVAILABLE, exc.error
@@ -309,9 +309,11 @@ async def _exchange_and_store(rt: Runtime, claimed: _Claimed, code: str) -> Outc
     metrics.TOKEN_EXCHANGES.labels(outcome).inc()
     if outcome not in SUCCESS:
         async with transaction(rt.db.sessions) as session:
-            attempt = await session.get(LinkAttempt, claimed.attempt_id)
-            assert attempt is not None
-            attempt.outcome = outcome
+            await session.execute(
+                update(LinkAttempt)
+                .where(LinkAttempt.id == claimed.attempt_id)
+                .values(outcome=outcome)
+            )
     _event(
         "callback.outcome",
         outcome=outcome,
@@ -343,7 +345,7 @@ async def _store_tokens(
     for _ in range(3):
         try:
             async with transaction(rt.db.sessions) as session:
-                return await _store_linked(rt, session, claimed, pair, user_id, live_mode)
+                return await _store_linked(rt, session, claimed, pair, user_id, live_mode=live_mode)
         except IntegrityError:
             continue  # two first links of one seller raced on the insert; the loser re-reads
     raise RuntimeError("could not store the seller's tokens")
@@ -355,6 +357,7 @@ async def _store_linked(
     claimed: _Claimed,
     pair: Pair,
     user_id: int,
+    *,
     live_mode: bool,
 ) -> Outcome:
     """The link's rules (one account per seller, one mode), then the lifecycle's store."""

@@ -30,7 +30,7 @@ async def start_link(body: LinkStartRequest, rt: RuntimeDep, key: ApiKeyDep) -> 
     """Create a link to send to a seller so they can connect their Mercado Pago account."""
     apikeys.authorize(key, "links:write", body.seller_id)
     link_url, expires_at = await linking.start_link(
-        rt, key, body.seller_id, body.return_url, body.test
+        rt, key, body.seller_id, body.return_url, test=body.test
     )
     return LinkStartResponse(link_url=link_url, expires_at=expires_at)
 
@@ -49,7 +49,7 @@ HTML: dict[str, Any] = {
 }
 
 
-def _binder(plain: str | None, secure: str | None, https: bool) -> str | None:
+def _binder(plain: str | None, secure: str | None, *, https: bool) -> str | None:
     return secure if https else plain
 
 
@@ -76,7 +76,7 @@ async def open_link(
 ) -> RedirectResponse | HTMLResponse:
     """The link a seller opens: binds this browser and sends it to Mercado Pago's consent page."""
     https = rt.settings.secure_cookies
-    opened = await linking.open_link(rt, token, _binder(mpb_link, host_mpb_link, https))
+    opened = await linking.open_link(rt, token, _binder(mpb_link, host_mpb_link, https=https))
     if isinstance(opened, linking.CallbackResult):
         return pages.page(opened.result, pages.language(accept_language))
     url, binder = opened
@@ -117,6 +117,6 @@ async def oauth_callback(
     ] = None,
 ) -> HTMLResponse | RedirectResponse:
     """Mercado Pago's redirect back: checks state and browser, exchanges the code, stores tokens."""
-    binder = _binder(mpb_link, host_mpb_link, rt.settings.secure_cookies)
+    binder = _binder(mpb_link, host_mpb_link, https=rt.settings.secure_cookies)
     result = await linking.handle_callback(rt, state, code, error, binder)
     return pages.respond(result, pages.language(accept_language))

@@ -28,6 +28,7 @@ from service.core.db import transaction
 from service.core.domain import UNLINK_REASONS, Reason, Status
 from service.core.runtime import load_keyring, utcnow
 from service.lifecycle import rekey
+from service.ops import output
 from service.ops.background import REQUEST_GRACE_SECONDS
 from service.serving import apikeys
 
@@ -82,7 +83,7 @@ def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
     )
 
 
-async def _serve(settings: Settings, url: str, simulated: bool) -> None:
+async def _serve(settings: Settings, url: str, *, simulated: bool) -> None:
     from service.main import create_app
 
     host = settings.broker_host
@@ -121,8 +122,8 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
     migrate(url)
     if not settings.production:
         key = asyncio.run(_dev_key(settings, url))
-        print(demo.banner(settings, key, simulated), flush=True)
-    asyncio.run(_serve(settings, url, simulated))
+        output.say(demo.banner(settings, key, simulated=simulated), flush=True)
+    asyncio.run(_serve(settings, url, simulated=simulated))
 
 
 async def _dev_key(settings: Settings, url: str) -> str:
@@ -170,18 +171,18 @@ async def _pause_switch(settings: Settings, action: str, reason: str | None) -> 
     async with _sessions(settings) as sessions:
         if action == "pause":
             done = await breaker.pause(sessions, utcnow(), "cli", reason)
-            print(
+            output.say(
                 "paused: no process refreshes until `broker refresher resume`"
                 if done
                 else "already paused"
             )
         elif action == "resume":
             done = await breaker.resume(sessions)
-            print("resumed: due sellers are refreshed again" if done else "was not paused")
+            output.say("resumed: due sellers are refreshed again" if done else "was not paused")
         else:
             async with sessions() as session:
                 pause = await breaker.current_pause(session)
-            print(
+            output.say(
                 f"paused since {pause.paused_at:%Y-%m-%d %H:%M:%S}Z by {pause.paused_by}"
                 f" ({pause.reason or 'no reason given'})"
                 if pause
@@ -203,14 +204,14 @@ async def _events(settings: Settings, args: argparse.Namespace) -> None:
     async with _sessions(settings) as sessions:
         if args.action == "replay":
             if not args.event_ids and not args.all_failed:
-                sys.exit("name event ids, or --all-failed")
+                output.fail("name event ids, or --all-failed")
             count = await events.replay(
-                sessions, settings, utcnow(), args.event_ids, args.all_failed
+                sessions, settings, utcnow(), args.event_ids, all_failed=args.all_failed
             )
-            print(f"queued {count} delivery(ies) again")
+            output.say(f"queued {count} delivery(ies) again")
             return
         async with sessions() as session:
-            rows = await events.list_events(session, args.failed, args.limit)
+            rows = await events.list_events(session, args.limit, failed_only=args.failed)
     for event, delivery in rows:
         state = (
             f"{delivery.subscriber}:{delivery.state} x{delivery.attempts}"
@@ -218,7 +219,7 @@ async def _events(settings: Settings, args: argparse.Namespace) -> None:
             if delivery
             else "no subscriber"
         )
-        print(
+        output.say(
             f"{event.created_at:%Y-%m-%d %H:%M:%S}\t{event.id}\t{event.type}\t"
             f"{event.seller_id}@v{event.seller_version}\t{state}"
         )
@@ -242,15 +243,15 @@ async def _sellers(settings: Settings, args: argparse.Namespace) -> None:
                 timedelta(minutes=args.spread_minutes),
                 report=_count_bar,
             )
-        print(file=sys.stderr)
-        print(f"marked {marked} linked seller(s); each is re-validated soon")
+        output.note()
+        output.say(f"marked {marked} linked seller(s); each is re-validated soon")
         return
     if args.action == "unlink":
         async with _sessions(settings) as sessions:
             done = await sellers.unlink(
                 sessions, settings, utcnow(), args.seller_id, Reason(args.reason), actor="cli"
             )
-        print(f"unlinked {args.seller_id}" if done else f"no linked seller {args.seller_id!r}")
+        output.say(f"unlinked {args.seller_id}" if done else f"no linked seller {args.seller_id!r}")
         if not done:
             sys.exit(1)
         return
@@ -258,55 +259,55 @@ async def _sellers(settings: Settings, args: argparse.Namespace) -> None:
         if args.action == "show":
             seller = await session.get(Seller, args.seller_id)
             if seller is None:
-                sys.exit(f"no seller {args.seller_id!r}")
-            print(SellerStatus.of(seller).model_dump_json(indent=2))
+                output.fail(f"no seller {args.seller_id!r}")
+            output.say(SellerStatus.of(seller).model_dump_json(indent=2))
             return
         query = sellers.page_query(None, args.status, args.expiring_before, None, args.limit)
         found = list(await session.scalars(query))
     for seller in found[: args.limit]:
-        print(
+        output.say(
             f"{seller.seller_id}\t{seller.status}"
             f"{'(' + seller.status_reason + ')' if seller.status_reason else ''}\t"
             f"expires {seller.expires_at:%Y-%m-%d %H:%M}Z\tv{seller.version}"
         )
     if len(found) > args.limit:
-        print(f"... more than {args.limit}; use --limit or GET /sellers with a cursor")
+        output.say(f"... more than {args.limit}; use --limit or GET /sellers with a cursor")
 
 
 def _count_bar(done: int, total: int) -> None:
-    _progress_bar(rekey.Progress(total=total, done=done))
+    output.progress(done, total)
 
 
 def cmd_sellers(settings: Settings, args: argparse.Namespace) -> None:
     asyncio.run(_sellers(settings, args))
 
 
-async def _breakers(settings: Settings, close: bool, client_id: str | None) -> None:
+async def _breakers(settings: Settings, client_id: str | None, *, close: bool) -> None:
     from service.refresh import breaker
 
     async with _sessions(settings) as sessions:
         if close:
-            print(f"closed {await breaker.close(sessions, client_id)} breaker(s)")
+            output.say(f"closed {await breaker.close(sessions, client_id)} breaker(s)")
             return
         async with sessions() as session:
             rows = await breaker.open_breakers(session)
     for row in rows:
-        print(f"{row.client_id}\topen\t{row.reason}\tsince {row.tripped_at:%Y-%m-%d %H:%M:%S}Z")
+        output.say(
+            f"{row.client_id}\topen\t{row.reason}\tsince {row.tripped_at:%Y-%m-%d %H:%M:%S}Z"
+        )
     if not rows:
-        print("no open breaker: refreshing runs for every application")
+        output.say("no open breaker: refreshing runs for every application")
 
 
 def cmd_breaker(settings: Settings, args: argparse.Namespace) -> None:
-    asyncio.run(_breakers(settings, args.action == "close", getattr(args, "client_id", None)))
+    client_id = getattr(args, "client_id", None)
+    asyncio.run(_breakers(settings, client_id, close=args.action == "close"))
 
 
 def _progress_bar(progress: rekey.Progress) -> None:
-    width = 30
-    filled = width * progress.done // max(progress.total, 1)
-    line = f"\r[{'#' * filled}{'.' * (width - filled)}] {progress.done}/{progress.total}"
-    if progress.skipped_leased:
-        line += f" ({progress.skipped_leased} under a refresh lease, for a later run)"
-    print(line, end="", file=sys.stderr, flush=True)
+    leased = progress.skipped_leased
+    aside = f"{leased} under a refresh lease, for a later run" if leased else ""
+    output.progress(progress.done, progress.total, aside)
 
 
 async def _reencrypt(settings: Settings, batch_size: int) -> rekey.Progress:
@@ -317,12 +318,12 @@ async def _reencrypt(settings: Settings, batch_size: int) -> rekey.Progress:
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
     if args.action == "generate":
-        print(generate_key_spec(args.key_id))
+        output.say(generate_key_spec(args.key_id))
         return
     progress = asyncio.run(_reencrypt(settings, args.batch_size))
-    print(file=sys.stderr)
+    output.note()
     left = progress.total - progress.done
-    print(f"re-encrypted {progress.done} row(s) under the primary key; {left} left")
+    output.say(f"re-encrypted {progress.done} row(s) under the primary key; {left} left")
     if left:
         sys.exit(3)  # run again once the leased rows are free
 
@@ -338,13 +339,13 @@ async def _audit(settings: Settings, args: argparse.Namespace) -> None:
                 settings.broker_audit_retention_days,
                 settings.broker_attempt_retention_days,
             )
-            print(f"pruned {events} audit event(s), {attempts} link attempt(s)")
+            output.say(f"pruned {events} audit event(s), {attempts} link attempt(s)")
             return
         async with sessions() as session:
             rows = await audit.query(session, args.seller, args.actor, None, args.limit)
     for row in rows:
         times = f" x{row.count}" if row.count > 1 else ""
-        print(
+        output.say(
             f"{row.at:%Y-%m-%d %H:%M:%S}\t{row.actor}\t{row.action}{times}\t"
             f"{row.seller_id or '-'}\t{row.detail or ''}"
         )
@@ -356,12 +357,12 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
     migrate(db.database_url(settings))
-    print("schema is at head")
+    output.say("schema is at head")
 
 
 def cmd_simulator(settings: Settings, args: argparse.Namespace) -> None:
     if settings.production:
-        sys.exit("the simulator never runs in production mode")
+        output.fail("the simulator never runs in production mode")
     from service.ops import demo
     from service.simulator import create_simulator_app
 
@@ -391,7 +392,7 @@ async def _api_keys(settings: Settings, args: argparse.Namespace) -> None:
             lines.append(secret)
         elif args.action == "revoke":
             if not await apikeys.revoke(session, args.name, utcnow()):
-                sys.exit(f"no active key named {args.name!r}")
+                output.fail(f"no active key named {args.name!r}")
             lines.append(f"revoked {args.name}")
         else:
             for key in await apikeys.list_keys(session):
@@ -400,16 +401,16 @@ async def _api_keys(settings: Settings, args: argparse.Namespace) -> None:
                 lines.append(
                     f"{key.name}\tmpb_{key.prefix}_…\t{granted}\t{key.namespace or '*'}\t{state}"
                 )
-    print("\n".join(lines))  # after the commit: a printed key exists
+    output.say("\n".join(lines))  # after the commit: a printed key exists
     if args.action == "create":
-        print("Store it now: only its digest is kept.", file=sys.stderr)
+        output.note("Store it now: only its digest is kept.")
 
 
 def cmd_api_keys(settings: Settings, args: argparse.Namespace) -> None:
     try:
         asyncio.run(_api_keys(settings, args))
     except ValueError as exc:
-        sys.exit(str(exc))
+        output.fail(str(exc))
 
 
 def cmd_openapi(settings: Settings, args: argparse.Namespace) -> None:
@@ -417,7 +418,7 @@ def cmd_openapi(settings: Settings, args: argparse.Namespace) -> None:
 
     spec = json.dumps(create_app(settings).openapi(), indent=2, sort_keys=False) + "\n"
     if args.output == "-":
-        sys.stdout.write(spec)
+        output.write(spec)
     else:
         Path(args.output).write_text(spec)
 
@@ -549,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
-        sys.exit(f"broker: invalid settings: {problems}")
+        output.fail(f"broker: invalid settings: {problems}")
     logs.configure(
         json_lines=settings.broker_log_format == "json"
         or (settings.broker_log_format == "auto" and settings.production),

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.core.config import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Settings
 from service.core.db import transaction
 from service.core.domain import KeyView
+from service.core.errors import Unauthorized
 from service.core.runtime import utcnow
 from service.serving import apikeys
 from service.simulator import SimulatorClient, SimulatorConfig
@@ -25,7 +26,8 @@ def simulator_url(settings: Settings) -> str:
 
 def with_simulator(settings: Settings) -> Settings:
     """The settings pointed at the simulator (a copy; production never gets here)."""
-    assert settings.uses_simulator
+    if not settings.uses_simulator:
+        raise ValueError("the simulator stands in only in dev mode without MP credentials")
     sim = simulator_url(settings)
     return settings.model_copy(
         update={
@@ -40,9 +42,8 @@ def with_simulator(settings: Settings) -> Settings:
 
 
 def simulator_config(settings: Settings) -> SimulatorConfig:
-    assert settings.mp_client_id
-    assert settings.mp_client_secret
-    assert settings.mp_redirect_uri
+    if not (settings.mp_client_id and settings.mp_client_secret and settings.mp_redirect_uri):
+        raise ValueError("the simulator needs MP_CLIENT_ID, MP_CLIENT_SECRET, MP_REDIRECT_URI")
     return SimulatorConfig(
         clients=[
             SimulatorClient(
@@ -62,7 +63,7 @@ async def dev_api_key(sessions: async_sessionmaker[AsyncSession], data_dir: Path
         async with sessions() as session:
             try:
                 key: KeyView | None = await apikeys.authenticate(session, f"Bearer {secret}")
-            except Exception:  # unknown here (a fresh database): make a new one
+            except Unauthorized:  # unknown here (a fresh database): make a new one
                 key = None
         if key is not None:
             return secret
@@ -74,7 +75,7 @@ async def dev_api_key(sessions: async_sessionmaker[AsyncSession], data_dir: Path
     return secret
 
 
-def banner(settings: Settings, api_key: str, simulated: bool) -> str:
+def banner(settings: Settings, api_key: str, *, simulated: bool) -> str:
     base = settings.broker_public_url.rstrip("/")
     mode = (
         f"demo: Mercado Pago is the built-in simulator at {simulator_url(settings)}"

@@ -108,7 +108,7 @@ async def watch(
             health.schema_at_head = revision == head
             health.database_ok_at = time.monotonic()
             up = True
-        except Exception as exc:  # any failure to answer is "down", whatever its type
+        except Exception as exc:  # noqa: BLE001 any failure to answer is "down"
             logs.event(log, "database.check_failed", {"error": type(exc).__name__}, 30)
         metrics.DATABASE_UP.set(1 if up else 0)
         if up and loop.time() >= next_gauges:
@@ -118,7 +118,7 @@ async def watch(
                     await metrics.collect_database_gauges(
                         session, clock(), settings.broker_expiring_soon_days
                     )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 stale gauges must not stop the health check
                 logs.event(log, "metrics.collect_failed", {"error": type(exc).__name__}, 30)
         metrics.READY.set(1 if health.ready()[0] else 0)
         with contextlib.suppress(TimeoutError):

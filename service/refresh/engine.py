@@ -56,6 +56,7 @@ from service.lifecycle import audit, events, sellers
 from service.lifecycle.sellers import Stored
 from service.refresh import breaker
 from service.refresh.sql import CLAIM_DUE, CLAIM_ONE, IS_FREE, RECORD_ATTEMPT
+from service.serving.limits import Buckets
 
 log = logging.getLogger("broker.refresh")
 
@@ -92,25 +93,16 @@ def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
 
 
 class RateLimiter:
-    """A token bucket: at most `rate` sends per second from this process, bursts of one second."""
+    """At most `rate` sends per second from this process, bursts of one second: each sender
+    reserves its turn on the token bucket the API's limits use, then waits for it."""
 
     def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.updated = asyncio.get_running_loop().time()
-        self.lock = asyncio.Lock()
+        self.bucket = Buckets(rate, burst=rate, capacity=1)
 
     async def wait(self) -> None:
-        async with self.lock:
-            loop = asyncio.get_running_loop()
-            now = loop.time()
-            self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
-            if self.tokens < 1:
-                await asyncio.sleep((1 - self.tokens) / self.rate)
-                self.updated = loop.time()
-                self.tokens = 1
-            self.tokens -= 1
+        delay = self.bucket.reserve("", asyncio.get_running_loop().time())
+        if delay:
+            await asyncio.sleep(delay)
 
 
 class Refresher:
@@ -153,7 +145,7 @@ class Refresher:
         """Refresh one seller now, joining a refresh of it already in flight in this process."""
         task = self.inflight.get(seller_id)
         if task is None:
-            task = self._start(seller_id, self._claim_one(seller_id, on_read))
+            task = self._start(seller_id, self._claim_one(seller_id, on_read=on_read))
         else:
             self.joined += 1
         return await asyncio.shield(task)
@@ -179,7 +171,7 @@ class Refresher:
                     claims = await self._claim_due(
                         min(free, self.settings.broker_refresh_batch_size)
                     )
-                except Exception as exc:  # the loop must outlive a database blip or a bad row
+                except Exception as exc:  # noqa: BLE001 the loop must outlive a blip or a bad row
                     _event("refresher.claim_failed", logging.ERROR, error=type(exc).__name__)
             for claim in claims:
                 if claim.seller_id in self.inflight:
@@ -225,7 +217,7 @@ class Refresher:
                     )
                     .values(lease_owner=None, lease_until=None)
                 )
-        except Exception as exc:  # shutting down anyway; the leases lapse by themselves
+        except Exception as exc:  # noqa: BLE001 shutting down; the leases lapse by themselves
             _event("refresher.release_failed", logging.ERROR, error=type(exc).__name__)
             return 0
         count = int(released.rowcount)  # type: ignore[attr-defined]
@@ -241,7 +233,7 @@ class Refresher:
                 self.settings.broker_audit_retention_days,
                 self.settings.broker_attempt_retention_days,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 retention waits for the next round, not the loop
             _event("retention.failed", logging.ERROR, error=type(exc).__name__)
             return
         if events or attempts:
@@ -250,7 +242,7 @@ class Refresher:
     async def _notify_expiring(self) -> None:
         try:
             sent = await events.notify_expiring(self.db.sessions, self.settings, self.clock())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 the warning waits for the next round
             _event("expiring.scan_failed", logging.ERROR, error=type(exc).__name__)
             return
         if sent:
@@ -273,7 +265,7 @@ class Refresher:
 
     # -- 1. claim ----------------------------------------------------------------------------
 
-    async def _claim_one(self, seller_id: str, on_read: bool) -> Outcome:
+    async def _claim_one(self, seller_id: str, *, on_read: bool) -> Outcome:
         now = self.clock()
         # At most one on-read refresh per seller per cooldown window.
         cooldown = (

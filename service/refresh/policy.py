@@ -21,9 +21,8 @@ def next_refresh_at(issued_at: datetime, expires_in: int, settings: Settings) ->
     return issued_at + timedelta(seconds=max(target - jitter, floor))
 
 
-def backoff(failures: int, settings: Settings) -> timedelta:
-    """Exponential backoff with full jitter in its upper half, capped."""
-    ceiling = min(
-        settings.broker_backoff_max_seconds, settings.broker_backoff_base_seconds * 2**failures
-    )
-    return timedelta(seconds=random.uniform(ceiling / 2, ceiling))  # noqa: S311
+def backoff(step: int, base_seconds: float, max_seconds: float) -> timedelta:
+    """Exponential backoff: `base_seconds * 2**step` capped at `max_seconds`, with jitter in its
+    upper half (the retries of a wave spread out). Refreshes and event deliveries both use it."""
+    ceiling = min(max_seconds, base_seconds * 2.0 ** min(max(step, 0), 1000))
+    return timedelta(seconds=random.uniform(ceiling / 2, ceiling))  # noqa: S311 (jitter only)

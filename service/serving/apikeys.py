@@ -42,14 +42,6 @@ def check_namespace(namespace: str) -> None:
         )
 
 
-def _as_namespace(stored: str | None) -> str | None:
-    """A namespace stored before `check_namespace` existed may lack its `/`: read it as if it
-    had one, so it never reaches a longer name."""
-    if not stored:
-        return stored
-    return stored if stored.endswith("/") else f"{stored}/"
-
-
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -108,7 +100,7 @@ def view_of(key: Any) -> KeyView:
         prefix=key.prefix,
         digest=key.digest,
         scopes=tuple(key.scopes),
-        namespace=_as_namespace(key.namespace),
+        namespace=key.namespace,  # ends in `/` (check_namespace; revision 0006 for old keys)
         revoked=key.revoked_at is not None,
     )
 

@@ -150,7 +150,7 @@ class Cache:
                     if lost.is_set():
                         break
                     await connection.fetchval("SELECT 1", timeout=PING_TIMEOUT_SECONDS)
-            except Exception as exc:  # any failure: stop serving from memory at once
+            except Exception as exc:  # noqa: BLE001 any failure: stop serving from memory at once
                 self._bypass(type(exc).__name__)
             finally:
                 self.live = False

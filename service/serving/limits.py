@@ -61,6 +61,17 @@ class Buckets:
             self.buckets.popitem(last=False)
         return wait
 
+    def reserve(self, key: str, now: float) -> float:
+        """Take one even before it is there (the bucket goes below zero); the seconds until it
+        is. For callers that wait their turn rather than being refused: with a `burst` below
+        one, every one of them waits."""
+        tokens, updated = self.buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - updated) * self.rate)
+        self.buckets[key] = (tokens - 1, now)
+        if len(self.buckets) > self.capacity:
+            self.buckets.popitem(last=False)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
 
 def client_address(
     scope: Scope, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]

@@ -74,7 +74,7 @@ def view_of(rt: Runtime, seller: asyncpg.Record) -> SellerView:
     return SellerView(**{**dict(seller), "access_token": access_token, "body": body})
 
 
-async def _load(rt: Runtime, seller_id: str, fresh: bool = False) -> SellerView:
+async def _load(rt: Runtime, seller_id: str, *, fresh: bool = False) -> SellerView:
     """The seller from the cache, or (`fresh`, or a miss) from PostgreSQL."""
     view = None if fresh else rt.cache.seller(seller_id)
     if view is None:

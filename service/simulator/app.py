@@ -3,7 +3,7 @@
 Never used in production. `create_simulator_app(config)` returns a FastAPI app whose
 whole state lives in one `Simulator` object at `app.state.sim`.
 
-Faithful to Mercado Pago (see shared/reference/mercadopago-oauth-facts.md):
+Faithful to Mercado Pago (as the README's "The flow" and "Refresh policy" describe it):
 - `GET /authorization` checks client_id, response_type, the exact redirect_uri and, for
   apps with PKCE enabled, code_challenge + method (S256, plain/Plain). A bad request
   shows an error page (400) and never redirects.
@@ -265,7 +265,7 @@ def _error(sim: Simulator, code: str, message: str, status: int) -> JSONResponse
     return JSONResponse(body, status_code=status)
 
 
-def _token_body(sim: Simulator, issued: IssuedTokens, minimal: bool = False) -> dict[str, Any]:
+def _token_body(sim: Simulator, issued: IssuedTokens, *, minimal: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {
         "access_token": issued.access_token,
         "token_type": sim.faults.token_type,

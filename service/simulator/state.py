@@ -339,21 +339,21 @@ class Simulator:
 
     # -- grants and tokens ---------------------------------------------------------------
 
-    def issue_directly(self, client_id: str, user_id: int, test: bool) -> IssuedTokens:
+    def issue_directly(self, client_id: str, user_id: int, *, test: bool) -> IssuedTokens:
         """Seed a linked seller without the browser dance (control API only)."""
         client = self.clients.get(client_id)
         if client is None:
             raise KeyError(client_id)
         return self._issue(self._new_grant(client, user_id, live_mode=not test))
 
-    def _new_grant(self, client: SimulatorClient, user_id: int, live_mode: bool) -> Grant:
+    def _new_grant(self, client: SimulatorClient, user_id: int, *, live_mode: bool) -> Grant:
         prefix = "APP_USR" if live_mode else "TEST"
         key = uuid.uuid5(_PUBLIC_KEY_NAMESPACE, f"{client.client_id}:{user_id}")
         grant = Grant(client.client_id, user_id, live_mode, public_key=f"{prefix}-{key}")
         self.grants.append(grant)
         return grant
 
-    def _issue(self, grant: Grant, rotate: bool = True) -> IssuedTokens:
+    def _issue(self, grant: Grant, *, rotate: bool = True) -> IssuedTokens:
         """A new access token, and unless `rotate` is false a new refresh token."""
         now = self.now()
         prefix = "APP_USR" if grant.live_mode else "TEST"
