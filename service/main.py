@@ -20,12 +20,18 @@ from service.core import db, errors
 from service.core.config import Settings, get_settings
 from service.core.runtime import Clock, Runtime, utcnow
 from service.lifecycle import routes as lifecycle_routes
+from service.lifecycle.sellers import Admin
+from service.lifecycle.webhooks import Notifications
 from service.linking import routes as linking_routes
+from service.linking.flow import Linking
 from service.ops import observe
 from service.ops.background import Background, refresher_of
+from service.refresh.engine import Refresher
 from service.serving import routes as serving_routes
+from service.serving.deps import Callers
 from service.serving.fast import TokenReads
 from service.serving.limits import RequestLimits
+from service.serving.tokens import Serving
 
 DESCRIPTION = """
 Links Mercado Pago seller accounts to the platform and keeps their OAuth tokens valid.
@@ -53,6 +59,7 @@ def create_app(
         runtime = await Runtime.build(settings, url, clock=clock, transport=transport)
         refresher = refresher_of(runtime)
         app.state.runtime, app.state.refresher = runtime, refresher
+        compose(app.state, runtime, refresher)
         background = Background(runtime, refresher, health, api=True)
         # Start-up's objects live as long as the process: keep the collector from walking
         # them again on every full collection (shorter GC pauses on the hot path).
@@ -129,6 +136,17 @@ def create_app(
 
     summaries_from_docstrings(app.routes)
     return app
+
+
+def compose(state: Any, rt: Runtime, refresher: Refresher) -> None:
+    """Hand each flow the parts of the process it uses (the routes find them on app.state)."""
+    state.callers = Callers(rt.cache, rt.db, rt.key_buckets)
+    state.serving = Serving(
+        rt.settings, rt.clock, rt.db, rt.keyring, rt.cache, rt.reads, refresher, rt.upstream
+    )
+    state.linking = Linking(rt.settings, rt.clock, rt.db, rt.keyring, rt.upstream, rt.tasks)
+    state.notifications = Notifications(rt.settings, rt.clock, rt.db, rt.keyring, rt.upstream)
+    state.admin = Admin(rt.settings, rt.clock, rt.db)
 
 
 def readiness_responses() -> dict[int | str, dict[str, Any]]:

@@ -222,13 +222,14 @@ def calls(dependant: Dependant) -> set[Any]:
 
 
 def test_the_route_runs_no_dependency_the_fast_path_skips() -> None:
-    """The fast path runs `authenticate` (through which `api_key` goes), and reads the runtime
-    and the refresher from app.state as `get_runtime`/`get_refresher` do. A dependency added to
-    the documented route (a check, a limit) would be skipped by the fast path: this fails."""
+    """The fast path runs `Callers.authenticate` (through which `api_key` goes), and reads the
+    callers and the serving flow from app.state as `get_callers`/`get_serving` do. A dependency
+    added to the documented route (a check, a limit) would be skipped by the fast path: this
+    fails."""
     route = next(
         r
         for r in routes.router.routes
         if isinstance(r, APIRoute) and r.path == routes.TOKEN_ROUTE and "GET" in (r.methods or ())
     )
     assert route.endpoint is routes.get_token
-    assert calls(route.dependant) == {deps.get_runtime, deps.get_refresher, deps.api_key}
+    assert calls(route.dependant) == {deps.get_serving, deps.get_callers, deps.api_key}

@@ -362,11 +362,10 @@ async def test_a_client_disconnecting_mid_refresh_does_not_lose_the_new_pair(
     await link(broker)
     clock.advance(days=160)
     await simulator.faults(after_rotate="hold", count=1)
-    runtime: Runtime = broker.app.state.runtime
     # uvicorn does not cancel a handler whose client went away, so an HTTP disconnect would
     # prove nothing: cancel the reading task itself (what a timeout wrapper or a server that
     # cancels would do) while Mercado Pago has rotated the token and holds the reply.
-    caller = asyncio.create_task(read_token(runtime, broker.refresher, SELLER, MONTH))
+    caller = asyncio.create_task(read_token(broker.app.state.serving, SELLER, MONTH))
     await simulator.wait_until_held()
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):

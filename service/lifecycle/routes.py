@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 
 from service.core.domain import Reason, StatusName
 from service.core.errors import (
@@ -21,7 +21,21 @@ from service.core.mercadopago import TransientUpstreamError
 from service.core.schemas import SELLER_ID_MAX, AuditEntry, SellerId, SellerPage, SellerStatus
 from service.lifecycle import audit, sellers, webhooks
 from service.serving import apikeys
-from service.serving.deps import ApiKeyDep, RuntimeDep
+from service.serving.deps import ApiKeyDep
+
+
+async def get_admin(request: Request) -> sellers.Admin:
+    admin: sellers.Admin = request.app.state.admin
+    return admin
+
+
+async def get_notifications(request: Request) -> webhooks.Notifications:
+    notifications: webhooks.Notifications = request.app.state.notifications
+    return notifications
+
+
+AdminDep = Annotated[sellers.Admin, Depends(get_admin)]
+NotificationsDep = Annotated[webhooks.Notifications, Depends(get_notifications)]
 
 router = APIRouter()  # internal services (API key)
 notifications_router = APIRouter(tags=["webhooks"])  # Mercado Pago itself
@@ -34,7 +48,7 @@ notifications_router = APIRouter(tags=["webhooks"])  # Mercado Pago itself
     responses=responses(Unauthorized, Forbidden),
 )
 async def list_sellers(
-    rt: RuntimeDep,
+    admin: AdminDep,
     key: ApiKeyDep,
     status: Annotated[StatusName | None, Query()] = None,
     expiring_before: Annotated[datetime | None, Query()] = None,
@@ -44,7 +58,7 @@ async def list_sellers(
     """List sellers by status or token expiry, in seller_id order, a page at a time."""
     apikeys.authorize(key, "sellers:admin")
     stmt = sellers.page_query(key.namespace, status, expiring_before, cursor, limit)
-    async with rt.db.sessions() as session:
+    async with admin.db.sessions() as session:
         found = list(await session.scalars(stmt))
     page = found[:limit]
     more = len(found) > limit
@@ -59,10 +73,10 @@ async def list_sellers(
     response_model=SellerStatus,
     responses=responses(Unauthorized, Forbidden, SellerNotFound),
 )
-async def get_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
+async def get_seller(seller_id: SellerId, admin: AdminDep, key: ApiKeyDep) -> SellerStatus:
     """Show a seller's link status, token expiry and last refresh; never a secret."""
     apikeys.authorize(key, "sellers:admin", seller_id)
-    return await sellers.status(rt.db.sessions, seller_id)
+    return await sellers.status(admin.db.sessions, seller_id)
 
 
 @router.get(
@@ -72,7 +86,7 @@ async def get_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> Sel
     responses=responses(Unauthorized, Forbidden),
 )
 async def read_audit(
-    rt: RuntimeDep,
+    admin: AdminDep,
     key: ApiKeyDep,
     seller_id: Annotated[str | None, Query(max_length=SELLER_ID_MAX)] = None,
     actor: Annotated[str | None, Query(max_length=100)] = None,
@@ -85,7 +99,7 @@ async def read_audit(
     apikeys.authorize(key, "sellers:admin", seller_id)
     if key.namespace and seller_id is None:
         raise Forbidden("A key limited to a namespace must name one of its sellers.")
-    async with rt.db.sessions() as session:
+    async with admin.db.sessions() as session:
         events = await audit.query(session, seller_id, actor, before, limit)
     return [AuditEntry.model_validate(event) for event in events]
 
@@ -96,18 +110,18 @@ async def read_audit(
     response_model=SellerStatus,
     responses=responses(Unauthorized, Forbidden, SellerNotFound),
 )
-async def unlink_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
+async def unlink_seller(seller_id: SellerId, admin: AdminDep, key: ApiKeyDep) -> SellerStatus:
     """Unlink a seller: destroy its stored tokens, keep the row (as `unlinked`) for its history."""
     apikeys.authorize(key, "sellers:admin", seller_id)
     await sellers.unlink(
-        rt.db.sessions,
-        rt.settings,
-        rt.clock(),
+        admin.db.sessions,
+        admin.settings,
+        admin.clock(),
         seller_id,
         Reason.UNLINKED_BY_PLATFORM,
         actor=key.name,
     )
-    return await sellers.status(rt.db.sessions, seller_id)
+    return await sellers.status(admin.db.sessions, seller_id)
 
 
 @notifications_router.post(
@@ -121,7 +135,7 @@ async def unlink_seller(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> 
     },
 )
 async def mercadopago_notification(
-    rt: RuntimeDep,
+    flow: NotificationsDep,
     body: Annotated[
         dict[str, Any],
         Body(
@@ -144,15 +158,15 @@ async def mercadopago_notification(
     """Receive `mp-connect` notifications; a verified `application.deauthorized` may unlink."""
     if not webhooks.verify(
         x_signature,
-        rt.settings.mp_webhook_secrets,
+        flow.settings.mp_webhook_secrets,
         data_id,
         x_request_id,
-        rt.clock(),
-        rt.settings.broker_webhook_tolerance_seconds,
+        flow.clock(),
+        flow.settings.broker_webhook_tolerance_seconds,
     ):
         raise InvalidSignature("The x-signature header is missing, stale or wrong.")
     try:
-        handled = await webhooks.handle(rt, x_request_id, data_id, body)
+        handled = await webhooks.handle(flow, x_request_id, data_id, body)
     except TransientUpstreamError:
         raise UpstreamUnavailable("Mercado Pago could not confirm; send it again.") from None
     return Response(f'{{"action": "{handled.action}"}}', media_type="application/json")

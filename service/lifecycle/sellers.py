@@ -53,11 +53,21 @@ from service.core.domain import AttemptOutcome, EventType, Reason, Status
 from service.core.errors import SellerNotFound
 from service.core.mercadopago import TokenSet
 from service.core.models import AuditEvent, Seller
+from service.core.runtime import Clock, Database
 from service.core.schemas import SellerStatus
 from service.lifecycle import audit, events
 from service.refresh import policy
 
 log = logging.getLogger("broker.sellers")
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The parts of the process the admin routes use."""
+
+    settings: Settings
+    clock: Clock
+    db: Database
 
 
 class Stored(StrEnum):

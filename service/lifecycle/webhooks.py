@@ -23,14 +23,28 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 
+from service.core.config import Settings
+from service.core.crypto import Keyring
 from service.core.db import transaction
 from service.core.domain import Reason, Status
 from service.core.mercadopago import TokenCheck
 from service.core.models import Seller, WebhookReceipt
-from service.core.runtime import Runtime
+from service.core.runtime import Clock, Database, Upstream
 from service.lifecycle.sellers import unlink
 
 log = logging.getLogger("broker.webhooks")
+
+
+@dataclass(frozen=True)
+class Notifications:
+    """The parts of the process Mercado Pago's notifications use."""
+
+    settings: Settings
+    clock: Clock
+    db: Database
+    keyring: Keyring
+    upstream: Upstream
+
 
 TOPIC = "mp-connect"
 # Longer than any handling takes (one /users/me per seller of the user, each under
@@ -86,36 +100,36 @@ class Handled:
 
 
 async def handle(
-    rt: Runtime, request_id: str | None, data_id: str | None, body: dict[str, Any]
+    flow: Notifications, request_id: str | None, data_id: str | None, body: dict[str, Any]
 ) -> Handled:
     """Act on a verified notification (`data_id`: the signed one, from the query string):
     de-duplicated, checked, confirmed with Mercado Pago."""
     request_id = (request_id or "")[:128] or None
-    if request_id and not await _claim(rt, request_id):
+    if request_id and not await _claim(flow, request_id):
         return Handled("duplicate")
     try:
-        handled = await _act(rt, data_id, body)
+        handled = await _act(flow, data_id, body)
     except BaseException:
         if request_id:
             # Mercado Pago retries a notification that failed half-way (it could not
             # confirm): the retry must not be dropped as a duplicate.
-            await _release(rt, request_id)
+            await _release(flow, request_id)
         raise
     if request_id:
-        await _handled(rt, request_id)
+        await _handled(flow, request_id)
     log.info(
         "webhook.handled", extra={"fields": {"action": handled.action, "request_id": request_id}}
     )
     return handled
 
 
-async def _claim(rt: Runtime, request_id: str) -> bool:
+async def _claim(flow: Notifications, request_id: str) -> bool:
     """Take the request id; True only for the one delivery that took it, so two deliveries
     at once act once (the other is a duplicate). A claim never marked handled (its process
     died mid-way) is taken over by a retry after CLAIM_SECONDS."""
-    now = rt.clock()
+    now = flow.clock()
     statement = insert(WebhookReceipt).values(request_id=request_id, received_at=now)
-    async with transaction(rt.db.sessions) as session:
+    async with transaction(flow.db.sessions) as session:
         taken = await session.scalar(
             statement.on_conflict_do_update(
                 index_elements=[WebhookReceipt.request_id],
@@ -127,17 +141,17 @@ async def _claim(rt: Runtime, request_id: str) -> bool:
     return taken is not None
 
 
-async def _handled(rt: Runtime, request_id: str) -> None:
-    async with transaction(rt.db.sessions) as session:
+async def _handled(flow: Notifications, request_id: str) -> None:
+    async with transaction(flow.db.sessions) as session:
         await session.execute(
             update(WebhookReceipt)
             .where(WebhookReceipt.request_id == request_id)
-            .values(handled_at=rt.clock())
+            .values(handled_at=flow.clock())
         )
 
 
-async def _release(rt: Runtime, request_id: str) -> None:
-    async with transaction(rt.db.sessions) as session:
+async def _release(flow: Notifications, request_id: str) -> None:
+    async with transaction(flow.db.sessions) as session:
         await session.execute(delete(WebhookReceipt).where(WebhookReceipt.request_id == request_id))
 
 
@@ -148,10 +162,10 @@ def _user_id(value: Any) -> int | None:
         return None
 
 
-async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Handled:
+async def _act(flow: Notifications, signed_id: str | None, body: dict[str, Any]) -> Handled:
     if (body.get("type") or body.get("topic")) != TOPIC:
         return Handled("ignored")
-    if str(body.get("application_id", "")) != rt.upstream.oauth.client_id:
+    if str(body.get("application_id", "")) != flow.upstream.oauth.client_id:
         return Handled("ignored")  # another application's notification
     if body.get("action") != "application.deauthorized":
         return Handled("ignored")
@@ -165,12 +179,12 @@ async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Hand
         # The body is not signed: one naming another user than `data.id` is not believed.
         log.warning("webhook.user_mismatch", extra={"fields": {"mp_user_id": user_id}})
         return Handled("ignored")
-    async with rt.db.sessions() as session:
+    async with flow.db.sessions() as session:
         sellers = list(
             await session.scalars(
                 select(Seller).where(
                     Seller.mp_user_id == user_id,
-                    Seller.client_id == rt.upstream.oauth.client_id,
+                    Seller.client_id == flow.upstream.oauth.client_id,
                     Seller.status != Status.UNLINKED,
                 )
             )
@@ -179,10 +193,10 @@ async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Hand
     for seller in sellers:
         if seller.access_token is None:  # never so for a seller not unlinked
             continue
-        token = rt.keyring.open_column(
+        token = flow.keyring.open_column(
             Seller.access_token, seller.seller_id, seller.client_id, seller.access_token
         )
-        check = await rt.upstream.mercadopago.check_token(rt.settings.mp_api_url, token)
+        check = await flow.upstream.mercadopago.check_token(flow.settings.mp_api_url, token)
         if check == TokenCheck.WORKS:
             continue  # the hint was wrong (or forged): the token still works
         if check == TokenCheck.FORBIDDEN:
@@ -193,9 +207,9 @@ async def _act(rt: Runtime, signed_id: str | None, body: dict[str, Any]) -> Hand
             )
             continue
         if await unlink(
-            rt.db.sessions,
-            rt.settings,
-            rt.clock(),
+            flow.db.sessions,
+            flow.settings,
+            flow.clock(),
             seller.seller_id,
             Reason.DEAUTHORIZED,
             expected_version=seller.version,

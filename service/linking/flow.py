@@ -19,6 +19,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.core import logs, metrics
+from service.core.config import Settings
+from service.core.crypto import Keyring
 from service.core.db import transaction
 from service.core.domain import KeyView, Status
 from service.core.errors import InvalidRequest, LiveModeMismatch
@@ -28,12 +30,25 @@ from service.core.mercadopago import (
     TransientUpstreamError,
 )
 from service.core.models import Link, LinkAttempt, Seller
-from service.core.runtime import Runtime
+from service.core.runtime import Clock, Database, Tasks, Upstream
 from service.lifecycle import audit
 from service.lifecycle.sellers import Pair, sealed_pair, store_linked
 from service.linking import pkce
 
 log = logging.getLogger("broker.linking")
+
+
+@dataclass(frozen=True)
+class Linking:
+    """The parts of the process the link flow uses."""
+
+    settings: Settings
+    clock: Clock
+    db: Database
+    keyring: Keyring
+    upstream: Upstream
+    tasks: Tasks
+
 
 BINDER_FORMAT = re.compile(r"^[A-Za-z0-9_-]{43}$")
 
@@ -123,14 +138,14 @@ def with_status(return_url: str, outcome: str, seller_id: str) -> str:
 
 
 async def start_link(
-    rt: Runtime, key: KeyView, seller_id: str, return_url: str | None, *, test: bool
+    flow: Linking, key: KeyView, seller_id: str, return_url: str | None, *, test: bool
 ) -> tuple[str, datetime]:
     if return_url is not None:
-        check_return_url(return_url, rt.settings.broker_return_url_allowlist)
-    now = rt.clock()
+        check_return_url(return_url, flow.settings.broker_return_url_allowlist)
+    now = flow.clock()
     token = secrets.token_urlsafe(32)
-    expires_at = now + timedelta(seconds=rt.settings.broker_link_ttl_seconds)
-    async with transaction(rt.db.sessions) as session:
+    expires_at = now + timedelta(seconds=flow.settings.broker_link_ttl_seconds)
+    async with transaction(flow.db.sessions) as session:
         seller = await session.get(Seller, seller_id)
         if seller is not None and seller.status != Status.UNLINKED and seller.live_mode == test:
             held = "live" if seller.live_mode else "sandbox"
@@ -139,7 +154,7 @@ async def start_link(
             Link(
                 id_hash=pkce.digest(token),
                 seller_id=seller_id,
-                client_id=rt.upstream.oauth.client_id,
+                client_id=flow.upstream.oauth.client_id,
                 return_url=return_url,
                 test=test,
                 created_by=key.id,
@@ -149,19 +164,19 @@ async def start_link(
         )
         audit.record(session, now, key.name, "link.created", seller_id, "test" if test else None)
     _event("link.created", seller_id=seller_id, test=test, api_key=key.name)
-    return f"{rt.settings.broker_public_url.rstrip('/')}/link/{token}", expires_at
+    return f"{flow.settings.broker_public_url.rstrip('/')}/link/{token}", expires_at
 
 
 # -- GET /link/{token} -----------------------------------------------------------------------
 
 
 async def open_link(
-    rt: Runtime, token: str, binder: str | None
+    flow: Linking, token: str, binder: str | None
 ) -> tuple[str, str] | CallbackResult:
     """Start an attempt. Returns (authorization URL, browser binder) or why not."""
-    now = rt.clock()
-    method = None if rt.settings.mp_pkce_method == "off" else rt.settings.mp_pkce_method
-    async with transaction(rt.db.sessions) as session:
+    now = flow.clock()
+    method = None if flow.settings.mp_pkce_method == "off" else flow.settings.mp_pkce_method
+    async with transaction(flow.db.sessions) as session:
         link = await session.get(Link, pkce.digest(token))
         refusal = (
             Refusal.LINK_NOT_FOUND
@@ -187,7 +202,7 @@ async def open_link(
                 client_id=link.client_id,
                 state_hash=pkce.digest(state),
                 binder_hash=pkce.digest(binder),
-                code_verifier=rt.keyring.seal_column(
+                code_verifier=flow.keyring.seal_column(
                     LinkAttempt.code_verifier, attempt_id, link.client_id, verifier
                 )
                 if method
@@ -195,12 +210,12 @@ async def open_link(
                 challenge_method=method,
                 test=link.test,
                 created_at=now,
-                expires_at=now + timedelta(seconds=rt.settings.broker_attempt_ttl_seconds),
+                expires_at=now + timedelta(seconds=flow.settings.broker_attempt_ttl_seconds),
             )
         )
     _event("link.opened", seller_id=link.seller_id, attempt=attempt_id)
     challenge = pkce.challenge(verifier, method) if method else None
-    return rt.upstream.oauth.authorization_url(state, challenge, method), binder
+    return flow.upstream.oauth.authorization_url(state, challenge, method), binder
 
 
 # -- GET /oauth/callback ---------------------------------------------------------------------
@@ -217,19 +232,19 @@ class _Claimed:
 
 
 async def handle_callback(
-    rt: Runtime,
+    flow: Linking,
     state: str | None,
     code: str | None,
     error: str | None,
     binder: str | None,
 ) -> CallbackResult:
-    result = await _handle_callback(rt, state, code, error, binder)
+    result = await _handle_callback(flow, state, code, error, binder)
     metrics.LINK_ATTEMPTS.labels(result.result).inc()
     return result
 
 
 async def _handle_callback(
-    rt: Runtime,
+    flow: Linking,
     state: str | None,
     code: str | None,
     error: str | None,
@@ -239,7 +254,7 @@ async def _handle_callback(
         _event("callback.refused", reason=Refusal.INVALID_CALLBACK)
         return CallbackResult(Refusal.INVALID_CALLBACK)
     # Past the check above, a callback without a code carries an error: the seller said no.
-    claimed = await _claim_attempt(rt, state, binder, denied=not code)
+    claimed = await _claim_attempt(flow, state, binder, denied=not code)
     if isinstance(claimed, CallbackResult):
         return claimed
     if not code:
@@ -247,16 +262,16 @@ async def _handle_callback(
         return CallbackResult(Outcome.DENIED, claimed.seller_id, claimed.return_url)
     # The exchange belongs to the process: a seller closing the tab cannot cancel it between
     # Mercado Pago's reply and our write.
-    outcome = await rt.tasks.owned(_exchange_and_store(rt, claimed, code))
+    outcome = await flow.tasks.owned(_exchange_and_store(flow, claimed, code))
     return CallbackResult(outcome, claimed.seller_id, claimed.return_url)
 
 
 async def _claim_attempt(
-    rt: Runtime, state: str, binder: str | None, *, denied: bool
+    flow: Linking, state: str, binder: str | None, *, denied: bool
 ) -> _Claimed | CallbackResult:
     """Consume the attempt exactly once and commit that before anything is sent upstream."""
-    now = rt.clock()
-    async with transaction(rt.db.sessions) as session:
+    now = flow.clock()
+    async with transaction(flow.db.sessions) as session:
         attempt = await session.scalar(
             select(LinkAttempt)
             .where(LinkAttempt.state_hash == pkce.digest(state))
@@ -282,7 +297,7 @@ async def _claim_attempt(
         attempt.consumed_at = now
         attempt.outcome = Outcome.DENIED if denied else Outcome.EXCHANGING
         verifier = (
-            rt.keyring.open_column(
+            flow.keyring.open_column(
                 LinkAttempt.code_verifier, attempt.id, attempt.client_id, attempt.code_verifier
             )
             if attempt.code_verifier
@@ -294,21 +309,21 @@ async def _claim_attempt(
     return claimed
 
 
-async def _exchange_and_store(rt: Runtime, claimed: _Claimed, code: str) -> Outcome:
+async def _exchange_and_store(flow: Linking, claimed: _Claimed, code: str) -> Outcome:
     error: str | None = None
     try:
-        tokens, sent_at = await rt.upstream.mercadopago.exchange_code(
-            rt.upstream.oauth, code, claimed.verifier, test=claimed.test
+        tokens, sent_at = await flow.upstream.mercadopago.exchange_code(
+            flow.upstream.oauth, code, claimed.verifier, test=claimed.test
         )
     except TransientUpstreamError as exc:
         outcome, error = Outcome.UPSTREAM_UNAVAILABLE, exc.error
     except MercadoPagoError as exc:
         outcome, error = Outcome.EXCHANGE_FAILED, exc.error
     else:
-        outcome = await _store_tokens(rt, claimed, tokens, sent_at)
+        outcome = await _store_tokens(flow, claimed, tokens, sent_at)
     metrics.TOKEN_EXCHANGES.labels(outcome).inc()
     if outcome not in SUCCESS:
-        async with transaction(rt.db.sessions) as session:
+        async with transaction(flow.db.sessions) as session:
             await session.execute(
                 update(LinkAttempt)
                 .where(LinkAttempt.id == claimed.attempt_id)
@@ -333,26 +348,28 @@ def _user_id(tokens: TokenSet) -> int | None:
 
 
 async def _store_tokens(
-    rt: Runtime, claimed: _Claimed, tokens: TokenSet, sent_at: datetime
+    flow: Linking, claimed: _Claimed, tokens: TokenSet, sent_at: datetime
 ) -> Outcome:
     user_id = _user_id(tokens)
     pair = sealed_pair(
-        rt.keyring, rt.settings, claimed.seller_id, claimed.client_id, tokens, sent_at
+        flow.keyring, flow.settings, claimed.seller_id, claimed.client_id, tokens, sent_at
     )
     if user_id is None or pair.refresh_token is None:
         return Outcome.EXCHANGE_FAILED
     live_mode = pair.live_mode if pair.live_mode is not None else not claimed.test
     for _ in range(3):
         try:
-            async with transaction(rt.db.sessions) as session:
-                return await _store_linked(rt, session, claimed, pair, user_id, live_mode=live_mode)
+            async with transaction(flow.db.sessions) as session:
+                return await _store_linked(
+                    flow, session, claimed, pair, user_id, live_mode=live_mode
+                )
         except IntegrityError:
             continue  # two first links of one seller raced on the insert; the loser re-reads
     raise RuntimeError("could not store the seller's tokens")
 
 
 async def _store_linked(
-    rt: Runtime,
+    flow: Linking,
     session: AsyncSession,
     claimed: _Claimed,
     pair: Pair,
@@ -361,11 +378,11 @@ async def _store_linked(
     live_mode: bool,
 ) -> Outcome:
     """The link's rules (one account per seller, one mode), then the lifecycle's store."""
-    now = rt.clock()
+    now = flow.clock()
     seller = await session.get(Seller, claimed.seller_id, with_for_update=True)
     outcome = Outcome.LINKED
     if seller is not None and seller.status != Status.UNLINKED:
-        if seller.mp_user_id != user_id and not rt.settings.broker_allow_account_change:
+        if seller.mp_user_id != user_id and not flow.settings.broker_allow_account_change:
             outcome = Outcome.ACCOUNT_MISMATCH
         elif seller.live_mode != live_mode:
             outcome = Outcome.LIVE_MODE_MISMATCH
@@ -381,7 +398,7 @@ async def _store_linked(
         return outcome  # the new tokens are dropped: they belong to an account we refused
     store_linked(
         session,
-        rt.settings,
+        flow.settings,
         now,
         seller,
         seller_id=claimed.seller_id,

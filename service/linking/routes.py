@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Cookie, Header, Path, Query
+from fastapi import APIRouter, Cookie, Depends, Header, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from service.core.errors import Forbidden, LiveModeMismatch, Unauthorized, responses
@@ -13,7 +13,15 @@ from service.core.schemas import LinkStartRequest, LinkStartResponse
 from service.linking import flow as linking
 from service.linking import pages
 from service.serving import apikeys
-from service.serving.deps import ApiKeyDep, RuntimeDep
+from service.serving.deps import ApiKeyDep
+
+
+async def get_linking(request: Request) -> linking.Linking:
+    flow: linking.Linking = request.app.state.linking
+    return flow
+
+
+LinkingDep = Annotated[linking.Linking, Depends(get_linking)]
 
 router = APIRouter()  # internal services (API key)
 pages_router = APIRouter(tags=["seller pages"])  # the seller's browser
@@ -26,11 +34,11 @@ pages_router = APIRouter(tags=["seller pages"])  # the seller's browser
     response_model=LinkStartResponse,
     responses=responses(Unauthorized, Forbidden, LiveModeMismatch),
 )
-async def start_link(body: LinkStartRequest, rt: RuntimeDep, key: ApiKeyDep) -> LinkStartResponse:
+async def start_link(body: LinkStartRequest, flow: LinkingDep, key: ApiKeyDep) -> LinkStartResponse:
     """Create a link to send to a seller so they can connect their Mercado Pago account."""
     apikeys.authorize(key, "links:write", body.seller_id)
     link_url, expires_at = await linking.start_link(
-        rt, key, body.seller_id, body.return_url, test=body.test
+        flow, key, body.seller_id, body.return_url, test=body.test
     )
     return LinkStartResponse(link_url=link_url, expires_at=expires_at)
 
@@ -67,7 +75,7 @@ def _binder(plain: str | None, secure: str | None, *, https: bool) -> str | None
 )
 async def open_link(
     token: Annotated[str, Path(max_length=64)],
-    rt: RuntimeDep,
+    flow: LinkingDep,
     accept_language: Annotated[str | None, Header(include_in_schema=False)] = None,
     mpb_link: Annotated[str | None, Cookie(include_in_schema=False)] = None,
     host_mpb_link: Annotated[
@@ -75,8 +83,8 @@ async def open_link(
     ] = None,
 ) -> RedirectResponse | HTMLResponse:
     """The link a seller opens: binds this browser and sends it to Mercado Pago's consent page."""
-    https = rt.settings.secure_cookies
-    opened = await linking.open_link(rt, token, _binder(mpb_link, host_mpb_link, https=https))
+    https = flow.settings.secure_cookies
+    opened = await linking.open_link(flow, token, _binder(mpb_link, host_mpb_link, https=https))
     if isinstance(opened, linking.CallbackResult):
         return pages.page(opened.result, pages.language(accept_language))
     url, binder = opened
@@ -84,7 +92,7 @@ async def open_link(
     response.set_cookie(
         SECURE_COOKIE if https else COOKIE,
         binder,
-        max_age=rt.settings.broker_attempt_ttl_seconds,
+        max_age=flow.settings.broker_attempt_ttl_seconds,
         path="/",
         secure=https,
         httponly=True,
@@ -106,7 +114,7 @@ async def open_link(
     },
 )
 async def oauth_callback(
-    rt: RuntimeDep,
+    flow: LinkingDep,
     accept_language: Annotated[str | None, Header(include_in_schema=False)] = None,
     state: Annotated[str | None, Query(max_length=512)] = None,
     code: Annotated[str | None, Query(max_length=512)] = None,
@@ -117,6 +125,6 @@ async def oauth_callback(
     ] = None,
 ) -> HTMLResponse | RedirectResponse:
     """Mercado Pago's redirect back: checks state and browser, exchanges the code, stores tokens."""
-    binder = _binder(mpb_link, host_mpb_link, https=rt.settings.secure_cookies)
-    result = await linking.handle_callback(rt, state, code, error, binder)
+    binder = _binder(mpb_link, host_mpb_link, https=flow.settings.secure_cookies)
+    result = await linking.handle_callback(flow, state, code, error, binder)
     return pages.respond(result, pages.language(accept_language))

@@ -21,7 +21,6 @@ from starlette.responses import Response
 from service.core.errors import BrokerError, problem_response
 from service.core.schemas import SELLER_ID_MAX, SELLER_ID_PATTERN
 from service.serving import tokens
-from service.serving.deps import authenticate
 
 TOKEN_PATH = re.compile(r"^/sellers/(.+)/token$")
 SELLER_ID = re.compile(SELLER_ID_PATTERN)
@@ -44,13 +43,12 @@ class TokenReads:
         await response(scope, receive, send)
 
     async def _answer(self, app: Any, scope: Any, seller_id: str, min_ttl: int) -> Response:
-        rt, refresher = app.state.runtime, app.state.refresher
         try:
             authorization = next(
                 (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None
             )
-            key = await authenticate(rt, authorization)
-            return await tokens.serve(rt, refresher, key, seller_id, min_ttl)
+            key = await app.state.callers.authenticate(authorization)
+            return await tokens.serve(app.state.serving, key, seller_id, min_ttl)
         except BrokerError as exc:
             return problem_response(exc.status, exc.code, exc.title, exc.detail, exc.headers)
 

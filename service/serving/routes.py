@@ -17,7 +17,7 @@ from service.core.errors import (
 from service.core.schemas import SellerId, SellerStatus, TokenResponse
 from service.lifecycle import sellers
 from service.serving import apikeys, tokens
-from service.serving.deps import ApiKeyDep, RefresherDep, RuntimeDep
+from service.serving.deps import ApiKeyDep, ServingDep
 
 router = APIRouter()
 
@@ -44,8 +44,7 @@ TOKEN_ROUTE = "/sellers/{seller_id:path}/token"
 )
 async def get_token(
     seller_id: SellerId,
-    rt: RuntimeDep,
-    refresher: RefresherDep,
+    serving: ServingDep,
     key: ApiKeyDep,
     min_ttl: Annotated[
         int,
@@ -58,7 +57,7 @@ async def get_token(
 ) -> Response:
     """Get a valid access token to call Mercado Pago for this seller."""
     # Well-formed reads are answered before routing (fast.py), by the same `tokens.serve`.
-    return await tokens.serve(rt, refresher, key, seller_id, min_ttl)
+    return await tokens.serve(serving, key, seller_id, min_ttl)
 
 
 @router.post(
@@ -67,8 +66,10 @@ async def get_token(
     response_model=SellerStatus,
     responses=responses(Unauthorized, Forbidden, SellerNotFound, UpstreamUnavailable),
 )
-async def report_invalid_token(seller_id: SellerId, rt: RuntimeDep, key: ApiKeyDep) -> SellerStatus:
+async def report_invalid_token(
+    seller_id: SellerId, serving: ServingDep, key: ApiKeyDep
+) -> SellerStatus:
     """Report that Mercado Pago refused the token; the broker checks it and marks revocations."""
     apikeys.authorize(key, "tokens:read", seller_id)
-    await tokens.report_invalid(rt, seller_id)
-    return await sellers.status(rt.db.sessions, seller_id)
+    await tokens.report_invalid(serving, seller_id)
+    return await sellers.status(serving.db.sessions, seller_id)

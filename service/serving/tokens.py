@@ -12,19 +12,37 @@ from sqlalchemy import bindparam, select
 from starlette.responses import Response
 
 from service.core import db
-from service.core.config import LEASE_MARGIN_SECONDS
+from service.core.config import LEASE_MARGIN_SECONDS, Settings
+from service.core.crypto import Keyring
 from service.core.db import Hot
 from service.core.domain import KeyView, Reason, SellerView, Status, TokenWarning
 from service.core.errors import InvalidRequest, RelinkRequired, SellerNotFound, UpstreamUnavailable
 from service.core.mercadopago import TokenCheck, TransientUpstreamError
 from service.core.models import Seller
-from service.core.runtime import Runtime
+from service.core.runtime import Clock, Database, Upstream
 from service.core.schemas import TokenResponse
 from service.lifecycle import sellers
+from service.lifecycle.audit import ReadCounter
 from service.refresh.engine import Outcome, Refresher
 from service.serving import apikeys
+from service.serving.cache import Cache
 
 log = logging.getLogger("broker.tokens")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The parts of the process token reads use (the fast path and the documented route alike)."""
+
+    settings: Settings
+    clock: Clock
+    db: Database
+    keyring: Keyring
+    cache: Cache
+    reads: ReadCounter
+    refresher: Refresher
+    upstream: Upstream
+
 
 # Response header set when the token served is valid but its seller needs attention.
 WARNING_HEADER = "Broker-Token-Warning"
@@ -49,10 +67,10 @@ READ = Hot.compile(
 )
 
 
-def view_of(rt: Runtime, seller: asyncpg.Record) -> SellerView:
+def view_of(flow: Serving, seller: asyncpg.Record) -> SellerView:
     """A seller row as token reads see it: the access token decrypted, the reply serialized."""
     access_token = (
-        rt.keyring.open_column(
+        flow.keyring.open_column(
             Seller.access_token, seller["seller_id"], seller["client_id"], seller["access_token"]
         )
         if seller["access_token"] is not None
@@ -74,17 +92,17 @@ def view_of(rt: Runtime, seller: asyncpg.Record) -> SellerView:
     return SellerView(**{**dict(seller), "access_token": access_token, "body": body})
 
 
-async def _load(rt: Runtime, seller_id: str, *, fresh: bool = False) -> SellerView:
+async def _load(flow: Serving, seller_id: str, *, fresh: bool = False) -> SellerView:
     """The seller from the cache, or (`fresh`, or a miss) from PostgreSQL."""
-    view = None if fresh else rt.cache.seller(seller_id)
+    view = None if fresh else flow.cache.seller(seller_id)
     if view is None:
-        begun = rt.cache.begin()
-        async with db.direct(rt.db.direct) as connection:
+        begun = flow.cache.begin()
+        async with db.direct(flow.db.direct) as connection:
             seller = await connection.fetchrow(READ.sql, *READ.args(seller_id=seller_id))
         if seller is None:
             raise SellerNotFound(f"No linked seller {seller_id!r}.")
-        view = view_of(rt, seller)
-        rt.cache.store_seller(view, begun)
+        view = view_of(flow, seller)
+        flow.cache.store_seller(view, begun)
     if view.status == Status.UNLINKED or view.access_token is None:
         raise SellerNotFound(f"No linked seller {seller_id!r}.")
     return view
@@ -96,16 +114,14 @@ def _warning(seller: SellerView) -> TokenWarning | None:
     return TokenWarning.REFRESH_FAILING if seller.refresh_failures else None
 
 
-async def serve(
-    rt: Runtime, refresher: Refresher, key: KeyView, seller_id: str, min_ttl: int
-) -> Response:
+async def serve(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) -> Response:
     """A token read once the caller is known: the documented route and the fast path call it."""
     apikeys.authorize(key, "tokens:read", seller_id)
-    if min_ttl > rt.settings.broker_min_ttl_max_seconds:
+    if min_ttl > flow.settings.broker_min_ttl_max_seconds:
         # Refused rather than lowered: the caller would believe it got what it asked for.
-        raise InvalidRequest(f"min_ttl is at most {rt.settings.broker_min_ttl_max_seconds}.")
-    served = await read_token(rt, refresher, seller_id, min_ttl)
-    rt.reads.add(key.name, seller_id, rt.clock())
+        raise InvalidRequest(f"min_ttl is at most {flow.settings.broker_min_ttl_max_seconds}.")
+    served = await read_token(flow, seller_id, min_ttl)
+    flow.reads.add(key.name, seller_id, flow.clock())
     # The body was serialized once, when the seller was loaded: no per-read encoding.
     response = Response(served.seller.body, media_type="application/json")
     response.raw_headers += NO_STORE
@@ -114,32 +130,32 @@ async def serve(
     return response
 
 
-async def read_token(rt: Runtime, refresher: Refresher, seller_id: str, min_ttl: int) -> Served:
+async def read_token(flow: Serving, seller_id: str, min_ttl: int) -> Served:
     """The seller's token, refreshed first when less than `min_ttl` seconds remain."""
     wanted = timedelta(seconds=max(min_ttl, 1))
-    first = await _load(rt, seller_id)
-    if first.expires_at - rt.clock() >= wanted:
+    first = await _load(flow, seller_id)
+    if first.expires_at - flow.clock() >= wanted:
         return Served(first, _warning(first))  # the hot path: usually from memory
     # Something to decide: from here on, only what PostgreSQL says now.
-    first = await _load(rt, seller_id, fresh=True)
+    first = await _load(flow, seller_id, fresh=True)
     seller = first
-    if first.status == Status.LINKED and first.expires_at - rt.clock() < wanted:
-        outcome = await refresher.refresh(seller_id, on_read=True)
+    if first.status == Status.LINKED and first.expires_at - flow.clock() < wanted:
+        outcome = await flow.refresher.refresh(seller_id, on_read=True)
         if outcome == Outcome.BUSY:
-            seller = await _wait_for_other_refresh(rt, first)
+            seller = await _wait_for_other_refresh(flow, first)
         else:
-            seller = await _load(rt, seller_id, fresh=True)
-        now = rt.clock()
+            seller = await _load(flow, seller_id, fresh=True)
+        now = flow.clock()
         if (
             seller.version != first.version
             and seller.status == Status.LINKED
             and seller.expires_at > now
         ):
             return Served(seller, None)  # a fresh pair, even if it cannot meet min_ttl
-    now = rt.clock()
+    now = flow.clock()
     if seller.expires_at - now >= wanted:
         return Served(seller, _warning(seller))
-    cooldown = timedelta(seconds=rt.settings.broker_on_read_cooldown_seconds)
+    cooldown = timedelta(seconds=flow.settings.broker_on_read_cooldown_seconds)
     refreshed_lately = (
         seller.last_refreshed_at is not None and seller.last_refreshed_at > now - cooldown
     )
@@ -156,33 +172,33 @@ async def read_token(rt: Runtime, refresher: Refresher, seller_id: str, min_ttl:
     )
 
 
-async def _wait_for_other_refresh(rt: Runtime, before: SellerView) -> SellerView:
+async def _wait_for_other_refresh(flow: Serving, before: SellerView) -> SellerView:
     """Another process holds the lease: wait (bounded) until it stores or lets go."""
     loop = asyncio.get_running_loop()
-    give_up = loop.time() + rt.upstream.mercadopago.timeout + LEASE_MARGIN_SECONDS
+    give_up = loop.time() + flow.upstream.mercadopago.timeout + LEASE_MARGIN_SECONDS
     while True:
-        seller = await _load(rt, before.seller_id, fresh=True)
-        lease_held = seller.lease_until is not None and seller.lease_until >= rt.clock()
+        seller = await _load(flow, before.seller_id, fresh=True)
+        lease_held = seller.lease_until is not None and seller.lease_until >= flow.clock()
         if seller.version != before.version or not lease_held or loop.time() >= give_up:
             return seller
         await asyncio.sleep(POLL_SECONDS)
 
 
-async def report_invalid(rt: Runtime, seller_id: str) -> SellerView:
+async def report_invalid(flow: Serving, seller_id: str) -> SellerView:
     """A caller says Mercado Pago refused the token: check it, and mark the seller if revoked."""
-    seller = await _load(rt, seller_id, fresh=True)
+    seller = await _load(flow, seller_id, fresh=True)
     access_token = seller.access_token
     if access_token is None:  # `_load` never returns an unlinked seller
         raise SellerNotFound(f"No linked seller {seller_id!r}.")
     try:
-        check = await rt.upstream.mercadopago.check_token(rt.settings.mp_api_url, access_token)
+        check = await flow.upstream.mercadopago.check_token(flow.settings.mp_api_url, access_token)
     except TransientUpstreamError:
         raise UpstreamUnavailable("Mercado Pago could not confirm the token now.") from None
     if check != TokenCheck.REVOKED:
         return seller  # it works, or a 403 (a scope, not a dead grant): nothing changes
     # Only the token we checked: a refresh that landed meanwhile made it moot.
     if await sellers.mark_relink_required(
-        rt.db.sessions, rt.settings, rt.clock(), seller_id, seller.version, Reason.REVOKED
+        flow.db.sessions, flow.settings, flow.clock(), seller_id, seller.version, Reason.REVOKED
     ):
         log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
-    return await _load(rt, seller_id, fresh=True)
+    return await _load(flow, seller_id, fresh=True)
