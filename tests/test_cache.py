@@ -28,6 +28,7 @@ from tests.support import (
     Simulator,
     bound_socket,
     create_api_key,
+    wait_until,
 )
 from tests.support.processes import env_for, run_cli
 
@@ -170,17 +171,6 @@ class CountingDatabase:
     def __exit__(self, *exc: object) -> None:
         self.runtime.db.sessions, self.runtime.db.autocommit = self.sessions, self.autocommit
         self.runtime.db.direct = self.direct
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], what: str, seconds: float) -> float:
-    """Poll until `check` holds; returns how long it took (bounded by `seconds`)."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while not await check():
-        if loop.time() - started > seconds:
-            raise AssertionError(f"not within {seconds} s: {what}")
-        await asyncio.sleep(0.01)
-    return loop.time() - started
 
 
 @asynccontextmanager

@@ -115,6 +115,12 @@ def sealed_pair(
     )
 
 
+async def _locked(session: AsyncSession, seller_id: str) -> Seller | None:
+    """The seller's row under a row lock until the transaction ends: a concurrent transition
+    waits, then sees what this one wrote (every guard below is checked under it)."""
+    return await session.get(Seller, seller_id, with_for_update=True)
+
+
 # -- linking --------------------------------------------------------------------------------
 
 
@@ -236,7 +242,7 @@ async def store_refreshed(
     """A refreshed pair whatever the seller's state, guarded by the `version` read at claim
     time: a late success wins even over a relink_required set meanwhile."""
     async with transaction(sessions) as session:
-        seller = await session.get(Seller, seller_id, with_for_update=True)
+        seller = await _locked(session, seller_id)
         if seller is None or seller.version != version:
             return Stored.SUPERSEDED
         recovered = seller.status == Status.RELINK_REQUIRED
@@ -281,7 +287,7 @@ async def record_failure(
     by the application's breaker, which holds every refresh until it closes). Nothing happens
     if `lease_owner` no longer holds the seller."""
     async with transaction(sessions) as session:
-        seller = await session.get(Seller, seller_id, with_for_update=True)
+        seller = await _locked(session, seller_id)
         if seller is None or seller.lease_owner != lease_owner:
             return
         seller.refresh_failures += 1
@@ -314,7 +320,7 @@ async def mark_relink_required(
     Mercado Pago refused says so with `refresh_error` (the failure counts) and gives back its
     lease (`lease_owner`)."""
     async with transaction(sessions) as session:
-        seller = await session.get(Seller, seller_id, with_for_update=True)
+        seller = await _locked(session, seller_id)
         if seller is None or seller.version != version:
             return False
         seller.status, seller.status_reason = Status.RELINK_REQUIRED, reason

@@ -125,7 +125,7 @@ class Refresher:
         self.clear_until = 0.0  # no breaker or pause seen until then (loop time)
         self.gate_check: asyncio.Task[breaker.Gate] | None = None  # one check at a time
         self.rate = RateLimiter(self.settings.broker_refresh_rate_per_second)
-        # One lease: longer than any request's deadline (settings refuse less), see FREE.
+        # One lease: longer than any request's deadline (settings refuse less), see sql.free().
         self.late_reply_grace = timedelta(seconds=self.settings.broker_lease_seconds)
         self.burst = breaker.Burst(
             self.settings.broker_breaker_invalid_grant_threshold,

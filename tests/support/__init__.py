@@ -8,6 +8,7 @@ from tests.support.browser import SellerBrowser, query_of
 from tests.support.clock import FakeClock
 from tests.support.config import CLIENT_ID, CLIENT_SECRET, ROOT, SIM_EXPIRES_IN
 from tests.support.db import admin_connect, execute, with_database
+from tests.support.polling import wait_until
 from tests.support.seed import create_api_key, seed_sellers, settings_keyring
 from tests.support.servers import Broker, Loopback, Simulator, bound_socket
 
@@ -31,5 +32,6 @@ __all__ = [
     "query_of",
     "seed_sellers",
     "settings_keyring",
+    "wait_until",
     "with_database",
 ]
