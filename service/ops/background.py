@@ -47,22 +47,34 @@ class Background:
         self.rt, self.refresher, self.health = rt, refresher, health
         self.stopping = asyncio.Event()
         settings = rt.settings
-        loops: list[Coroutine[Any, Any, None]] = [
-            observe.watch(health, settings, rt.clock, rt.db.sessions, self.stopping)
-        ]
+        loops: dict[str, Coroutine[Any, Any, None]] = {
+            "health": observe.watch(health, settings, rt.clock, rt.db.sessions, self.stopping)
+        }
         if api:
-            loops += [
-                rt.reads.run(rt.db.direct, self.stopping, settings.broker_audit_flush_seconds),
-                rt.cache.listen(rt.db.url, self.stopping),
-            ]
+            loops["read_counts"] = rt.reads.run(
+                rt.db.direct, self.stopping, settings.broker_audit_flush_seconds
+            )
+            loops["cache_listener"] = rt.cache.listen(rt.db.url, self.stopping)
         if not api or settings.broker_serve_refresher:
             dispatcher = Dispatcher(settings, rt.clock, rt.db.sessions, rt.http)
-            loops += [refresher.run(self.stopping), dispatcher.run(self.stopping)]
-        self.loops = [asyncio.create_task(loop) for loop in loops]
+            loops["refresher"] = refresher.run(self.stopping)
+            loops["events"] = dispatcher.run(self.stopping)
+        self.loops = [asyncio.create_task(work, name=name) for name, work in loops.items()]
+        for task in self.loops:
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Each loop guards its own rounds; one that still ends has a bug: say which.
+            fields: dict[str, object] = {"loop": task.get_name(), "error": type(exc).__name__}
+            logs.event(log, "background.loop_crashed", fields, logging.ERROR)
 
     async def wait(self) -> None:
-        """Until a loop ends by itself (it should not) or `stop()` is called."""
-        await asyncio.wait(self.loops, return_when=asyncio.FIRST_COMPLETED)
+        """Until a loop ends by itself (it should not: then its error is raised) or stops."""
+        done, _ = await asyncio.wait(self.loops, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise exc
 
     async def stop(self) -> float:
         """The shutdown sequence; how many seconds it took."""

@@ -156,13 +156,16 @@ async def _refresher(settings: Settings, url: str) -> None:
         )
     health = observe.Health(settings.broker_readiness_grace_seconds)
     background = Background(runtime, refresher_of(runtime), health, api=False)
-    waits = {asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(background.wait())}
+    signalled = asyncio.ensure_future(stopping.wait())
+    crashed = asyncio.ensure_future(background.wait())  # raises what ended a loop, if one does
     try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({signalled, crashed}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for wait in waits:
-            wait.cancel()
+        signalled.cancel()
         await background.stop()
+    if crashed.done() and not crashed.cancelled():
+        crashed.result()  # the process exits non-zero, after the same shutdown
+    crashed.cancel()
 
 
 async def _pause_switch(settings: Settings, action: str, reason: str | None) -> None:
