@@ -7,8 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from bench.seed import copy_rows
+from bench.seed import row as sealed_row
 from service.core.config import Settings
-from service.core.crypto import Keyring, context
+from service.core.crypto import Keyring
 from tests.support.servers import Simulator
 
 
@@ -56,30 +58,21 @@ async def seed_sellers(
     )
     reply.raise_for_status()
     now = datetime.now(UTC)
-    rows = []
-    for n, grant in enumerate(reply.json()):
-        seller_id = f"seller-{n:05d}"
-
-        def seal(column: str, value: str, seller_id: str = seller_id) -> str:
-            return ring.seal(value, context("sellers", seller_id, column, client_id))
-
-        rows.append(
-            (
-                seller_id,
-                client_id,
-                grant["user_id"],
-                seal("access_token", grant["access_token"]),
-                seal("refresh_token", grant["refresh_token"]),
-                now + timedelta(seconds=expires_in),
-                now - timedelta(seconds=1) if due else now + timedelta(days=1),
-                now,
-            )
+    expires_at = now + timedelta(seconds=expires_in)
+    next_refresh_at = now - timedelta(seconds=1) if due else now + timedelta(days=1)
+    rows = [
+        sealed_row(
+            ring,
+            client_id,
+            f"seller-{n:05d}",
+            grant["user_id"],
+            grant["access_token"],
+            grant["refresh_token"],
+            now,
+            expires_at,
+            next_refresh_at,
         )
-    await sql.executemany(
-        "INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token, "
-        "refresh_token, scope, live_mode, expires_at, next_refresh_at, version, linked_at, "
-        "updated_at) VALUES ($1, $2, $3, 'linked', $4, $5, 'offline_access read write', true, "
-        "$6, $7, 1, $8, $8)",
-        rows,
-    )
+        for n, grant in enumerate(reply.json())
+    ]
+    await copy_rows(sql, rows)  # sealed the broker's way, like the benchmark's rows
     return [row[0] for row in rows]
