@@ -18,6 +18,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from service.core.domain import Status
+
 Timestamp = TIMESTAMP(timezone=True)
 # A column holding a sealed value (service/core/crypto.py derives its context from the column).
 SEALED = {"sealed": True}
@@ -128,13 +130,13 @@ class Seller(Base):
         Index(
             "ix_sellers_next_refresh_at_linked",
             "next_refresh_at",
-            postgresql_where=text("status = 'linked'"),
+            postgresql_where=text(f"status = '{Status.LINKED}'"),
         ),
         # The "expiring soon" scan: only sellers that cannot be refreshed (a few, one hopes).
         Index(
             "ix_sellers_expires_at_at_risk",
             "expires_at",
-            postgresql_where=text("status = 'relink_required' OR refresh_failures > 0"),
+            postgresql_where=text(f"status = '{Status.RELINK_REQUIRED}' OR refresh_failures > 0"),
         ),
     )
 

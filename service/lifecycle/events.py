@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.core import logs, metrics
 from service.core.config import Settings, Subscriber
 from service.core.db import transaction
-from service.core.domain import DeliveryState, EventType
+from service.core.domain import DeliveryState, EventType, Status
 from service.core.models import Event, EventDelivery, Seller
 from service.core.runtime import Clock
 from service.refresh import policy
@@ -272,10 +272,10 @@ def expiring_query(now: datetime, horizon: datetime) -> Select[Seller]:
     return (
         select(Seller)
         .where(
-            Seller.status.in_(("linked", "relink_required")),
+            Seller.status.in_((Status.LINKED, Status.RELINK_REQUIRED)),
             Seller.expires_at > now,
             Seller.expires_at < horizon,
-            or_(Seller.status == "relink_required", Seller.refresh_failures > 0),
+            or_(Seller.status == Status.RELINK_REQUIRED, Seller.refresh_failures > 0),
             or_(
                 Seller.expiring_notified_version.is_(None),
                 Seller.expiring_notified_version != Seller.version,
