@@ -72,9 +72,12 @@ async def test_sigterm_mid_wave_releases_leases_and_a_replacement_picks_up_at_on
             await sql.fetchval("SELECT count(*) FROM sellers WHERE attempt_outcome = 'sent'") == 0
         )
 
-        started = time.monotonic()
         async with broker_process(["refresher"], env, None, tmp_path / "r2.log"):
-            for _ in range(100):  # the replacement claims at once, not after a lease lapses
+            # From the moment it says it started (its interpreter's start-up is no part of the
+            # claim, and on a loaded machine it took seconds): it claims at once, not after a
+            # lease (60 s) and its late-reply grace lapse.
+            started = time.monotonic()
+            for _ in range(300):  # at most 15 s, so that a miss says how long it took
                 if await refreshed(sql) > done_by_first:
                     break
                 await asyncio.sleep(0.05)
@@ -90,10 +93,10 @@ async def test_sigterm_mid_wave_releases_leases_and_a_replacement_picks_up_at_on
     assert sorted(g["refreshes"] for g in grants.values()) == [1] * WAVE  # exactly once
     assert reads
     assert set(reads) == {200}  # valid tokens served throughout
-    assert picked_up < 5.0  # (process start-up included) far below the 60 s lease
+    assert picked_up < 5.0, f"the replacement took {picked_up:.1f} s"  # far below the lease
     print(
         f"\nSIGTERM mid-wave: first refresher did {done_by_first}/{WAVE}, exited 0, no lease "
-        f"left; replacement refreshing within {picked_up:.1f} s of its start; "
+        f"left; replacement refreshing {picked_up:.1f} s after it started; "
         f"{len(reads)} reads served, all 200"
     )
 
