@@ -18,7 +18,7 @@ from tests.support.processes import broker_process, env_for
 pytestmark = pytest.mark.chaos
 
 BUDGET = 4.0  # BROKER_SHUTDOWN_SECONDS for this test (15 by default)
-SLACK = 2.5  # the interpreter's own exit, the scheduler of a loaded 2-core machine
+SLACK = 5.0  # the interpreter's own exit, on a 2-core machine running a parallel suite
 
 
 async def test_a_store_that_cannot_land_holds_shutdown_no_longer_than_its_budget(
