@@ -2,7 +2,7 @@
 
 `python -m bench.bare --port P --body-bytes B` serves `GET /sellers/{seller_id}/token` with a
 precomputed body of exactly B bytes (the size of a real token reply, measured by bench.run).
-The server is built by `service.cli.uvicorn_config` and run the way `service.cli` runs the
+The server is built by `service.ops.cli.uvicorn_config` and run the way `service.ops.cli` runs the
 broker (`asyncio.run(server.serve())` in one process, on uvloop when the config says so), so
 flags, event loop and worker count are the broker's own; bench.run checks which loop each
 server really runs. The path is the broker's, so one wrk script drives both.
@@ -64,7 +64,7 @@ def run(app: FastAPI, host: str, port: int) -> None:
     server = QuietServer(uvicorn_config(app, host, port))
     if server.config.loop == "uvloop":
         # uvicorn applies `loop` only in its own run(); under asyncio.run it is ours to set,
-        # as service.cli does for the broker. (Imported here: bench.run tells which loop a
+        # as service.ops.cli does for the broker. (Imported here: bench.run tells which loop a
         # server runs by whether uvloop is mapped into it.)
         import uvloop
 

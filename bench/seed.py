@@ -1,4 +1,5 @@
-"""Seeding linked sellers fast, in constant memory, the way tests/conftest.seed_sellers writes them.
+"""Seeding linked sellers fast, in constant memory, sealed as the broker seals them
+(tests/support/seed.py builds its rows with `row` too).
 
 Rows are built in chunks by a process pool (sealing is most of the CPU: two AES-GCM seals per
 seller) and written with COPY (`copy_records_to_table`), at most `workers + 1` chunks in memory.

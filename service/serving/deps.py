@@ -1,4 +1,4 @@
-"""Dependencies shared by the routes: the process runtime and the caller's API key."""
+"""The API key dependency every internal route uses, and the token flow's parts for its routes."""
 
 from __future__ import annotations
 

@@ -3,10 +3,11 @@
 Internal services call it before every Mercado Pago call. Measured on this route, FastAPI's
 per-request dependency and parameter resolution cost about twice as much CPU as everything the
 broker itself does (key check, cache lookup, audit count, metrics), so a well-formed request
-is answered here, before routing, with the very same code (`apikeys`, `tokens`) and the same
-responses as the FastAPI route in `internal.py`. Anything unusual (an invalid seller id, an
-unexpected or malformed query parameter) falls through to that route, which validates and
-documents it (OpenAPI, 422 problems) as before.
+is answered here, before routing, by the same service function (`tokens.serve`, after
+`Callers.authenticate`) and with the same responses as the FastAPI route in `routes.py`
+(`tests/test_fast_path.py` compares them answer by answer). Anything unusual (an invalid
+seller id, an unexpected or malformed query parameter) falls through to that route, which
+validates and documents it (OpenAPI, 422 problems) as before.
 """
 
 from __future__ import annotations
