@@ -7,13 +7,23 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from functools import lru_cache
+from collections.abc import Callable, Mapping
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.core.applications import (
+    DEFAULT,
+    Application,
+    Applications,
+    ApplicationSpec,
+    ConfigurationError,
+    load_declared,
+)
 
 # Values people paste from examples; never acceptable in production.
 PLACEHOLDERS = {"", "changeme", "change-me", "secret", "xxx", "todo", "placeholder", "example"}
@@ -23,6 +33,7 @@ LEASE_MARGIN_SECONDS = 5
 # The demo application (`make run`, `docker compose up`): public on purpose, it only opens the
 # built-in simulator, and production mode refuses it.
 DEMO_CLIENT_ID = "1234567890123456"
+DEMO_CLIENT_ID_BR = "2234567890123456"  # the demo's second application
 DEMO_CLIENT_SECRET = "demo-secret-for-the-simulator-only"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -38,7 +49,10 @@ class Subscriber(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    # hide_input_in_errors: a start-up error must never print the environment (it holds secrets).
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True
+    )
 
     broker_env: Literal["dev", "production"] = "dev"
     database_url: str | None = None
@@ -49,6 +63,10 @@ class Settings(BaseSettings):
     broker_host: str = "127.0.0.1"
     broker_port: int = 8000
 
+    # Mercado Pago applications (service/core/applications.py): a declared list, and the MP_*
+    # settings below as the application named `default`.
+    broker_applications: SecretStr | None = None  # JSON; it holds secrets
+    broker_applications_file: Path | None = None
     mp_client_id: str | None = None
     mp_client_secret: SecretStr | None = None
     mp_redirect_uri: str | None = None
@@ -176,6 +194,14 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _applications_are_well_formed(self) -> Settings:
+        # At start-up, with the field and the application named (and no value echoed).
+        if self.has_applications:
+            self.__dict__.pop("apps", None)
+            _ = self.apps
+        return self
+
+    @model_validator(mode="after")
     def _production_needs_everything(self) -> Settings:
         if self.broker_env != "production":
             return self
@@ -183,57 +209,131 @@ class Settings(BaseSettings):
         if not self.database_url:
             # Replicas with private embedded databases would each refresh (burn) the same tokens.
             missing.append("DATABASE_URL")
-        if (self.mp_client_id or "").strip().lower() in PLACEHOLDERS | {DEMO_CLIENT_ID}:
-            missing.append("MP_CLIENT_ID")
-        for name in ("mp_client_secret", "broker_encryption_keys"):
-            secret: SecretStr | None = getattr(self, name)
-            values = secret.get_secret_value().split(",") if secret else [""]
-            refused = PLACEHOLDERS | {DEMO_CLIENT_SECRET.lower()}
-            if any(value.strip().lower() in refused for value in values):
-                missing.append(name.upper())
-        # Codes, secrets and tokens travel on these: never in clear (nor to a simulator).
-        for name in ("broker_public_url", "mp_redirect_uri", "mp_auth_url"):
-            if not (getattr(self, name) or "").startswith("https://"):
-                missing.append(f"{name.upper()} (https)")
-        # Server-side calls may use plain http to loopback (an egress proxy beside us).
-        for name in ("mp_token_url", "mp_api_url"):
-            url = urlsplit(getattr(self, name))
-            if url.scheme != "https" and not (
-                url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
-            ):
-                missing.append(f"{name.upper()} (https)")
+        if _placeholder(self.broker_encryption_keys):
+            missing.append("BROKER_ENCRYPTION_KEYS")
+        if not self.broker_public_url.startswith("https://"):
+            missing.append("BROKER_PUBLIC_URL (https)")
+        declared = load_declared(self.broker_applications, self.broker_applications_file)
+        if self.mp_client_id or not declared:
+            missing += _unfit(self._default_fields(), DEFAULT_APPLICATION_SETTINGS.__getitem__)
+        for spec in declared:
+            fields = {name: getattr(spec, name) for name in DEFAULT_APPLICATION_SETTINGS}
+            fields["auth_url"] = spec.authorization_endpoint
+            missing += _unfit(fields, partial(_field_of, spec.name))
         if missing:
             raise ValueError("production mode needs real values for: " + ", ".join(missing))
         return self
+
+    def _default_fields(self) -> dict[str, Any]:
+        return {
+            field: getattr(self, name.lower())
+            for field, name in DEFAULT_APPLICATION_SETTINGS.items()
+        }
+
+    @property
+    def has_applications(self) -> bool:
+        """Whether any application is configured (dev mode without one runs the demo)."""
+        return bool(self.broker_applications or self.broker_applications_file or self.mp_client_id)
+
+    @cached_property
+    def apps(self) -> Applications:
+        """The configured applications: the declared list, and `default` from MP_*."""
+        declared = load_declared(self.broker_applications, self.broker_applications_file)
+        specs = list(declared)
+        if self.mp_client_id or not declared:
+            fields = self._default_fields()
+            missing = [
+                DEFAULT_APPLICATION_SETTINGS[field]
+                for field in ("client_id", "client_secret", "redirect_uri")
+                if not fields[field]
+            ]
+            if missing:
+                raise ConfigurationError(f"application 'default': set {', '.join(missing)}")
+            specs.insert(0, _default_spec(fields))
+        rate = self.broker_refresh_rate_per_second
+        return Applications([Application.of(spec, rate) for spec in specs])
+
+    def model_copy(
+        self, *, update: Mapping[str, Any] | None = None, deep: bool = False
+    ) -> Settings:
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("apps", None)  # computed from the fields, which may have changed
+        return copy
 
     @property
     def production(self) -> bool:
         return self.broker_env == "production"
 
     @property
-    def mp_client_secrets(self) -> tuple[str, ...]:
-        """MP_CLIENT_SECRET is an ordered list while the application's secret is renewed."""
-        if self.mp_client_secret is None:
-            return ()
-        return tuple(
-            s.strip() for s in self.mp_client_secret.get_secret_value().split(",") if s.strip()
-        )
-
-    @property
-    def mp_webhook_secrets(self) -> tuple[str, ...]:
-        if self.mp_webhook_secret is None:
-            return ()
-        values = self.mp_webhook_secret.get_secret_value().split(",")
-        return tuple(value.strip() for value in values if value.strip())
-
-    @property
     def uses_simulator(self) -> bool:
         """Dev mode without Mercado Pago credentials: the demo talks to the built-in simulator."""
-        return not self.production and not (self.mp_client_id and self.mp_client_secret)
+        return not self.production and not self.has_applications
 
     @property
     def secure_cookies(self) -> bool:
         return self.broker_public_url.startswith("https://")
+
+
+# The MP_* settings of the `default` application, by the application field they fill.
+DEFAULT_APPLICATION_SETTINGS = {
+    "client_id": "MP_CLIENT_ID",
+    "client_secret": "MP_CLIENT_SECRET",
+    "redirect_uri": "MP_REDIRECT_URI",
+    "auth_url": "MP_AUTH_URL",
+    "token_url": "MP_TOKEN_URL",
+    "api_url": "MP_API_URL",
+    "pkce": "MP_PKCE_METHOD",
+    "webhook_secret": "MP_WEBHOOK_SECRET",
+}
+
+
+def _default_spec(fields: dict[str, Any]) -> ApplicationSpec:
+    try:
+        return ApplicationSpec(name=DEFAULT, **fields)
+    except ValidationError as exc:
+        # Named by the setting an operator sets, never by value.
+        where = ", ".join(
+            f"{DEFAULT_APPLICATION_SETTINGS.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ConfigurationError(f"application 'default': {where}") from None
+
+
+def _field_of(application: str, field: str) -> str:
+    return f"application {application!r} {field}"
+
+
+def _placeholder(secret: SecretStr | list[SecretStr] | None) -> bool:
+    if isinstance(secret, list):
+        values = [s.get_secret_value() for s in secret] or [""]
+    else:
+        values = secret.get_secret_value().split(",") if secret else [""]
+    refused = PLACEHOLDERS | {DEMO_CLIENT_SECRET.lower()}
+    return any(value.strip().lower() in refused for value in values)
+
+
+def _unfit(fields: dict[str, Any], label: Callable[[str], str]) -> list[str]:
+    """What production refuses in one application's fields, labelled by `label(field)`."""
+    unfit = []
+    if (fields["client_id"] or "").strip().lower() in PLACEHOLDERS | {
+        DEMO_CLIENT_ID,
+        DEMO_CLIENT_ID_BR,
+    }:
+        unfit.append(label("client_id"))
+    if _placeholder(fields["client_secret"]):
+        unfit.append(label("client_secret"))
+    if fields["webhook_secret"] and _placeholder(fields["webhook_secret"]):
+        unfit.append(label("webhook_secret"))
+    # Codes, secrets and tokens travel on these: never in clear (nor to a simulator).
+    for field in ("redirect_uri", "auth_url"):
+        if not (fields[field] or "").startswith("https://"):
+            unfit.append(f"{label(field)} (https)")
+    # Server-side calls may use plain http to loopback (an egress proxy beside us).
+    for field in ("token_url", "api_url"):
+        url = urlsplit(fields[field])
+        if url.scheme != "https" and not (url.scheme == "http" and url.hostname in LOOPBACK_HOSTS):
+            unfit.append(f"{label(field)} (https)")
+    return unfit
 
 
 @lru_cache

@@ -107,4 +107,5 @@ class KeyView:
     digest: str
     scopes: tuple[str, ...]
     namespace: str | None
+    client_ids: frozenset[str] | None  # the applications it may act in; None: all
     revoked: bool

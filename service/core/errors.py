@@ -55,6 +55,18 @@ class SellerNotFound(BrokerError):
     code, status, title = "seller_not_found", 404, "No such seller"
 
 
+class UnknownApplication(BrokerError):
+    code, status, title = "unknown_application", 422, "No such Mercado Pago application"
+
+
+class ApplicationMismatch(BrokerError):
+    code, status, title = (
+        "application_mismatch",
+        409,
+        "The seller is linked through another Mercado Pago application",
+    )
+
+
 class LiveModeMismatch(BrokerError):
     code, status, title = "live_mode_mismatch", 409, "Sandbox and live credentials never mix"
 

@@ -139,6 +139,7 @@ class OAuthApp:
     redirect_uri: str
     auth_url: str
     token_url: str
+    name: str = "default"  # the broker's name for it (metrics)
 
     def __repr__(self) -> str:
         return f"OAuthApp(client_id={self.client_id!r})"
@@ -159,13 +160,14 @@ class OAuthApp:
 
 
 @contextmanager
-def _timed(endpoint: str) -> Iterator[None]:
+def _timed(application: str, endpoint: str) -> Iterator[None]:
     """Upstream latency, failures and timeouts included (they are what an outage looks like)."""
     started = time.perf_counter()
     try:
         yield
     finally:
-        metrics.UPSTREAM_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.UPSTREAM_SECONDS.labels(application, endpoint).observe(elapsed)
 
 
 class MercadoPagoClient:
@@ -233,7 +235,7 @@ class MercadoPagoClient:
         sent_at = self.clock()  # expires_at counts from when the request left, not the reply
         try:
             # One deadline for connect + send + read: a slow drip cannot stretch it.
-            with _timed("oauth_token"):
+            with _timed(app.name, "oauth_token"):
                 async with asyncio.timeout(self.timeout):
                     reply = await next(self.turn).post(
                         app.token_url, data=form, headers={"Accept": "application/json"}
@@ -251,13 +253,38 @@ class MercadoPagoClient:
             raise classify_error(reply.status_code, body)
         return parse_token_reply(body), sent_at
 
-    async def check_token(self, api_url: str, access_token: str) -> TokenCheck:
+    async def check_token(
+        self, api_url: str, access_token: str, application: str = ""
+    ) -> TokenCheck:
         """What Mercado Pago says of an access token (`GET /users/me`). Anything but 200, 401
         or 403 is transient: the check could not be made."""
+        reply = await self._users_me(api_url, access_token, application)
+        if reply.status_code in TOKEN_CHECKS:
+            return TOKEN_CHECKS[reply.status_code]
+        raise TransientUpstreamError("upstream_unavailable", reply.status_code)
+
+    async def account_id(self, api_url: str, access_token: str, application: str = "") -> int:
+        """The Mercado Pago account (`id` of `GET /users/me`) an access token acts for."""
+        reply = await self._users_me(api_url, access_token, application)
+        if reply.status_code != 200:
+            try:
+                body = reply.json()
+            except ValueError:
+                body = None
+            raise classify_error(reply.status_code, body)
         try:
-            with _timed("users_me"):
+            account = int(reply.json()["id"])
+        except (ValueError, TypeError, KeyError):
+            raise TransientUpstreamError("malformed_reply", 200) from None
+        if account <= 0:
+            raise TransientUpstreamError("malformed_reply", 200)
+        return account
+
+    async def _users_me(self, api_url: str, access_token: str, application: str) -> httpx.Response:
+        try:
+            with _timed(application, "users_me"):
                 async with asyncio.timeout(self.timeout):
-                    reply = await next(self.turn).get(
+                    return await next(self.turn).get(
                         f"{api_url.rstrip('/')}/users/me",
                         headers={
                             "Authorization": f"Bearer {access_token}",
@@ -266,6 +293,3 @@ class MercadoPagoClient:
                     )
         except (TimeoutError, httpx.HTTPError) as exc:
             raise TransientUpstreamError(type(exc).__name__) from None
-        if reply.status_code in TOKEN_CHECKS:
-            return TOKEN_CHECKS[reply.status_code]
-        raise TransientUpstreamError("upstream_unavailable", reply.status_code)

@@ -9,6 +9,7 @@ expiring tokens, outbox, refresher lag) are computed by one periodic query batch
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from sqlalchemy import func, select
@@ -16,6 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.core.domain import DeliveryState, Status
 from service.core.models import AppBreaker, Event, EventDelivery, RefreshPause, Seller
+
+if TYPE_CHECKING:  # applications.py imports the client, which imports these metrics
+    from service.core.applications import Applications
 
 # The *_created series would double the exposition for nothing the dashboard uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -29,21 +33,27 @@ HTTP_REQUESTS = Counter(
 HTTP_SECONDS = Histogram(
     "broker_http_request_duration_seconds", "HTTP request latency.", ["route"], buckets=FAST
 )
+# Everything about sellers, links, exchanges and refreshes is labelled by `application` (its
+# name; "" for a callback refused before its application was known).
 LINK_ATTEMPTS = Counter(
-    "broker_link_attempts", "Link callbacks by outcome (linked, denied, expired...).", ["outcome"]
+    "broker_link_attempts",
+    "Link callbacks by application and outcome (linked, denied, expired...).",
+    ["application", "outcome"],
 )
 TOKEN_EXCHANGES = Counter(
-    "broker_token_exchanges", "Authorization-code exchanges by outcome.", ["outcome"]
+    "broker_token_exchanges",
+    "Authorization-code exchanges by application and outcome.",
+    ["application", "outcome"],
 )
 REFRESHES = Counter(
     "broker_refreshes",
-    "Refresh attempts by outcome and reason (the upstream error code, or none).",
-    ["outcome", "reason"],
+    "Refresh attempts by application, outcome and reason (the upstream error code, or none).",
+    ["application", "outcome", "reason"],
 )
 UPSTREAM_SECONDS = Histogram(
     "broker_upstream_request_duration_seconds",
-    "Mercado Pago request latency by endpoint.",
-    ["endpoint"],
+    "Mercado Pago request latency by application and endpoint.",
+    ["application", "endpoint"],
     buckets=UPSTREAM,
 )
 EVENTS_EMITTED = Counter("broker_events_emitted", "Events written to the outbox.", ["type"])
@@ -57,31 +67,43 @@ EVENT_DELIVERY_SECONDS = Histogram(
 )
 DATABASE_UP = Gauge("broker_database_up", "1 when the last database check answered.")
 READY = Gauge("broker_ready", "1 when /readyz answers 200.")
-SELLERS = Gauge("broker_sellers", "Sellers by status.", ["status"])
+SELLERS = Gauge("broker_sellers", "Sellers by application and status.", ["application", "status"])
 EXPIRING = Gauge(
-    "broker_tokens_expiring", "Linked sellers whose token lapses within a window.", ["within"]
+    "broker_tokens_expiring",
+    "Linked sellers whose token lapses within a window, by application.",
+    ["application", "within"],
 )
 AT_RISK = Gauge(
     "broker_sellers_at_risk",
     "Sellers whose token lapses within BROKER_EXPIRING_SOON_DAYS and cannot be refreshed "
-    "(relink required, or refresh failing).",
+    "(relink required, or refresh failing), by application.",
+    ["application"],
 )
 REFRESHER_LAG = Gauge(
-    "broker_refresher_lag_seconds", "Now minus the oldest due next_refresh_at (0 when none)."
+    "broker_refresher_lag_seconds",
+    "Now minus the oldest due next_refresh_at (0 when none), by application.",
+    ["application"],
+)
+REFRESH_BACKLOG = Gauge(
+    "broker_refresh_backlog",
+    "Linked sellers due for a refresh now, by application.",
+    ["application"],
 )
 OUTBOX_BACKLOG = Gauge("broker_outbox_backlog", "Event deliveries pending.")
 OUTBOX_OLDEST = Gauge(
     "broker_outbox_oldest_age_seconds", "Age of the oldest event still pending delivery."
 )
 OUTBOX_FAILED = Gauge("broker_outbox_failed", "Event deliveries parked as failed.")
-BREAKERS_OPEN = Gauge("broker_breakers_open", "Applications whose refresh breaker is open.")
+BREAKERS_OPEN = Gauge(
+    "broker_breakers_open", "1 while the application's refresh breaker is open.", ["application"]
+)
 REFRESH_PAUSED = Gauge("broker_refresh_paused", "1 while an operator paused all refreshing.")
 
 STATUSES = tuple(Status)
 
 
 async def collect_database_gauges(
-    session: AsyncSession, now: datetime, at_risk_days: float
+    session: AsyncSession, now: datetime, at_risk_days: float, apps: Applications
 ) -> None:
     """The gauges about stored state: a handful of aggregate queries, run periodically."""
     linked = Seller.status == Status.LINKED
@@ -89,6 +111,7 @@ async def collect_database_gauges(
     counts = (
         await session.execute(
             select(
+                Seller.client_id,
                 Seller.status,
                 func.count(),
                 func.count().filter(linked, Seller.expires_at < now + timedelta(days=7)),
@@ -99,23 +122,37 @@ async def collect_database_gauges(
                     Seller.expires_at < horizon,
                     (Seller.status == Status.RELINK_REQUIRED) | (Seller.refresh_failures > 0),
                 ),
-            ).group_by(Seller.status)
+            ).group_by(Seller.client_id, Seller.status)
         )
     ).all()
-    by_status: dict[str, int] = dict.fromkeys(STATUSES, 0)
-    within_7 = within_30 = at_risk = 0
-    for status, total, seven, thirty, risky in counts:
-        by_status[status] = total
-        within_7, within_30, at_risk = within_7 + seven, within_30 + thirty, at_risk + risky
-    for status, total in by_status.items():
-        SELLERS.labels(status).set(total)
-    EXPIRING.labels("7d").set(within_7)
-    EXPIRING.labels("30d").set(within_30)
-    AT_RISK.set(at_risk)
 
-    # The partial index on next_refresh_at answers this without a scan.
-    oldest_due = await session.scalar(select(func.min(Seller.next_refresh_at)).where(linked))
-    REFRESHER_LAG.set(max(0.0, (now - oldest_due).total_seconds()) if oldest_due else 0.0)
+    # Every configured application shows, with zeros, before it links anyone.
+    def zero() -> dict[str, Any]:
+        return {"sellers": dict.fromkeys(STATUSES, 0), "7d": 0, "30d": 0, "at_risk": 0}
+
+    by_app = {name: zero() for name in apps}
+    for client_id, status, total, seven, thirty, risky in counts:
+        name = apps.name_of(client_id)
+        tally = by_app.setdefault(name, zero())
+        tally["sellers"][status] = total
+        tally["7d"] += seven
+        tally["30d"] += thirty
+        tally["at_risk"] += risky
+    for name, tally in by_app.items():
+        for status, total in tally["sellers"].items():
+            SELLERS.labels(name, status).set(total)
+        EXPIRING.labels(name, "7d").set(tally["7d"])
+        EXPIRING.labels(name, "30d").set(tally["30d"])
+        AT_RISK.labels(name).set(tally["at_risk"])
+
+    # Each application's part of the work-queue index answers these without a scan.
+    for app in apps.values():
+        mine = linked & (Seller.client_id == app.client_id)
+        oldest_due = await session.scalar(select(func.min(Seller.next_refresh_at)).where(mine))
+        lag = max(0.0, (now - oldest_due).total_seconds()) if oldest_due else 0.0
+        REFRESHER_LAG.labels(app.name).set(lag)
+        due = select(func.count()).where(mine, Seller.next_refresh_at <= now)
+        REFRESH_BACKLOG.labels(app.name).set(await session.scalar(due) or 0)
 
     pending, oldest = (
         await session.execute(
@@ -133,6 +170,8 @@ async def collect_database_gauges(
         )
         or 0
     )
-    BREAKERS_OPEN.set(await session.scalar(select(func.count()).select_from(AppBreaker)) or 0)
+    tripped = set(await session.scalars(select(AppBreaker.client_id)))
+    for app in apps.values():
+        BREAKERS_OPEN.labels(app.name).set(1 if app.client_id in tripped else 0)
     paused = await session.scalar(select(func.count()).select_from(RefreshPause))
     REFRESH_PAUSED.set(1 if paused else 0)

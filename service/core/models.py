@@ -48,6 +48,8 @@ class ApiKey(Base):
     digest: Mapped[str] = mapped_column(String(64))
     scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
     namespace: Mapped[str | None] = mapped_column(String(128))
+    # The applications (by client_id) the key may act in; NULL: all of them.
+    client_ids: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     created_at: Mapped[datetime] = mapped_column(Timestamp)
     revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
@@ -126,9 +128,10 @@ class Seller(Base):
     updated_at: Mapped[datetime] = mapped_column(Timestamp)
 
     __table_args__ = (
-        # The refresher's work queue: only linked sellers are ever due.
+        # The refresher's work queue, one per application: only linked sellers are ever due.
         Index(
-            "ix_sellers_next_refresh_at_linked",
+            "ix_sellers_client_id_next_refresh_at_linked",
+            "client_id",
             "next_refresh_at",
             postgresql_where=text(f"status = '{Status.LINKED}'"),
         ),
@@ -178,6 +181,7 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(40))
     seller_id: Mapped[str | None] = mapped_column(String(128), index=True)
     detail: Mapped[str | None] = mapped_column(String(200))
+    application: Mapped[str | None] = mapped_column(String(32))  # its name when it happened
     count: Mapped[int] = mapped_column(Integer, server_default=text("1"))
 
 

@@ -1,7 +1,7 @@
 """The process-wide objects of one broker process, built at start-up and closed at shutdown.
 
 They come in parts, and each flow is handed the parts it uses: `Database` (sessions for
-ordinary work, a plain asyncpg pool for the hot statements), `Upstream` (the application's
+ordinary work, a plain asyncpg pool for the hot statements), `Upstream` (the applications'
 credentials and the Mercado Pago client), `Tasks` (work the process owns, not a request).
 `Runtime` is the API process's composition of them; `service/ops/background.py` runs the
 loops and the one shutdown of both kinds of process.
@@ -24,9 +24,10 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.core import db, logs
+from service.core.applications import Applications
 from service.core.config import Settings
 from service.core.crypto import Keyring, generate_key_spec
-from service.core.mercadopago import MercadoPagoClient, OAuthApp
+from service.core.mercadopago import MercadoPagoClient
 from service.lifecycle.audit import ReadCounter
 from service.serving.cache import Cache
 from service.serving.limits import Buckets
@@ -62,18 +63,6 @@ def load_keyring(settings: Settings) -> Keyring:
         finally:
             draft.unlink()
     return Keyring.parse(path.read_text().strip())
-
-
-def oauth_app(settings: Settings) -> OAuthApp:
-    if not (settings.mp_client_id and settings.mp_client_secret and settings.mp_redirect_uri):
-        raise RuntimeError("MP_CLIENT_ID, MP_CLIENT_SECRET and MP_REDIRECT_URI are needed")
-    return OAuthApp(
-        client_id=settings.mp_client_id,
-        client_secrets=settings.mp_client_secrets,
-        redirect_uri=settings.mp_redirect_uri,
-        auth_url=settings.mp_auth_url,
-        token_url=settings.mp_token_url,
-    )
 
 
 @dataclass
@@ -112,9 +101,9 @@ class Database:
 
 @dataclass
 class Upstream:
-    """One Mercado Pago application and the client that calls it."""
+    """The Mercado Pago applications and the client that calls them."""
 
-    oauth: OAuthApp
+    apps: Applications
     mercadopago: MercadoPagoClient
 
     @classmethod
@@ -129,7 +118,8 @@ class Upstream:
             for _ in range(max(1, settings.broker_refresh_concurrency // UPSTREAM_SHARD))
         ]
         return cls(
-            oauth_app(settings), MercadoPagoClient(clients, settings.mp_timeout_seconds, clock)
+            settings.apps,
+            MercadoPagoClient(clients, settings.mp_timeout_seconds, clock),
         )
 
     async def close(self) -> None:

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.core.applications import Applications
+
 # A seller id is the platform's own: 1-128 characters, `/`-separated segments of letters,
 # digits and `. _ : @ -`, each starting with a letter or digit (so `billing/42` can later be
 # scoped by namespace, and no segment is `.`/`..` or empty).
@@ -32,6 +34,7 @@ class LinkStartRequest(BaseModel):
             "examples": [
                 {
                     "seller_id": "billing/seller-42",
+                    "application": "ar",
                     "return_url": "https://platform.example/sellers/42",
                     "test": False,
                 }
@@ -40,6 +43,12 @@ class LinkStartRequest(BaseModel):
     )
 
     seller_id: str = Field(pattern=SELLER_ID_PATTERN, min_length=1, max_length=SELLER_ID_MAX)
+    application: str | None = Field(
+        default=None,
+        max_length=32,
+        description="The Mercado Pago application (by name) to link through; required when "
+        "the broker serves more than one (`GET /applications`).",
+    )
     return_url: str | None = Field(default=None, max_length=2048)
     test: bool = Field(default=False, strict=True)  # 0, "yes" or "true" are not booleans here
 
@@ -101,6 +110,8 @@ class SellerStatus(BaseModel):
             "examples": [
                 {
                     "seller_id": "billing/seller-42",
+                    "application": "ar",
+                    "client_id": "1234567890123456",
                     "status": "relink_required",
                     "status_reason": "revoked",
                     "mp_user_id": 123456789,
@@ -117,6 +128,10 @@ class SellerStatus(BaseModel):
     )
 
     seller_id: str
+    application: str = Field(
+        description="The Mercado Pago application it is linked through (by name)"
+    )
+    client_id: str = Field(description="That application's client_id")
     status: str
     status_reason: str | None
     mp_user_id: int
@@ -129,8 +144,9 @@ class SellerStatus(BaseModel):
     version: int = Field(description="The rotation counter; events carry it as seller_version")
 
     @classmethod
-    def of(cls, seller: Any) -> SellerStatus:
-        return cls.model_validate(seller, from_attributes=True)
+    def of(cls, seller: Any, apps: Applications) -> SellerStatus:
+        fields = {name: getattr(seller, name) for name in cls.model_fields if name != "application"}
+        return cls.model_validate(fields | {"application": apps.name_of(seller.client_id)})
 
 
 class AuditEntry(BaseModel):
@@ -144,6 +160,7 @@ class AuditEntry(BaseModel):
                     "actor": "billing-service",
                     "action": "token.read",
                     "seller_id": "billing/seller-42",
+                    "application": "ar",
                     "detail": None,
                     "count": 17,
                 }
@@ -156,6 +173,7 @@ class AuditEntry(BaseModel):
     actor: str
     action: str
     seller_id: str | None
+    application: str | None
     detail: str | None
     count: int
 

@@ -34,9 +34,20 @@ def record(
     action: str,
     seller_id: str | None = None,
     detail: str | None = None,
+    *,
+    application: str | None = None,
 ) -> None:
     """Add an event to the caller's unit of work (it commits with the change)."""
-    session.add(AuditEvent(at=at, actor=actor, action=action, seller_id=seller_id, detail=detail))
+    session.add(
+        AuditEvent(
+            at=at,
+            actor=actor,
+            action=action,
+            seller_id=seller_id,
+            detail=detail,
+            application=application,
+        )
+    )
 
 
 class ReadCounter:
@@ -107,8 +118,11 @@ async def query(
     actor: str | None = None,
     before_id: int | None = None,
     limit: int = 100,
+    application: str | None = None,
 ) -> list[AuditEvent]:
     stmt = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if application is not None:
+        stmt = stmt.where(AuditEvent.application == application)
     if seller_id is not None:
         stmt = stmt.where(AuditEvent.seller_id == seller_id)
     if actor is not None:

@@ -94,6 +94,8 @@ def emit_for(
         type_,
         seller.seller_id,
         seller.version,
+        application=settings.apps.name_of(seller.client_id),
+        client_id=seller.client_id,
         status=seller.status,
         reason=seller.status_reason,
         mp_user_id=seller.mp_user_id,

@@ -57,13 +57,14 @@ async def list_sellers(
 ) -> SellerPage:
     """List sellers by status or token expiry, in seller_id order, a page at a time."""
     apikeys.authorize(key, "sellers:admin")
-    stmt = sellers.page_query(key.namespace, status, expiring_before, cursor, limit)
+    stmt = sellers.page_query(key.namespace, key.client_ids, status, expiring_before, cursor, limit)
     async with admin.db.sessions() as session:
         found = list(await session.scalars(stmt))
     page = found[:limit]
     more = len(found) > limit
     return SellerPage(
-        items=[SellerStatus.of(s) for s in page], next_cursor=page[-1].seller_id if more else None
+        items=[SellerStatus.of(s, admin.settings.apps) for s in page],
+        next_cursor=page[-1].seller_id if more else None,
     )
 
 
@@ -76,7 +77,7 @@ async def list_sellers(
 async def get_seller(seller_id: SellerId, admin: AdminDep, key: ApiKeyDep) -> SellerStatus:
     """Show a seller's link status, token expiry and last refresh; never a secret."""
     apikeys.authorize(key, "sellers:admin", seller_id)
-    return await sellers.status(admin.db.sessions, seller_id)
+    return await sellers.status(admin.db.sessions, admin.settings.apps, seller_id, key)
 
 
 @router.get(
@@ -90,6 +91,7 @@ async def read_audit(
     key: ApiKeyDep,
     seller_id: Annotated[str | None, Query(max_length=SELLER_ID_MAX)] = None,
     actor: Annotated[str | None, Query(max_length=100)] = None,
+    application: Annotated[str | None, Query(max_length=32)] = None,
     before: Annotated[
         int | None, Query(ge=1, le=2**63 - 1, description="Page: events older than this id")
     ] = None,
@@ -99,8 +101,13 @@ async def read_audit(
     apikeys.authorize(key, "sellers:admin", seller_id)
     if key.namespace and seller_id is None:
         raise Forbidden("A key limited to a namespace must name one of its sellers.")
+    if key.client_ids is not None and seller_id is not None:
+        await sellers.status(admin.db.sessions, admin.settings.apps, seller_id, key)
+    elif key.client_ids is not None:
+        app = admin.settings.apps.get(application or "")
+        apikeys.authorize_application(key, app.client_id if app else None)
     async with admin.db.sessions() as session:
-        events = await audit.query(session, seller_id, actor, before, limit)
+        events = await audit.query(session, seller_id, actor, before, limit, application)
     return [AuditEntry.model_validate(event) for event in events]
 
 
@@ -113,6 +120,8 @@ async def read_audit(
 async def unlink_seller(seller_id: SellerId, admin: AdminDep, key: ApiKeyDep) -> SellerStatus:
     """Unlink a seller: destroy its stored tokens, keep the row (as `unlinked`) for its history."""
     apikeys.authorize(key, "sellers:admin", seller_id)
+    if key.client_ids is not None:
+        await sellers.status(admin.db.sessions, admin.settings.apps, seller_id, key)
     await sellers.unlink(
         admin.db.sessions,
         admin.settings,
@@ -121,7 +130,7 @@ async def unlink_seller(seller_id: SellerId, admin: AdminDep, key: ApiKeyDep) ->
         Reason.UNLINKED_BY_PLATFORM,
         actor=key.name,
     )
-    return await sellers.status(admin.db.sessions, seller_id)
+    return await sellers.status(admin.db.sessions, admin.settings.apps, seller_id)
 
 
 @notifications_router.post(
@@ -156,9 +165,12 @@ async def mercadopago_notification(
     x_request_id: Annotated[str | None, Header(max_length=128)] = None,
 ) -> Response:
     """Receive `mp-connect` notifications; a verified `application.deauthorized` may unlink."""
-    if not webhooks.verify(
+    # The body's application_id picks the application, and so the secret to verify with: one
+    # application's secret cannot vouch for another's notification.
+    app = webhooks.application_of(flow.upstream.apps, body)
+    if app is None or not webhooks.verify(
         x_signature,
-        flow.settings.mp_webhook_secrets,
+        app.webhook_secrets,
         data_id,
         x_request_id,
         flow.clock(),
@@ -166,7 +178,7 @@ async def mercadopago_notification(
     ):
         raise InvalidSignature("The x-signature header is missing, stale or wrong.")
     try:
-        handled = await webhooks.handle(flow, x_request_id, data_id, body)
+        handled = await webhooks.handle(flow, app, x_request_id, data_id, body)
     except TransientUpstreamError:
         raise UpstreamUnavailable("Mercado Pago could not confirm; send it again.") from None
     return Response(f'{{"action": "{handled.action}"}}', media_type="application/json")

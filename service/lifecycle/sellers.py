@@ -46,10 +46,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.core.applications import Applications
 from service.core.config import Settings
 from service.core.crypto import Keyring, fingerprint
 from service.core.db import Hot, const, transaction
-from service.core.domain import AttemptOutcome, EventType, Reason, Status
+from service.core.domain import AttemptOutcome, EventType, KeyView, Reason, Status
 from service.core.errors import SellerNotFound
 from service.core.mercadopago import TokenSet
 from service.core.models import AuditEvent, Seller
@@ -57,6 +58,7 @@ from service.core.runtime import Clock, Database
 from service.core.schemas import SellerStatus
 from service.lifecycle import audit, events
 from service.refresh import policy
+from service.serving.apikeys import authorize_application
 
 log = logging.getLogger("broker.sellers")
 
@@ -156,7 +158,15 @@ def store_linked(
     seller.version = (seller.version or 0) + 1
     seller.linked_at = seller.updated_at = now
     event = EventType.RELINKED if relinked else EventType.LINKED
-    audit.record(session, now, "seller", event, seller_id, f"mp_user_id={mp_user_id}")
+    audit.record(
+        session,
+        now,
+        "seller",
+        event,
+        seller_id,
+        f"mp_user_id={mp_user_id}",
+        application=settings.apps.name_of(client_id),
+    )
     events.emit_for(session, settings, now, event, seller)
     return seller
 
@@ -196,11 +206,17 @@ def _store_healthy() -> Hot:
         .returning(Seller.seller_id)
         .cte("stored")
     )
-    audited = select(now, const("system"), const(f"seller.{Stored.REFRESHED}"), stored.c.seller_id)
+    audited = select(
+        now,
+        const("system"),
+        const(f"seller.{Stored.REFRESHED}"),
+        stored.c.seller_id,
+        bindparam("application", type_=AuditEvent.application.type),
+    )
     return Hot.compile(
         "store_healthy",
         insert(AuditEvent)
-        .from_select(["at", "actor", "action", "seller_id"], audited)
+        .from_select(["at", "actor", "action", "seller_id", "application"], audited)
         .returning(AuditEvent.seller_id),
     )
 
@@ -209,7 +225,12 @@ STORE_HEALTHY = _store_healthy()
 
 
 async def store_refreshed_healthy(
-    connection: asyncpg.Connection, seller_id: str, version: int, pair: Pair, now: datetime
+    connection: asyncpg.Connection,
+    seller_id: str,
+    version: int,
+    pair: Pair,
+    now: datetime,
+    application: str,
 ) -> bool:
     """A refreshed pair when the seller is linked, not failing and still at `version`; False
     when any of that is not so (then `store_refreshed` decides)."""
@@ -226,6 +247,7 @@ async def store_refreshed_healthy(
             public_key=pair.public_key,
             live_mode=pair.live_mode,
             now=now,
+            application=application,
         ),
     )
     return stored is not None
@@ -264,7 +286,14 @@ async def store_refreshed(
         seller.lease_owner = seller.lease_until = None
         seller.version = version + 1
         stored = Stored.RECOVERED if recovered else Stored.REFRESHED
-        audit.record(session, now, "system", f"seller.{stored}", seller_id)
+        audit.record(
+            session,
+            now,
+            "system",
+            f"seller.{stored}",
+            seller_id,
+            application=settings.apps.name_of(seller.client_id),
+        )
         if was_failing:  # closes a token.refresh_failed or a relink_required
             events.emit_for(session, settings, now, EventType.RECOVERED, seller)
     return stored
@@ -332,7 +361,15 @@ async def mark_relink_required(
             seller.refresh_failures += 1
         if lease_owner is not None and seller.lease_owner == lease_owner:
             seller.lease_owner = seller.lease_until = None
-        audit.record(session, now, "system", EventType.RELINK_REQUIRED, seller_id, reason)
+        audit.record(
+            session,
+            now,
+            "system",
+            EventType.RELINK_REQUIRED,
+            seller_id,
+            reason,
+            application=settings.apps.name_of(seller.client_id),
+        )
         events.emit_for(session, settings, now, EventType.RELINK_REQUIRED, seller)
     return True
 
@@ -373,11 +410,20 @@ async def unlink(
                 version=Seller.version + 1,
                 updated_at=now,
             )
-            .returning(Seller.version, Seller.mp_user_id)
+            .returning(Seller.version, Seller.mp_user_id, Seller.client_id)
         )
         row = result.one_or_none()
         if row is not None:
-            audit.record(session, now, actor, EventType.UNLINKED, seller_id, reason)
+            application = settings.apps.name_of(row.client_id)
+            audit.record(
+                session,
+                now,
+                actor,
+                EventType.UNLINKED,
+                seller_id,
+                reason,
+                application=application,
+            )
             events.emit(
                 session,
                 settings,
@@ -385,6 +431,8 @@ async def unlink(
                 EventType.UNLINKED,
                 seller_id,
                 row.version,
+                application=application,
+                client_id=row.client_id,
                 status=Status.UNLINKED,
                 reason=reason,
                 mp_user_id=row.mp_user_id,
@@ -467,17 +515,26 @@ async def reseal(session: AsyncSession, keyring: Keyring, seller: Seller) -> boo
 # -- reads ------------------------------------------------------------------------------------
 
 
-async def status(sessions: async_sessionmaker[AsyncSession], seller_id: str) -> SellerStatus:
-    """What the admin routes show of a seller: its status and expiries, never a secret."""
+async def status(
+    sessions: async_sessionmaker[AsyncSession],
+    apps: Applications,
+    seller_id: str,
+    key: KeyView | None = None,
+) -> SellerStatus:
+    """What the admin routes show of a seller: its status and expiries, never a secret. With
+    `key`, only a seller in the key's applications (else the same 403 as for none at all)."""
     async with sessions() as session:
         seller = await session.get(Seller, seller_id)
+    if key is not None:
+        authorize_application(key, seller.client_id if seller is not None else None)
     if seller is None:
         raise SellerNotFound(f"No seller {seller_id!r}.")
-    return SellerStatus.of(seller)
+    return SellerStatus.of(seller, apps)
 
 
 def page_query(
     namespace: str | None,
+    client_ids: frozenset[str] | None,
     status: str | None,
     expiring_before: datetime | None,
     cursor: str | None,
@@ -487,6 +544,8 @@ def page_query(
     stmt = select(Seller).order_by(Seller.seller_id).limit(limit + 1)
     if namespace:
         stmt = stmt.where(Seller.seller_id.startswith(namespace, autoescape=True))
+    if client_ids is not None:
+        stmt = stmt.where(Seller.client_id.in_(sorted(client_ids)))
     if status is not None:
         stmt = stmt.where(Seller.status == status)
     if expiring_before is not None:

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 
+from service.core.applications import Application, Applications
 from service.core.config import Settings
 from service.core.crypto import Keyring
 from service.core.db import transaction
@@ -50,6 +51,16 @@ TOPIC = "mp-connect"
 # Longer than any handling takes (one /users/me per seller of the user, each under
 # MP_TIMEOUT_SECONDS); a claim older than this and never marked handled was left by a crash.
 CLAIM_SECONDS = 300
+
+
+def application_of(apps: Applications, body: dict[str, Any]) -> Application | None:
+    """The application a notification is for: its `application_id`. With one application, a
+    notification naming none, or another, is still verified with that one's secret (and then
+    ignored if it names another): as before there were several."""
+    named = apps.by_client_id.get(str(body.get("application_id", "")))
+    if named is None and len(apps) == 1:
+        return next(iter(apps.values()))
+    return named
 
 
 def manifest(data_id: str | None, request_id: str | None, ts: str) -> str:
@@ -100,7 +111,11 @@ class Handled:
 
 
 async def handle(
-    flow: Notifications, request_id: str | None, data_id: str | None, body: dict[str, Any]
+    flow: Notifications,
+    app: Application,
+    request_id: str | None,
+    data_id: str | None,
+    body: dict[str, Any],
 ) -> Handled:
     """Act on a verified notification (`data_id`: the signed one, from the query string):
     de-duplicated, checked, confirmed with Mercado Pago."""
@@ -108,7 +123,7 @@ async def handle(
     if request_id and not await _claim(flow, request_id):
         return Handled("duplicate")
     try:
-        handled = await _act(flow, data_id, body)
+        handled = await _act(flow, app, data_id, body)
     except BaseException:
         if request_id:
             # Mercado Pago retries a notification that failed half-way (it could not
@@ -118,7 +133,14 @@ async def handle(
     if request_id:
         await _handled(flow, request_id)
     log.info(
-        "webhook.handled", extra={"fields": {"action": handled.action, "request_id": request_id}}
+        "webhook.handled",
+        extra={
+            "fields": {
+                "action": handled.action,
+                "application": app.name,
+                "request_id": request_id,
+            }
+        },
     )
     return handled
 
@@ -162,10 +184,12 @@ def _user_id(value: Any) -> int | None:
         return None
 
 
-async def _act(flow: Notifications, signed_id: str | None, body: dict[str, Any]) -> Handled:
+async def _act(
+    flow: Notifications, app: Application, signed_id: str | None, body: dict[str, Any]
+) -> Handled:
     if (body.get("type") or body.get("topic")) != TOPIC:
         return Handled("ignored")
-    if str(body.get("application_id", "")) != flow.upstream.oauth.client_id:
+    if str(body.get("application_id", "")) != app.client_id:
         return Handled("ignored")  # another application's notification
     if body.get("action") != "application.deauthorized":
         return Handled("ignored")
@@ -184,7 +208,7 @@ async def _act(flow: Notifications, signed_id: str | None, body: dict[str, Any])
             await session.scalars(
                 select(Seller).where(
                     Seller.mp_user_id == user_id,
-                    Seller.client_id == flow.upstream.oauth.client_id,
+                    Seller.client_id == app.client_id,
                     Seller.status != Status.UNLINKED,
                 )
             )
@@ -196,7 +220,7 @@ async def _act(flow: Notifications, signed_id: str | None, body: dict[str, Any])
         token = flow.keyring.open_column(
             Seller.access_token, seller.seller_id, seller.client_id, seller.access_token
         )
-        check = await flow.upstream.mercadopago.check_token(flow.settings.mp_api_url, token)
+        check = await flow.upstream.mercadopago.check_token(app.api_url, token, app.name)
         if check == TokenCheck.WORKS:
             continue  # the hint was wrong (or forged): the token still works
         if check == TokenCheck.FORBIDDEN:
@@ -216,7 +240,8 @@ async def _act(flow: Notifications, signed_id: str | None, body: dict[str, Any])
         ):
             unlinked += 1
     log.warning(
-        "webhook.deauthorized", extra={"fields": {"mp_user_id": user_id, "unlinked": unlinked}}
+        "webhook.deauthorized",
+        extra={"fields": {"mp_user_id": user_id, "application": app.name, "unlinked": unlinked}},
     )
     if unlinked:
         return Handled("unlinked", unlinked)

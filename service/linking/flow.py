@@ -19,11 +19,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.core import logs, metrics
+from service.core.applications import Application
 from service.core.config import Settings
 from service.core.crypto import Keyring
 from service.core.db import transaction
 from service.core.domain import KeyView, Status
-from service.core.errors import InvalidRequest, LiveModeMismatch
+from service.core.errors import (
+    ApplicationMismatch,
+    InvalidRequest,
+    LiveModeMismatch,
+    UnknownApplication,
+)
 from service.core.mercadopago import (
     MercadoPagoError,
     TokenSet,
@@ -34,6 +40,7 @@ from service.core.runtime import Clock, Database, Tasks, Upstream
 from service.lifecycle import audit
 from service.lifecycle.sellers import Pair, sealed_pair, store_linked
 from service.linking import pkce
+from service.serving import apikeys
 
 log = logging.getLogger("broker.linking")
 
@@ -64,6 +71,8 @@ class Outcome(StrEnum):
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     ACCOUNT_MISMATCH = "account_mismatch"
     LIVE_MODE_MISMATCH = "live_mode_mismatch"
+    # Exchanged, but neither the reply nor `GET /users/me` named the Mercado Pago account.
+    ACCOUNT_UNKNOWN = "account_unknown"
 
 
 class Refusal(StrEnum):
@@ -76,6 +85,8 @@ class Refusal(StrEnum):
     UNKNOWN_STATE = "unknown_state"
     UNBOUND_BROWSER = "unbound_browser"
     ATTEMPT_EXPIRED = "attempt_expired"
+    # The seller is linked through another of the platform's applications (another country).
+    APPLICATION_MISMATCH = "application_mismatch"
 
 
 SUCCESS = {Outcome.LINKED, Outcome.RELINKED}
@@ -88,8 +99,8 @@ class CallbackResult:
     return_url: str | None = None
 
 
-def _event(name: str, **fields: object) -> None:
-    logs.event(log, name, fields)
+def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
+    logs.event(log, name, fields, level)
 
 
 # -- return_url ----------------------------------------------------------------------------
@@ -137,9 +148,39 @@ def with_status(return_url: str, outcome: str, seller_id: str) -> str:
 # -- POST /link/start ----------------------------------------------------------------------
 
 
+def chosen_application(flow: Linking, key: KeyView, name: str | None) -> Application:
+    """The application a link is for: named, or the only one; and one the key may use."""
+    app = flow.upstream.apps.chosen(name)
+    if app is None:
+        known = ", ".join(sorted(flow.upstream.apps))
+        if name is None:
+            raise UnknownApplication(f"Name the application to link through: one of {known}.")
+        raise UnknownApplication(f"No application {name!r}; the broker serves: {known}.")
+    apikeys.authorize_application(key, app.client_id)
+    return app
+
+
+def crosses_applications(flow: Linking, seller: Seller | None, client_id: str) -> bool:
+    """A seller linked through one application is not linked through another, unless account
+    changes are allowed (the same override): its tokens would move to another country's app."""
+    return (
+        seller is not None
+        and seller.status != Status.UNLINKED
+        and seller.client_id != client_id
+        and not flow.settings.broker_allow_account_change
+    )
+
+
 async def start_link(
-    flow: Linking, key: KeyView, seller_id: str, return_url: str | None, *, test: bool
+    flow: Linking,
+    key: KeyView,
+    seller_id: str,
+    application: str | None,
+    return_url: str | None,
+    *,
+    test: bool,
 ) -> tuple[str, datetime]:
+    app = chosen_application(flow, key, application)
     if return_url is not None:
         check_return_url(return_url, flow.settings.broker_return_url_allowlist)
     now = flow.clock()
@@ -147,6 +188,13 @@ async def start_link(
     expires_at = now + timedelta(seconds=flow.settings.broker_link_ttl_seconds)
     async with transaction(flow.db.sessions) as session:
         seller = await session.get(Seller, seller_id)
+        if seller is not None and seller.status != Status.UNLINKED:
+            # A key outside the seller's application learns nothing about it: the same 403.
+            apikeys.authorize_application(key, seller.client_id)
+        if crosses_applications(flow, seller, app.client_id):
+            raise ApplicationMismatch(
+                "This seller is linked through another application; unlink it first."
+            )
         if seller is not None and seller.status != Status.UNLINKED and seller.live_mode == test:
             held = "live" if seller.live_mode else "sandbox"
             raise LiveModeMismatch(f"This seller holds {held} credentials; unlink them first.")
@@ -154,7 +202,7 @@ async def start_link(
             Link(
                 id_hash=pkce.digest(token),
                 seller_id=seller_id,
-                client_id=flow.upstream.oauth.client_id,
+                client_id=app.client_id,
                 return_url=return_url,
                 test=test,
                 created_by=key.id,
@@ -162,8 +210,16 @@ async def start_link(
                 expires_at=expires_at,
             )
         )
-        audit.record(session, now, key.name, "link.created", seller_id, "test" if test else None)
-    _event("link.created", seller_id=seller_id, test=test, api_key=key.name)
+        audit.record(
+            session,
+            now,
+            key.name,
+            "link.created",
+            seller_id,
+            "test" if test else None,
+            application=app.name,
+        )
+    _event("link.created", seller_id=seller_id, application=app.name, test=test, api_key=key.name)
     return f"{flow.settings.broker_public_url.rstrip('/')}/link/{token}", expires_at
 
 
@@ -175,21 +231,27 @@ async def open_link(
 ) -> tuple[str, str] | CallbackResult:
     """Start an attempt. Returns (authorization URL, browser binder) or why not."""
     now = flow.clock()
-    method = None if flow.settings.mp_pkce_method == "off" else flow.settings.mp_pkce_method
     async with transaction(flow.db.sessions) as session:
         link = await session.get(Link, pkce.digest(token))
+        # A link of an application no longer configured cannot be completed.
+        app = flow.upstream.apps.by_client_id.get(link.client_id) if link else None
         refusal = (
             Refusal.LINK_NOT_FOUND
-            if link is None
+            if link is None or app is None
             else Refusal.LINK_USED
             if link.completed_at is not None
             else Refusal.LINK_EXPIRED
             if link.expires_at <= now
             else None
         )
-        if refusal is not None or link is None:
+        if refusal is None and link is not None:
+            seller = await session.get(Seller, link.seller_id)
+            if crosses_applications(flow, seller, link.client_id):
+                refusal = Refusal.APPLICATION_MISMATCH  # before the seller consents for nothing
+        if refusal is not None or link is None or app is None:
             _event("link.refused", reason=refusal)
             return CallbackResult(refusal or Refusal.LINK_NOT_FOUND)
+        method = app.challenge_method
         # One binder per browser: a seller with two tabs open keeps both attempts usable.
         if binder is None or not BINDER_FORMAT.match(binder):
             binder = secrets.token_urlsafe(32)
@@ -213,9 +275,9 @@ async def open_link(
                 expires_at=now + timedelta(seconds=flow.settings.broker_attempt_ttl_seconds),
             )
         )
-    _event("link.opened", seller_id=link.seller_id, attempt=attempt_id)
+    _event("link.opened", seller_id=link.seller_id, application=app.name, attempt=attempt_id)
     challenge = pkce.challenge(verifier, method) if method else None
-    return flow.upstream.oauth.authorization_url(state, challenge, method), binder
+    return app.oauth.authorization_url(state, challenge, method), binder
 
 
 # -- GET /oauth/callback ---------------------------------------------------------------------
@@ -225,7 +287,7 @@ async def open_link(
 class _Claimed:
     attempt_id: str
     seller_id: str
-    client_id: str
+    app: Application
     test: bool
     verifier: str | None
     return_url: str | None
@@ -237,9 +299,11 @@ async def handle_callback(
     code: str | None,
     error: str | None,
     binder: str | None,
+    callback: Application | None = None,
 ) -> CallbackResult:
-    result = await _handle_callback(flow, state, code, error, binder)
-    metrics.LINK_ATTEMPTS.labels(result.result).inc()
+    """Mercado Pago's redirect back, on the shared callback URL or on `callback`'s own."""
+    result, app = await _handle_callback(flow, state, code, error, binder, callback)
+    metrics.LINK_ATTEMPTS.labels(app.name if app else "", result.result).inc()
     return result
 
 
@@ -249,25 +313,26 @@ async def _handle_callback(
     code: str | None,
     error: str | None,
     binder: str | None,
-) -> CallbackResult:
+    callback: Application | None,
+) -> tuple[CallbackResult, Application | None]:
     if not state or not (code or error):
         _event("callback.refused", reason=Refusal.INVALID_CALLBACK)
-        return CallbackResult(Refusal.INVALID_CALLBACK)
+        return CallbackResult(Refusal.INVALID_CALLBACK), callback
     # Past the check above, a callback without a code carries an error: the seller said no.
-    claimed = await _claim_attempt(flow, state, binder, denied=not code)
+    claimed = await _claim_attempt(flow, state, binder, callback, denied=not code)
     if isinstance(claimed, CallbackResult):
-        return claimed
+        return claimed, callback
     if not code:
         _event("callback.outcome", outcome=Outcome.DENIED, seller_id=claimed.seller_id)
-        return CallbackResult(Outcome.DENIED, claimed.seller_id, claimed.return_url)
+        return CallbackResult(Outcome.DENIED, claimed.seller_id, claimed.return_url), claimed.app
     # The exchange belongs to the process: a seller closing the tab cannot cancel it between
     # Mercado Pago's reply and our write.
     outcome = await flow.tasks.owned(_exchange_and_store(flow, claimed, code))
-    return CallbackResult(outcome, claimed.seller_id, claimed.return_url)
+    return CallbackResult(outcome, claimed.seller_id, claimed.return_url), claimed.app
 
 
 async def _claim_attempt(
-    flow: Linking, state: str, binder: str | None, *, denied: bool
+    flow: Linking, state: str, binder: str | None, callback: Application | None, *, denied: bool
 ) -> _Claimed | CallbackResult:
     """Consume the attempt exactly once and commit that before anything is sent upstream."""
     now = flow.clock()
@@ -278,7 +343,10 @@ async def _claim_attempt(
             # Two submissions of one callback: the second waits here, then sees it used.
             .with_for_update()
         )
-        if attempt is None:
+        app = flow.upstream.apps.by_client_id.get(attempt.client_id) if attempt else None
+        if attempt is None or app is None or (callback is not None and callback != app):
+            # Unknown here, of an application no longer configured, or come back on another
+            # application's callback URL (whose redirect_uri the exchange would not match).
             _event("callback.refused", reason=Refusal.UNKNOWN_STATE)
             return CallbackResult(Refusal.UNKNOWN_STATE)
         if binder is None or not secrets.compare_digest(pkce.digest(binder), attempt.binder_hash):
@@ -294,6 +362,13 @@ async def _claim_attempt(
         if attempt.expires_at <= now:
             _event("callback.refused", reason=Refusal.ATTEMPT_EXPIRED, attempt=attempt.id)
             return CallbackResult(Refusal.ATTEMPT_EXPIRED, attempt.seller_id)
+        if not denied and crosses_applications(
+            flow, await session.get(Seller, attempt.seller_id), attempt.client_id
+        ):
+            # Linked through another application since the link was opened: nothing changes
+            # and the code is not exchanged (the attempt stays unconsumed, so says the same).
+            _event("callback.refused", reason=Refusal.APPLICATION_MISMATCH, attempt=attempt.id)
+            return CallbackResult(Refusal.APPLICATION_MISMATCH, attempt.seller_id)
         attempt.consumed_at = now
         attempt.outcome = Outcome.DENIED if denied else Outcome.EXCHANGING
         verifier = (
@@ -303,9 +378,7 @@ async def _claim_attempt(
             if attempt.code_verifier
             else None
         )
-        claimed = _Claimed(
-            attempt.id, attempt.seller_id, attempt.client_id, attempt.test, verifier, return_url
-        )
+        claimed = _Claimed(attempt.id, attempt.seller_id, app, attempt.test, verifier, return_url)
     return claimed
 
 
@@ -313,7 +386,7 @@ async def _exchange_and_store(flow: Linking, claimed: _Claimed, code: str) -> Ou
     error: str | None = None
     try:
         tokens, sent_at = await flow.upstream.mercadopago.exchange_code(
-            flow.upstream.oauth, code, claimed.verifier, test=claimed.test
+            claimed.app.oauth, code, claimed.verifier, test=claimed.test
         )
     except TransientUpstreamError as exc:
         outcome, error = Outcome.UPSTREAM_UNAVAILABLE, exc.error
@@ -321,7 +394,7 @@ async def _exchange_and_store(flow: Linking, claimed: _Claimed, code: str) -> Ou
         outcome, error = Outcome.EXCHANGE_FAILED, exc.error
     else:
         outcome = await _store_tokens(flow, claimed, tokens, sent_at)
-    metrics.TOKEN_EXCHANGES.labels(outcome).inc()
+    metrics.TOKEN_EXCHANGES.labels(claimed.app.name, outcome).inc()
     if outcome not in SUCCESS:
         async with transaction(flow.db.sessions) as session:
             await session.execute(
@@ -333,29 +406,49 @@ async def _exchange_and_store(flow: Linking, claimed: _Claimed, code: str) -> Ou
         "callback.outcome",
         outcome=outcome,
         seller_id=claimed.seller_id,
+        application=claimed.app.name,
         attempt=claimed.attempt_id,
         upstream_error=error,
     )
     return outcome
 
 
-def _user_id(tokens: TokenSet) -> int | None:
+async def _user_id(flow: Linking, claimed: _Claimed, tokens: TokenSet) -> int | None:
+    """The Mercado Pago account the new tokens act for. Mercado Pago's reply names it; a plain
+    RFC 6749 reply does not, and Mercado Pago already honoured the exchange: ask the account
+    before giving the tokens up."""
     if tokens.user_id is not None:
         return tokens.user_id
-    # Access tokens end in `-{user_id}`: a reply without user_id still names the account.
+    # Mercado Pago's access tokens end in `-{user_id}`.
     tail = tokens.access_token.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else None
+    if tail.isascii() and tail.isdigit():
+        return int(tail)
+    try:
+        return await flow.upstream.mercadopago.account_id(
+            claimed.app.api_url, tokens.access_token, claimed.app.name
+        )
+    except MercadoPagoError as exc:
+        _event(
+            "callback.account_unknown",
+            logging.WARNING,
+            seller_id=claimed.seller_id,
+            application=claimed.app.name,
+            upstream_error=exc.error,
+        )
+        return None
 
 
 async def _store_tokens(
     flow: Linking, claimed: _Claimed, tokens: TokenSet, sent_at: datetime
 ) -> Outcome:
-    user_id = _user_id(tokens)
     pair = sealed_pair(
-        flow.keyring, flow.settings, claimed.seller_id, claimed.client_id, tokens, sent_at
+        flow.keyring, flow.settings, claimed.seller_id, claimed.app.client_id, tokens, sent_at
     )
-    if user_id is None or pair.refresh_token is None:
+    if pair.refresh_token is None:
         return Outcome.EXCHANGE_FAILED
+    user_id = await _user_id(flow, claimed, tokens)
+    if user_id is None:
+        return Outcome.ACCOUNT_UNKNOWN
     live_mode = pair.live_mode if pair.live_mode is not None else not claimed.test
     for _ in range(3):
         try:
@@ -381,7 +474,10 @@ async def _store_linked(
     now = flow.clock()
     seller = await session.get(Seller, claimed.seller_id, with_for_update=True)
     outcome = Outcome.LINKED
-    if seller is not None and seller.status != Status.UNLINKED:
+    if crosses_applications(flow, seller, claimed.app.client_id):
+        # Linked through another application while this one exchanged: keep that link.
+        outcome = Outcome.ACCOUNT_MISMATCH
+    elif seller is not None and seller.status != Status.UNLINKED:
         if seller.mp_user_id != user_id and not flow.settings.broker_allow_account_change:
             outcome = Outcome.ACCOUNT_MISMATCH
         elif seller.live_mode != live_mode:
@@ -402,7 +498,7 @@ async def _store_linked(
         now,
         seller,
         seller_id=claimed.seller_id,
-        client_id=claimed.client_id,
+        client_id=claimed.app.client_id,
         mp_user_id=user_id,
         live_mode=live_mode,
         pair=pair,

@@ -72,6 +72,15 @@ TEXTS: dict[str, Texts] = {
             + _EN_AGAIN,
         ),
         Refusal.ATTEMPT_EXPIRED: ("This sign-in took too long", _EN_AGAIN),
+        Outcome.ACCOUNT_UNKNOWN: (
+            "Mercado Pago did not say which account you linked",
+            "Nothing was linked. " + _EN_AGAIN + " If this happens again, contact the platform.",
+        ),
+        Refusal.APPLICATION_MISMATCH: (
+            "This seller is linked in another country",
+            "This seller is already linked through another of the platform's Mercado Pago "
+            "applications, so nothing was changed. Contact the platform.",
+        ),
     },
     "es": {
         Outcome.LINKED: (
@@ -113,6 +122,15 @@ TEXTS: dict[str, Texts] = {
             "enlace. " + _ES_AGAIN,
         ),
         Refusal.ATTEMPT_EXPIRED: ("Este inicio de sesión tardó demasiado", _ES_AGAIN),
+        Outcome.ACCOUNT_UNKNOWN: (
+            "Mercado Pago no indicó qué cuenta vinculaste",
+            "No se vinculó nada. " + _ES_AGAIN + " Si vuelve a pasar, contacta a la plataforma.",
+        ),
+        Refusal.APPLICATION_MISMATCH: (
+            "Esta tienda está vinculada en otro país",
+            "Esta tienda ya está vinculada a través de otra aplicación de Mercado Pago de la "
+            "plataforma, así que no se cambió nada. Contacta a la plataforma.",
+        ),
     },
     "pt": {
         Outcome.LINKED: (
@@ -154,6 +172,15 @@ TEXTS: dict[str, Texts] = {
             + _PT_AGAIN,
         ),
         Refusal.ATTEMPT_EXPIRED: ("Este acesso demorou demais", _PT_AGAIN),
+        Outcome.ACCOUNT_UNKNOWN: (
+            "O Mercado Pago não informou qual conta foi vinculada",
+            "Nada foi vinculado. " + _PT_AGAIN + " Se acontecer de novo, fale com a plataforma.",
+        ),
+        Refusal.APPLICATION_MISMATCH: (
+            "Esta loja está vinculada em outro país",
+            "Esta loja já está vinculada por outro aplicativo do Mercado Pago da plataforma, "
+            "então nada foi alterado. Fale com a plataforma.",
+        ),
     },
 }
 
@@ -174,6 +201,8 @@ STATUS: dict[Outcome | Refusal, int] = {
     Refusal.UNKNOWN_STATE: 400,
     Refusal.UNBOUND_BROWSER: 403,
     Refusal.ATTEMPT_EXPIRED: 400,
+    Outcome.ACCOUNT_UNKNOWN: 502,
+    Refusal.APPLICATION_MISMATCH: 409,
 }
 
 

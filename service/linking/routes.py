@@ -3,12 +3,20 @@ then comes back from Mercado Pago."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Cookie, Depends, Header, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from service.core.errors import Forbidden, LiveModeMismatch, Unauthorized, responses
+from service.core.errors import (
+    ApplicationMismatch,
+    Forbidden,
+    LiveModeMismatch,
+    Unauthorized,
+    UnknownApplication,
+    responses,
+)
 from service.core.schemas import LinkStartRequest, LinkStartResponse
 from service.linking import flow as linking
 from service.linking import pages
@@ -32,13 +40,15 @@ pages_router = APIRouter(tags=["seller pages"])  # the seller's browser
     status_code=201,
     tags=["linking"],
     response_model=LinkStartResponse,
-    responses=responses(Unauthorized, Forbidden, LiveModeMismatch),
+    responses=responses(
+        Unauthorized, Forbidden, UnknownApplication, ApplicationMismatch, LiveModeMismatch
+    ),
 )
 async def start_link(body: LinkStartRequest, flow: LinkingDep, key: ApiKeyDep) -> LinkStartResponse:
     """Create a link to send to a seller so they can connect their Mercado Pago account."""
     apikeys.authorize(key, "links:write", body.seller_id)
     link_url, expires_at = await linking.start_link(
-        flow, key, body.seller_id, body.return_url, test=body.test
+        flow, key, body.seller_id, body.application, body.return_url, test=body.test
     )
     return LinkStartResponse(link_url=link_url, expires_at=expires_at)
 
@@ -101,19 +111,28 @@ async def open_link(
     return response
 
 
-@pages_router.get(
-    "/oauth/callback",
-    response_class=HTMLResponse,
-    response_model=None,
-    responses={
-        **responses(),
-        200: {**HTML, "description": "An HTML page telling the seller how linking ended"},
-        303: {"description": "To the link's return_url with `status` and `seller_id` added"},
-        400: {**HTML, "description": "An HTML page: unknown, expired or malformed callback"},
-        403: {**HTML, "description": "An HTML page: finished in another browser"},
-    },
-)
-async def oauth_callback(
+CALLBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **responses(),
+    200: {**HTML, "description": "An HTML page telling the seller how linking ended"},
+    303: {"description": "To the link's return_url with `status` and `seller_id` added"},
+    400: {**HTML, "description": "An HTML page: unknown, expired or malformed callback"},
+    403: {**HTML, "description": "An HTML page: finished in another browser"},
+    409: {**HTML, "description": "An HTML page: linked to another account or application"},
+}
+
+
+@dataclass(frozen=True)
+class Callback:
+    """What Mercado Pago's redirect back brings, on any of the callback URLs."""
+
+    state: str | None
+    code: str | None
+    error: str | None
+    binder: str | None
+    lang: str
+
+
+async def callback_params(
     flow: LinkingDep,
     accept_language: Annotated[str | None, Header(include_in_schema=False)] = None,
     state: Annotated[str | None, Query(max_length=512)] = None,
@@ -123,8 +142,40 @@ async def oauth_callback(
     host_mpb_link: Annotated[
         str | None, Cookie(alias=SECURE_COOKIE, include_in_schema=False)
     ] = None,
-) -> HTMLResponse | RedirectResponse:
-    """Mercado Pago's redirect back: checks state and browser, exchanges the code, stores tokens."""
+) -> Callback:
     binder = _binder(mpb_link, host_mpb_link, https=flow.settings.secure_cookies)
-    result = await linking.handle_callback(flow, state, code, error, binder)
-    return pages.respond(result, pages.language(accept_language))
+    return Callback(state, code, error, binder, pages.language(accept_language))
+
+
+CallbackDep = Annotated[Callback, Depends(callback_params)]
+
+
+@pages_router.get(
+    "/oauth/callback",
+    response_class=HTMLResponse,
+    response_model=None,
+    responses=CALLBACK_RESPONSES,
+)
+async def oauth_callback(flow: LinkingDep, back: CallbackDep) -> HTMLResponse | RedirectResponse:
+    """Mercado Pago's redirect back: checks state and browser, exchanges the code, stores tokens."""
+    result = await linking.handle_callback(flow, back.state, back.code, back.error, back.binder)
+    return pages.respond(result, back.lang)
+
+
+@pages_router.get(
+    "/oauth/callback/{application}",
+    response_class=HTMLResponse,
+    response_model=None,
+    responses=CALLBACK_RESPONSES,
+)
+async def oauth_application_callback(
+    application: Annotated[str, Path(max_length=32)], flow: LinkingDep, back: CallbackDep
+) -> HTMLResponse | RedirectResponse:
+    """The same on an application's own Redirect URL: only that application's attempts."""
+    app = flow.upstream.apps.get(application)
+    if app is None:
+        return pages.page(linking.Refusal.UNKNOWN_STATE, back.lang)
+    result = await linking.handle_callback(
+        flow, back.state, back.code, back.error, back.binder, app
+    )
+    return pages.respond(result, back.lang)

@@ -263,9 +263,9 @@ async def _sellers(settings: Settings, args: argparse.Namespace) -> None:
             seller = await session.get(Seller, args.seller_id)
             if seller is None:
                 output.fail(f"no seller {args.seller_id!r}")
-            output.say(SellerStatus.of(seller).model_dump_json(indent=2))
+            output.say(SellerStatus.of(seller, settings.apps).model_dump_json(indent=2))
             return
-        query = sellers.page_query(None, args.status, args.expiring_before, None, args.limit)
+        query = sellers.page_query(None, None, args.status, args.expiring_before, None, args.limit)
         found = list(await session.scalars(query))
     for seller in found[: args.limit]:
         output.say(

@@ -116,7 +116,7 @@ async def watch(
             try:
                 async with sessions() as session:
                     await metrics.collect_database_gauges(
-                        session, clock(), settings.broker_expiring_soon_days
+                        session, clock(), settings.broker_expiring_soon_days, settings.apps
                     )
             except Exception as exc:  # noqa: BLE001 stale gauges must not stop the health check
                 logs.event(log, "metrics.collect_failed", {"error": type(exc).__name__}, 30)

@@ -15,6 +15,9 @@ the background loop or a token read (`min_ttl`) started it:
    `rotation_lost` when the previous attempt with this same token had an unknown outcome, else
    `revoked`.
 5. Application-wide errors, and bursts of `invalid_grant`, trip the breaker (`breaker.py`).
+   Everything about applications is per application: each seller is refreshed with its own
+   application's credentials, under that application's breaker and rate limit, so a broken
+   secret in one pauses that one only while the others' sellers go on being refreshed.
 6. Transient errors: release the lease, back off `next_refresh_at`.
 
 Every refresh runs as a task of the process: a caller that disconnects or times out cannot
@@ -28,7 +31,6 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -39,6 +41,7 @@ from sqlalchemy import or_, update
 from sqlalchemy.exc import DBAPIError
 
 from service.core import db, logs, metrics
+from service.core.applications import Application
 from service.core.config import LEASE_MARGIN_SECONDS, Settings
 from service.core.crypto import Keyring, fingerprint
 from service.core.db import BROKEN_CONNECTION, transaction
@@ -122,9 +125,13 @@ class Refresher:
         self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.inflight: dict[str, asyncio.Task[Outcome]] = {}
         self.joined = 0  # callers that joined a refresh already in flight (single-flight)
-        self.clear_until = 0.0  # no breaker or pause seen until then (loop time)
-        self.gate_check: asyncio.Task[breaker.Gate] | None = None  # one check at a time
-        self.rate = RateLimiter(self.settings.broker_refresh_rate_per_second)
+        self.apps = upstream.apps
+        # Per application (by client_id): no breaker or pause seen until then (loop time), the
+        # check in flight (one at a time), and the rate Mercado Pago allows it.
+        self.clear_until: dict[str, float] = {}
+        self.gate_check: dict[str, asyncio.Task[breaker.Gate]] = {}
+        self.rates = {app.client_id: RateLimiter(app.refresh_rate) for app in self.apps.values()}
+        self.turn = 0  # which application claims first in the next round (fair shares)
         # One lease: longer than any request's deadline (settings refuse less), see sql.free().
         self.late_reply_grace = timedelta(seconds=self.settings.broker_lease_seconds)
         self.burst = breaker.Burst(
@@ -165,27 +172,21 @@ class Refresher:
                 next_expiring = loop.time() + EXPIRING_EVERY_SECONDS
                 await self._notify_expiring()
             free = cap - len(active)
-            claims: Sequence[Claim] = []
-            if free > 0:
-                try:
-                    claims = await self._claim_due(
-                        min(free, self.settings.broker_refresh_batch_size)
-                    )
-                except Exception as exc:  # noqa: BLE001 the loop must outlive a blip or a bad row
-                    _event("refresher.claim_failed", logging.ERROR, error=type(exc).__name__)
+            claims, more = await self._claim_round(free) if free > 0 else ([], False)
             for claim in claims:
                 if claim.seller_id in self.inflight:
                     continue  # already being refreshed here (its lease had lapsed)
                 task = self._start(claim.seller_id, self._refresh_claimed(claim))
                 active.add(task)
                 task.add_done_callback(active.discard)
-            if claims and len(claims) == free:
+            if more:
                 # Full batch: more may be due. Claim again as soon as a slot frees up. (Waiting
                 # a moment more to claim several rows at once cost more in idle slots than it
                 # saved in transactions: measured in the wave benchmark, 449/s against 491/s.)
                 # Slots that free up during a claim are filled by the next one, so batches
                 # grow by themselves with the rate.
-                await asyncio.wait(active, return_when=asyncio.FIRST_COMPLETED)
+                if len(active) >= cap:
+                    await asyncio.wait(active, return_when=asyncio.FIRST_COMPLETED)
                 continue
             waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait())}
             try:
@@ -273,7 +274,13 @@ class Refresher:
             if on_read
             else None
         )
-        claims = await self._claim(CLAIM_ONE, now, seller_id=seller_id, cooldown=cooldown)
+        claims = await self._claim(
+            CLAIM_ONE,
+            now,
+            seller_id=seller_id,
+            cooldown=cooldown,
+            client_ids=self.apps.client_ids,
+        )
         if not claims:
             async with db.direct(self.db.direct) as connection:
                 free = await connection.fetchval(
@@ -283,8 +290,34 @@ class Refresher:
             return Outcome.BUSY if free is False else Outcome.SKIPPED
         return await self._refresh_claimed(claims[0])
 
-    async def _claim_due(self, limit: int) -> Sequence[Claim]:
-        return await self._claim(CLAIM_DUE, self.clock(), limit=limit)
+    async def _claim_round(self, free: int) -> tuple[list[Claim], bool]:
+        """Claim due sellers into `free` slots, each application its share in turn (the first
+        to claim rotates), so one application's backlog cannot starve another's. True when an
+        application filled its share: more may be due."""
+        apps = list(self.apps.values())
+        self.turn = (self.turn + 1) % len(apps)
+        claims: list[Claim] = []
+        more = False
+        for position, app in enumerate(apps[self.turn :] + apps[: self.turn]):
+            left = free - len(claims)
+            share = min(-(-left // (len(apps) - position)), self.settings.broker_refresh_batch_size)
+            if share <= 0:
+                break
+            try:
+                got = await self._claim(
+                    CLAIM_DUE, self.clock(), client_id=app.client_id, limit=share
+                )
+            except Exception as exc:  # noqa: BLE001 the loop must outlive a blip or a bad row
+                _event(
+                    "refresher.claim_failed",
+                    logging.ERROR,
+                    application=app.name,
+                    error=type(exc).__name__,
+                )
+                continue
+            claims += got
+            more = more or len(got) == share
+        return claims, more
 
     async def _claim(self, statement: db.Hot, now: datetime, **where: object) -> list[Claim]:
         """Take the leases and record the attempts in one transaction (one per batch).
@@ -303,7 +336,6 @@ class Refresher:
                     owner=self.owner,
                     lease_until=lease_until,
                     now=now,
-                    client_id=self.upstream.oauth.client_id,
                     grace=self.late_reply_grace,
                     **where,
                 ),
@@ -347,16 +379,16 @@ class Refresher:
         Callers arriving while a check is in flight share its answer when it is "clear"; any
         other answer they ask again themselves (only one caller may win a probe)."""
         loop = asyncio.get_running_loop()
-        if loop.time() < self.clear_until:
+        if loop.time() < self.clear_until.get(client_id, 0.0):
             return breaker.Gate.CLOSED
-        shared = self.gate_check
+        shared = self.gate_check.get(client_id)
         if (
             shared is not None
             and not shared.done()
             and await asyncio.shield(shared) == breaker.Gate.CLOSED
         ):
             return breaker.Gate.CLOSED
-        check = self.gate_check = loop.create_task(
+        check = self.gate_check[client_id] = loop.create_task(
             breaker.gate(
                 self.db.sessions,
                 client_id,
@@ -366,43 +398,47 @@ class Refresher:
         )
         gate = await asyncio.shield(check)
         if gate == breaker.Gate.CLOSED:
-            self.clear_until = loop.time() + GATE_CLEAR_SECONDS
+            self.clear_until[client_id] = loop.time() + GATE_CLEAR_SECONDS
         return gate
 
     async def _refresh_claimed(self, claim: Claim) -> Outcome:
+        app = self.apps.by_client_id.get(claim.client_id)
+        if app is None:  # claims name configured applications only; a config change raced
+            await self._record_failure(
+                claim, AttemptOutcome.NOT_SENT, "application_unconfigured", back_off=True
+            )
+            return Outcome.SKIPPED
         gate = await self._gate(claim.client_id)
         if gate == breaker.Gate.OPEN:
             await self._record_failure(
                 claim, AttemptOutcome.NOT_SENT, "refresh_paused", back_off=False
             )
-            metrics.REFRESHES.labels(Outcome.PAUSED, "").inc()
+            metrics.REFRESHES.labels(app.name, Outcome.PAUSED, "").inc()
             return Outcome.PAUSED
         try:
-            tokens, sent_at = await self._send(claim)
+            tokens, sent_at = await self._send(app, claim)
         except PermanentGrantError as exc:
-            return await self._on_invalid_grant(claim, exc)
+            return await self._on_invalid_grant(app, claim, exc)
         except ApplicationError as exc:
-            await self._on_application_error(claim, exc)
+            await self._on_application_error(app, claim, exc)
             return Outcome.APPLICATION_ERROR
         except TransientUpstreamError as exc:
-            await self._on_transient(claim, exc)
+            await self._on_transient(app, claim, exc)
             return Outcome.TRANSIENT
-        outcome = await self._store(claim, tokens, sent_at)
+        outcome = await self._store(app, claim, tokens, sent_at)
         if gate == breaker.Gate.PROBE:
             await breaker.close(self.db.sessions, claim.client_id)
         return outcome
 
-    async def _send(self, claim: Claim) -> tuple[TokenSet, datetime]:
+    async def _send(self, app: Application, claim: Claim) -> tuple[TokenSet, datetime]:
         deadline = self.upstream.mercadopago.timeout + LEASE_MARGIN_SECONDS
         for attempt in range(NOT_SENT_RETRIES + 1):
-            await self.rate.wait()
+            await self.rates[app.client_id].wait()
             if (claim.lease_until - self.clock()).total_seconds() < deadline:
                 # Not enough lease left to finish: another worker could claim mid-flight.
                 raise TransientUpstreamError("lease_too_short", not_sent=True)
             try:
-                return await self.upstream.mercadopago.refresh(
-                    self.upstream.oauth, claim.refresh_token
-                )
+                return await self.upstream.mercadopago.refresh(app.oauth, claim.refresh_token)
             except TransientUpstreamError as exc:
                 if not exc.not_sent or attempt == NOT_SENT_RETRIES:
                     raise
@@ -410,7 +446,9 @@ class Refresher:
 
     # -- 3. store ----------------------------------------------------------------------------
 
-    async def _store(self, claim: Claim, tokens: TokenSet, sent_at: datetime) -> Outcome:
+    async def _store(
+        self, app: Application, claim: Claim, tokens: TokenSet, sent_at: datetime
+    ) -> Outcome:
         """Write the new pair at once, retried until it lands: it exists nowhere else."""
         pair = sellers.sealed_pair(
             self.keyring, self.settings, claim.seller_id, claim.client_id, tokens, sent_at
@@ -418,7 +456,7 @@ class Refresher:
         delay = 0.05
         while True:
             try:
-                return await self._store_pair(claim, pair)
+                return await self._store_pair(app, claim, pair)
             except (DBAPIError, OSError, asyncpg.PostgresError, *BROKEN_CONNECTION) as exc:
                 _event(
                     "refresh.store_retry",
@@ -429,12 +467,12 @@ class Refresher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _store_pair(self, claim: Claim, pair: sellers.Pair) -> Outcome:
+    async def _store_pair(self, app: Application, claim: Claim, pair: sellers.Pair) -> Outcome:
         now = self.clock()
         # The common case in one statement: linked, not failing, still at the claimed version.
         async with db.direct(self.db.direct) as connection:
             healthy = await sellers.store_refreshed_healthy(
-                connection, claim.seller_id, claim.version, pair, now
+                connection, claim.seller_id, claim.version, pair, now, app.name
             )
         stored = Stored.REFRESHED
         if not healthy:
@@ -446,13 +484,20 @@ class Refresher:
             _event("refresh.superseded", logging.WARNING, seller_id=claim.seller_id)
             return Outcome.RACED
         outcome = Outcome.RECOVERED if stored == Stored.RECOVERED else Outcome.REFRESHED
-        metrics.REFRESHES.labels(outcome, "").inc()
-        _event(f"refresh.{outcome}", seller_id=claim.seller_id, version=claim.version + 1)
+        metrics.REFRESHES.labels(app.name, outcome, "").inc()
+        _event(
+            f"refresh.{outcome}",
+            seller_id=claim.seller_id,
+            application=app.name,
+            version=claim.version + 1,
+        )
         return outcome
 
     # -- 4-6. failures -------------------------------------------------------------------------
 
-    async def _on_invalid_grant(self, claim: Claim, exc: MercadoPagoError) -> Outcome:
+    async def _on_invalid_grant(
+        self, app: Application, claim: Claim, exc: MercadoPagoError
+    ) -> Outcome:
         now = self.clock()
         reason = Reason.ROTATION_LOST if claim.previous_unknown else Reason.REVOKED
         marked = await sellers.mark_relink_required(
@@ -467,12 +512,18 @@ class Refresher:
         )
         if not marked:
             _event("refresh.raced", seller_id=claim.seller_id)
-            metrics.REFRESHES.labels(Outcome.RACED, exc.error).inc()
+            metrics.REFRESHES.labels(app.name, Outcome.RACED, exc.error).inc()
             return Outcome.RACED  # someone rotated first: a race, not a revocation
-        metrics.REFRESHES.labels(Outcome.RELINK_REQUIRED, reason).inc()
-        _event("refresh.relink_required", logging.WARNING, seller_id=claim.seller_id, reason=reason)
+        metrics.REFRESHES.labels(app.name, Outcome.RELINK_REQUIRED, reason).inc()
+        _event(
+            "refresh.relink_required",
+            logging.WARNING,
+            seller_id=claim.seller_id,
+            application=app.name,
+            reason=reason,
+        )
         if self.burst.add(claim.client_id, now):
-            self.clear_until = 0.0
+            self.clear_until.pop(claim.client_id, None)
             await breaker.trip(
                 self.db.sessions,
                 claim.client_id,
@@ -482,9 +533,11 @@ class Refresher:
             )
         return Outcome.RELINK_REQUIRED
 
-    async def _on_application_error(self, claim: Claim, exc: MercadoPagoError) -> None:
+    async def _on_application_error(
+        self, app: Application, claim: Claim, exc: MercadoPagoError
+    ) -> None:
         now = self.clock()
-        self.clear_until = 0.0
+        self.clear_until.pop(claim.client_id, None)
         await breaker.trip(
             self.db.sessions,
             claim.client_id,
@@ -493,16 +546,19 @@ class Refresher:
             self.settings.broker_breaker_probe_seconds,
         )
         await self._record_failure(claim, AttemptOutcome.REJECTED, exc.error, back_off=False)
-        metrics.REFRESHES.labels(Outcome.APPLICATION_ERROR, exc.error).inc()
+        metrics.REFRESHES.labels(app.name, Outcome.APPLICATION_ERROR, exc.error).inc()
 
-    async def _on_transient(self, claim: Claim, exc: TransientUpstreamError) -> None:
+    async def _on_transient(
+        self, app: Application, claim: Claim, exc: TransientUpstreamError
+    ) -> None:
         outcome = AttemptOutcome.NOT_SENT if exc.not_sent else AttemptOutcome.UNKNOWN
         await self._record_failure(claim, outcome, exc.error, back_off=True)
-        metrics.REFRESHES.labels(Outcome.TRANSIENT, exc.error).inc()
+        metrics.REFRESHES.labels(app.name, Outcome.TRANSIENT, exc.error).inc()
         _event(
             "refresh.transient_failure",
             logging.WARNING,
             seller_id=claim.seller_id,
+            application=app.name,
             error=exc.error,
             outcome_unknown=not exc.not_sent,
         )

@@ -8,8 +8,10 @@ arguments. The store of a refreshed pair is the seller lifecycle's (`STORE_HEALT
 from __future__ import annotations
 
 from sqlalchemy import (
+    ARRAY,
     DateTime,
     Interval,
+    Text,
     bindparam,
     case,
     exists,
@@ -68,16 +70,16 @@ def _claim(where: ColumnElement[bool]) -> Update:
     )
 
 
-_linked_of_app = (Seller.status == const(Status.LINKED)) & (
-    Seller.client_id == bindparam("client_id")
-)
+_linked = Seller.status == const(Status.LINKED)
 
-# The oldest `limit` due sellers, on the partial index. SKIP LOCKED: concurrent refreshers
-# each take different due rows and never wait on one another.
+# One application's oldest `limit` due sellers, on its part of the partial index (client_id,
+# next_refresh_at): a paused or backed-up application is never scanned past by another's
+# claim. SKIP LOCKED: concurrent refreshers each take different due rows, never waiting.
 _due = (
     select(Seller.seller_id)
     .where(
-        _linked_of_app,
+        _linked,
+        Seller.client_id == bindparam("client_id"),
         Seller.next_refresh_at <= NOW,
         free(),
         ~exists().where(
@@ -91,13 +93,15 @@ _due = (
 )
 CLAIM_DUE = Hot.compile("claim_due", _claim(Seller.seller_id.in_(_due.scalar_subquery())))
 
-# One seller, on demand; `cooldown`, when set: at most one on-read refresh per window.
+# One seller, on demand, of any configured application; `cooldown`, when set: at most one
+# on-read refresh per window.
 _cooldown = bindparam("cooldown", type_=DateTime(timezone=True))
 CLAIM_ONE = Hot.compile(
     "claim_one",
     _claim(
         (Seller.seller_id == bindparam("seller_id"))
-        & _linked_of_app
+        & _linked
+        & (Seller.client_id == func.any(bindparam("client_ids", type_=ARRAY(Text()))))
         & free()
         & or_(
             _cooldown.is_(None),

@@ -59,6 +59,7 @@ async def create(
     now: datetime,
     scopes: tuple[str, ...] = SCOPES,
     namespace: str | None = None,
+    client_ids: list[str] | None = None,
 ) -> tuple[ApiKey, str]:
     """Store a new key and return it with its secret, which is shown once and never stored."""
     unknown = set(scopes) - set(SCOPES)
@@ -75,6 +76,7 @@ async def create(
         digest=_digest(secret),
         scopes=list(scopes),
         namespace=namespace,
+        client_ids=sorted(client_ids) if client_ids is not None else None,
         created_at=now,
     )
     session.add(key)
@@ -101,6 +103,7 @@ def view_of(key: Any) -> KeyView:
         digest=key.digest,
         scopes=tuple(key.scopes),
         namespace=key.namespace,  # ends in `/` (check_namespace; revision 0006 for old keys)
+        client_ids=frozenset(key.client_ids) if key.client_ids is not None else None,
         revoked=key.revoked_at is not None,
     )
 
@@ -117,6 +120,7 @@ FIND = select(
     ApiKey.digest,
     ApiKey.scopes,
     ApiKey.namespace,
+    ApiKey.client_ids,
     ApiKey.revoked_at,
 ).where(ApiKey.prefix == bindparam("prefix"))
 
@@ -137,6 +141,17 @@ def authorize(key: KeyView, scope: str, seller_id: str | None = None) -> None:
         raise Forbidden(f"This key lacks the `{scope}` scope.")
     if seller_id is not None and key.namespace and not seller_id.startswith(key.namespace):
         raise Forbidden("This seller is outside the key's namespace.")
+
+
+# One answer for a seller of another application and for one never linked: the key learns
+# nothing about sellers outside its applications (not even that they exist).
+OUTSIDE_APPLICATIONS = "This seller or application is outside the key's applications."
+
+
+def authorize_application(key: KeyView, client_id: str | None) -> None:
+    """A key limited to applications acts only in them (`client_id` None: no such seller)."""
+    if key.client_ids is not None and client_id not in key.client_ids:
+        raise Forbidden(OUTSIDE_APPLICATIONS)
 
 
 async def list_keys(session: AsyncSession) -> list[ApiKey]:

@@ -71,5 +71,5 @@ async def report_invalid_token(
 ) -> SellerStatus:
     """Report that Mercado Pago refused the token; the broker checks it and marks revocations."""
     apikeys.authorize(key, "tokens:read", seller_id)
-    await tokens.report_invalid(serving, seller_id)
-    return await sellers.status(serving.db.sessions, seller_id)
+    await tokens.report_invalid(serving, key, seller_id)
+    return await sellers.status(serving.db.sessions, serving.settings.apps, seller_id)

@@ -108,6 +108,20 @@ async def _load(flow: Serving, seller_id: str, *, fresh: bool = False) -> Seller
     return view
 
 
+async def _load_for(
+    flow: Serving, key: KeyView, seller_id: str, *, fresh: bool = False
+) -> SellerView:
+    """`_load` for a key that may be limited to applications: before anything is refreshed or
+    said about the seller, one outside them is a 403, the same as one that does not exist."""
+    try:
+        view = await _load(flow, seller_id, fresh=fresh)
+    except SellerNotFound:
+        apikeys.authorize_application(key, None)
+        raise
+    apikeys.authorize_application(key, view.client_id)
+    return view
+
+
 def _warning(seller: SellerView) -> TokenWarning | None:
     if seller.status == Status.RELINK_REQUIRED:
         return TokenWarning.RELINK_REQUIRED
@@ -120,7 +134,7 @@ async def serve(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) -> Re
     if min_ttl > flow.settings.broker_min_ttl_max_seconds:
         # Refused rather than lowered: the caller would believe it got what it asked for.
         raise InvalidRequest(f"min_ttl is at most {flow.settings.broker_min_ttl_max_seconds}.")
-    served = await read_token(flow, seller_id, min_ttl)
+    served = await read_token(flow, key, seller_id, min_ttl)
     flow.reads.add(key.name, seller_id, flow.clock())
     # The body was serialized once, when the seller was loaded: no per-read encoding.
     response = Response(served.seller.body, media_type="application/json")
@@ -130,10 +144,10 @@ async def serve(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) -> Re
     return response
 
 
-async def read_token(flow: Serving, seller_id: str, min_ttl: int) -> Served:
+async def read_token(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) -> Served:
     """The seller's token, refreshed first when less than `min_ttl` seconds remain."""
     wanted = timedelta(seconds=max(min_ttl, 1))
-    first = await _load(flow, seller_id)
+    first = await _load_for(flow, key, seller_id)
     if first.expires_at - flow.clock() >= wanted:
         return Served(first, _warning(first))  # the hot path: usually from memory
     # Something to decide: from here on, only what PostgreSQL says now.
@@ -184,14 +198,15 @@ async def _wait_for_other_refresh(flow: Serving, before: SellerView) -> SellerVi
         await asyncio.sleep(POLL_SECONDS)
 
 
-async def report_invalid(flow: Serving, seller_id: str) -> SellerView:
+async def report_invalid(flow: Serving, key: KeyView, seller_id: str) -> SellerView:
     """A caller says Mercado Pago refused the token: check it, and mark the seller if revoked."""
-    seller = await _load(flow, seller_id, fresh=True)
+    seller = await _load_for(flow, key, seller_id, fresh=True)
     access_token = seller.access_token
-    if access_token is None:  # `_load` never returns an unlinked seller
+    app = flow.upstream.apps.by_client_id.get(seller.client_id)
+    if access_token is None or app is None:  # `_load` never returns an unlinked seller
         raise SellerNotFound(f"No linked seller {seller_id!r}.")
     try:
-        check = await flow.upstream.mercadopago.check_token(flow.settings.mp_api_url, access_token)
+        check = await flow.upstream.mercadopago.check_token(app.api_url, access_token, app.name)
     except TransientUpstreamError:
         raise UpstreamUnavailable("Mercado Pago could not confirm the token now.") from None
     if check != TokenCheck.REVOKED:
