@@ -13,7 +13,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from service.simulator import SimulatorClient, SimulatorConfig, create_simulator_app
+from service.simulator import SimulatorClient, SimulatorConfig, create_simulator_app, state
+from service.simulator.state import fingerprint
 
 CLIENT_ID = "4934588586838432"
 SECRET = "app-secret-value"
@@ -29,6 +30,10 @@ CHALLENGE = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
 ACCESS_TOKEN = re.compile(rf"APP_USR-{CLIENT_ID}-\d{{6}}-[0-9a-f]{{32}}-{USER_ID}")
 REFRESH_TOKEN = re.compile(rf"TG-[0-9a-f]{{24}}-{USER_ID}")
 PUBLIC_KEY = re.compile(r"APP_USR-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# secrets.token_urlsafe(32); and no "-<digits>" tail a client could read a user id from.
+OPAQUE_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
+USER_ID_TAIL = re.compile(r"-[0-9]+\Z")
+PLAIN_FIELDS = {"access_token", "token_type", "expires_in", "refresh_token", "scope"}
 
 
 class FakeClock:
@@ -183,6 +188,11 @@ async def wait_for_last_outcome(client: httpx.AsyncClient, outcome: str) -> None
             return
         await asyncio.sleep(0)
     raise AssertionError(f"no request reached {outcome!r}")
+
+
+def assert_opaque(token: str) -> None:
+    assert OPAQUE_TOKEN.fullmatch(token), token
+    assert not USER_ID_TAIL.search(token), token
 
 
 def assert_mp_error(reply: httpx.Response, code: str, status: int = 400) -> None:
@@ -496,6 +506,41 @@ async def test_a_code_issued_to_another_app_is_an_invalid_grant(
     assert (await exchange(client, code)).status_code == 200
 
 
+async def test_each_app_keeps_its_own_pkce_rule_and_its_own_secret(
+    client: httpx.AsyncClient,
+) -> None:
+    # make_config's two apps: CLIENT_ID has PKCE enabled, OTHER_ID does not.
+    no_challenge: dict[str, str | None] = {"code_challenge": None, "code_challenge_method": None}
+    other_app = {"client_id": OTHER_ID, "redirect_uri": OTHER_REDIRECT}
+
+    refused = await client.get("/authorization", params=auth_params(**no_challenge))
+    other_code = (await authorize(client, auth_params(**other_app, **no_challenge)))["code"][0]
+    pkce_code = await get_code(client)
+    crossed = [
+        await exchange(client, pkce_code, client_secret=OTHER_SECRET),
+        await exchange(client, other_code, **other_app, client_secret=SECRET, code_verifier=None),
+    ]
+
+    assert refused.status_code == 400
+    assert "requires PKCE" in refused.text
+    assert "<form" not in refused.text
+    for reply in crossed:
+        assert_mp_error(reply, "invalid_client")
+    # The wrong secret was refused before the code was looked at: both codes still work.
+    mine = await exchange(client, pkce_code)
+    other = await exchange(
+        client, other_code, **other_app, client_secret=OTHER_SECRET, code_verifier=None
+    )
+    assert (mine.status_code, other.status_code) == (200, 200)
+    for client_id, secret, tokens in [
+        (CLIENT_ID, OTHER_SECRET, mine.json()),
+        (OTHER_ID, SECRET, other.json()),
+    ]:
+        params = {"client_id": client_id, "client_secret": secret}
+        params |= {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+        assert_mp_error(await post_token(client, params), "invalid_client")
+
+
 @pytest.mark.parametrize(
     ("client_id", "secret"), [(CLIENT_ID, "wrong"), ("999", SECRET), (CLIENT_ID, None)]
 )
@@ -705,6 +750,7 @@ async def test_hold_rotates_first_and_answers_only_after_release(
     assert during["refresh_token_fingerprint"] != before["refresh_token_fingerprint"]
     assert reply.status_code == 200
     assert (await log(client))[-1]["outcome"] == "ok"
+    assert (await log(client))[-1]["user_id"] == USER_ID
 
 
 async def test_drop_rotates_the_grant_but_the_client_never_gets_the_tokens(
@@ -823,6 +869,125 @@ async def test_a_minimal_refresh_reply_can_omit_the_refresh_token_too(
     assert set(body) == {"access_token", "token_type", "expires_in", "scope"}
 
 
+async def test_plain_reply_answers_exchanges_and_refreshes_like_rfc_6749(
+    client: httpx.AsyncClient,
+) -> None:
+    await set_faults(client, plain_reply=True)
+
+    exchanged = await linked_seller(client)
+    refreshed = (await refresh(client, exchanged["refresh_token"])).json()
+
+    for body in (exchanged, refreshed):
+        assert set(body) == PLAIN_FIELDS
+        assert body["token_type"] == "bearer"
+        assert body["expires_in"] == 15552000
+        assert body["scope"] == "offline_access read write"
+        assert_opaque(body["access_token"])
+        assert_opaque(body["refresh_token"])
+        assert str(USER_ID) not in body["access_token"] + body["refresh_token"]
+        # The broker finds the account through /users/me instead.
+        assert (await me(client, body["access_token"])).json()["id"] == USER_ID
+    assert refreshed["access_token"] != exchanged["access_token"]
+    assert_mp_error(await refresh(client, exchanged["refresh_token"]), "invalid_grant")
+
+
+async def test_plain_reply_applies_to_issue_too(client: httpx.AsyncClient) -> None:
+    await set_faults(client, plain_reply=True)
+
+    reply = await client.post(
+        "/_control/issue", json={"client_id": CLIENT_ID, "user_id": 99, "test": True}
+    )
+
+    body = reply.json()
+    assert reply.status_code == 200
+    assert set(body) == PLAIN_FIELDS
+    assert_opaque(body["access_token"])  # not even the TEST- prefix
+    assert (await me(client, body["access_token"])).json()["id"] == 99
+
+
+async def test_plain_reply_is_decided_when_tokens_are_issued(client: httpx.AsyncClient) -> None:
+    before = await linked_seller(client)
+    await set_faults(client, plain_reply=True)
+    plain = await linked_seller(client)
+    await set_faults(client)
+
+    refreshed = (await refresh(client, plain["refresh_token"])).json()
+
+    assert ACCESS_TOKEN.fullmatch(before["access_token"])
+    assert_opaque(plain["access_token"])
+    assert (await me(client, plain["access_token"])).json()["id"] == USER_ID
+    assert refreshed["user_id"] == USER_ID
+    assert ACCESS_TOKEN.fullmatch(refreshed["access_token"])
+    assert REFRESH_TOKEN.fullmatch(refreshed["refresh_token"])
+
+
+async def test_a_held_plain_reply_keeps_its_shape_after_the_plan_changes(
+    client: httpx.AsyncClient,
+) -> None:
+    tokens = await linked_seller(client)
+    await set_faults(client, plain_reply=True, after_rotate="hold", count=1)
+    pending = asyncio.create_task(refresh(client, tokens["refresh_token"]))
+    await wait_for_last_outcome(client, "held")
+
+    await set_faults(client)
+    await client.post("/_control/release")
+    body = (await pending).json()
+
+    assert set(body) == PLAIN_FIELDS
+    assert_opaque(body["access_token"])
+
+
+def test_opaque_tokens_never_end_in_a_dash_and_digits(monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = iter(["tail-241983636", "x-0", "Opaque_token-x"])
+    sizes: list[int | None] = []
+
+    def token_urlsafe(nbytes: int | None = None) -> str:
+        sizes.append(nbytes)
+        return next(drawn)
+
+    monkeypatch.setattr("service.simulator.state.secrets.token_urlsafe", token_urlsafe)
+
+    assert state.opaque_token() == "Opaque_token-x"
+    assert sizes == [32, 32, 32]
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(401, "unauthorized"), (429, "too_many_requests"), (503, "service_unavailable")],
+)
+async def test_users_me_status_fails_users_me_for_any_token_until_replaced(
+    client: httpx.AsyncClient, status: int, error: str
+) -> None:
+    tokens = await linked_seller(client)
+    # count=0 turns /oauth/token faults off; it does not limit users_me_status.
+    await set_faults(client, users_me_status=status, count=0)
+
+    replies = [await me(client, tokens["access_token"]) for _ in range(3)]
+    replies.append(await me(client, "APP_USR-nope"))
+    refreshed = await refresh(client, tokens["refresh_token"])
+
+    for reply in replies:
+        assert reply.status_code == status
+        assert reply.json() == {
+            "message": "upstream failure",
+            "error": error,
+            "status": status,
+            "cause": [],
+        }
+    assert refreshed.status_code == 200
+    await set_faults(client)
+    assert (await me(client, refreshed.json()["access_token"])).json()["id"] == USER_ID
+
+
+@pytest.mark.parametrize("status", [200, 399, 600])
+async def test_users_me_status_must_be_an_error_status(
+    client: httpx.AsyncClient, status: int
+) -> None:
+    reply = await client.post("/_control/faults", json={"users_me_status": status})
+
+    assert reply.status_code == 422
+
+
 # -- control API observability ----------------------------------------------------------------
 
 
@@ -841,6 +1006,7 @@ async def test_log_records_each_token_request_without_secrets(client: httpx.Asyn
             "test_token": False,
             "content_type": "form",
             "outcome": "ok",
+            "user_id": USER_ID,
         },
         {
             "grant_type": "refresh_token",
@@ -849,6 +1015,7 @@ async def test_log_records_each_token_request_without_secrets(client: httpx.Asyn
             "test_token": False,
             "content_type": "form",
             "outcome": "ok",
+            "user_id": USER_ID,
         },
     ]
     observed = json.dumps(entries) + (await client.get("/_control/grants")).text
@@ -857,6 +1024,61 @@ async def test_log_records_each_token_request_without_secrets(client: httpx.Asyn
     secrets += [refreshed["access_token"], refreshed["refresh_token"]]
     for secret in secrets:
         assert secret not in observed
+
+
+async def test_log_names_the_seller_only_of_successful_token_requests(
+    client: httpx.AsyncClient,
+) -> None:
+    code = (await authorize(client, user_id=55501))["code"][0]
+    tokens = (await exchange(client, code)).json()
+    issue = {"client_id": CLIENT_ID, "user_id": 99}
+    issued = (await client.post("/_control/issue", json=issue)).json()
+
+    await refresh(client, issued["refresh_token"])
+    await refresh(client, issued["refresh_token"])  # already rotated
+    await set_faults(client, status=500, count=1)
+    await refresh(client, tokens["refresh_token"])
+    await set_faults(client, after_rotate="drop", count=1)
+    await refresh(client, tokens["refresh_token"])
+
+    assert [(entry["outcome"], entry["user_id"]) for entry in await log(client)] == [
+        ("ok", 55501),
+        ("ok", 99),
+        ("invalid_grant", None),
+        ("fault:500", None),
+        ("fault:drop", None),
+    ]
+
+
+async def test_grants_name_the_app_holding_the_newest_live_grant(
+    client: httpx.AsyncClient,
+) -> None:
+    async def issue(client_id: str, user_id: int) -> dict[str, Any]:
+        reply = await client.post(
+            "/_control/issue", json={"client_id": client_id, "user_id": user_id}
+        )
+        body: dict[str, Any] = reply.json()
+        return body
+
+    await issue(OTHER_ID, 5)
+    newest = await issue(CLIENT_ID, 5)
+    only = await issue(OTHER_ID, 6)
+    await issue(CLIENT_ID, 7)
+    await client.post("/_control/revoke", json={"user_id": 7})
+
+    grants = (await client.get("/_control/grants")).json()
+
+    assert grants["5"]["client_id"] == CLIENT_ID
+    assert grants["5"]["refresh_token_fingerprint"] == fingerprint(newest["refresh_token"])
+    assert grants["6"]["client_id"] == OTHER_ID
+    assert grants["6"]["refresh_token_fingerprint"] == fingerprint(only["refresh_token"])
+    assert grants["7"] == {
+        "grants": 1,
+        "active_grants": 0,
+        "refreshes": 0,
+        "refresh_token_fingerprint": None,
+        "client_id": None,
+    }
 
 
 async def test_issue_seeds_a_linked_seller_without_a_browser(client: httpx.AsyncClient) -> None:

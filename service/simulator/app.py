@@ -29,19 +29,29 @@ the fault plan; `release` sends held replies; `revoke` unlinks a seller; `issue`
 grant without the browser (with `count`, one grant per user id from `user_id` on, answered
 as a list: bulk seeding for bench/); `config` with `{"expires_in": N}` (N >= 1) sets the lifetime
 of tokens issued from then on by code exchanges, refreshes and `issue` (tokens already
-out keep theirs); `log` and `grants` observe.
+out keep theirs); `log` (with the seller each successful request served) and `grants`
+(with the app holding each seller's newest live grant) observe.
 
-Fault injection (`POST /_control/faults`) only touches `/oauth/token`. A `status` fault
-answers without processing the request; its body carries `error` (e.g. `invalid_client`,
-`invalid_grant`; it requires `status`) or, by default, a code derived from the status
-(`internal_server_error`), under `error_field`. With `omit_refresh_token` (not limited
-by `count`) refresh replies carry no `refresh_token` and nothing rotates: the refresh
-token presented stays valid and only a new access token is issued. With
-`after_rotate="drop"` the grant is processed fully (the old refresh token is dead, the
-new pair exists server-side) and then the reply is replaced by a 502 with an HTML body,
-as a proxy in front of Mercado Pago would send when the upstream connection breaks. A
-502 was chosen over really dropping the connection because it behaves the same under
-`httpx.ASGITransport` and under uvicorn; either way the client never sees its tokens.
+Fault injection (`POST /_control/faults`) touches `/oauth/token`, and `/users/me` only
+through `users_me_status` (below). A `status` fault answers without processing the
+request; its body carries `error` (e.g. `invalid_client`, `invalid_grant`; it requires
+`status`) or, by default, a code derived from the status (`internal_server_error`),
+under `error_field`. With `omit_refresh_token` (not limited by `count`) refresh replies
+carry no `refresh_token` and nothing rotates: the refresh token presented stays valid
+and only a new access token is issued. With `after_rotate="drop"` the grant is processed
+fully (the old refresh token is dead, the new pair exists server-side) and then the
+reply is replaced by a 502 with an HTML body, as a proxy in front of Mercado Pago would
+send when the upstream connection breaks. A 502 was chosen over really dropping the
+connection because it behaves the same under `httpx.ASGITransport` and under uvicorn;
+either way the client never sees its tokens.
+
+With `plain_reply` token replies (exchange, refresh and `issue`) are a plain RFC 6749
+server's: only access_token, token_type, expires_in, refresh_token and scope, and both
+tokens opaque (no `-<user_id>` tail to find the seller by); `/users/me` still names the
+seller. It is read when tokens are issued and fixes their reply's shape too, so a held
+reply released under another plan still matches its tokens. With `users_me_status`
+every `/users/me` answers that status and a Mercado Pago error body, whatever the token,
+until the plan is replaced (`count` does not apply).
 """
 
 from __future__ import annotations
@@ -82,7 +92,8 @@ _AUTHORIZATION_PARAMS = (
     "code_challenge_method",
 )
 _USER_ID = re.compile(r"[0-9]{1,15}")
-_MINIMAL_REFRESH_FIELDS = ("access_token", "token_type", "expires_in", "scope", "refresh_token")
+# RFC 6749 section 5.1's fields: all that minimal_refresh_reply and plain_reply keep.
+_PLAIN_FIELDS = ("access_token", "token_type", "expires_in", "scope", "refresh_token")
 _PROXY_502 = (
     "<html><head><title>502 Bad Gateway</title></head><body>"
     "<center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>\n"
@@ -200,6 +211,7 @@ async def token(request: Request, sim: Sim) -> Response:
         finally:
             sim.held -= 1
     entry.outcome = "ok"
+    entry.user_id = issued.grant.user_id
     is_refresh = params.get("grant_type") == "refresh_token"
     return JSONResponse(_token_body(sim, issued, minimal=is_refresh))
 
@@ -207,6 +219,11 @@ async def token(request: Request, sim: Sim) -> Response:
 @oauth.get("/users/me")
 async def users_me(request: Request, sim: Sim) -> JSONResponse:
     """Return the seller behind a bearer access token."""
+    failure = sim.faults.users_me_status
+    if failure is not None:
+        code = _status_code_name(failure)
+        body = {"message": "upstream failure", "error": code, "status": failure, "cause": []}
+        return JSONResponse(body, status_code=failure)
     scheme, _, token_value = request.headers.get("authorization", "").partition(" ")
     user_id = None
     if scheme.lower() == "bearer" and token_value.strip():
@@ -278,8 +295,8 @@ def _token_body(sim: Simulator, issued: IssuedTokens, *, minimal: bool = False) 
     }
     if issued.refresh_token is None:
         del body["refresh_token"]
-    if minimal and sim.faults.minimal_refresh_reply:
-        return {name: body[name] for name in _MINIMAL_REFRESH_FIELDS if name in body}
+    if issued.plain or (minimal and sim.faults.minimal_refresh_reply):
+        return {name: body[name] for name in _PLAIN_FIELDS if name in body}
     return body
 
 
@@ -327,7 +344,8 @@ async def advance_clock(body: ClockAdvance, sim: Sim) -> dict[str, float]:
 
 @control.post("/faults")
 async def set_faults(plan: FaultPlan, sim: Sim) -> FaultPlan:
-    """Replace the fault plan of /oauth/token (omitted fields take their defaults)."""
+    """Replace the fault plan of /oauth/token and /users/me (omitted fields take their
+    defaults)."""
     sim.set_faults(plan)
     return plan
 
@@ -353,13 +371,14 @@ async def revoke(body: Revoke, sim: Sim) -> dict[str, int]:
 
 @control.get("/log")
 async def request_log(sim: Sim) -> list[dict[str, Any]]:
-    """Token requests received, oldest first, without any secret."""
+    """Token requests received, oldest first, without any secret (user_id is not one)."""
     return [asdict(entry) for entry in sim.log]
 
 
 @control.get("/grants")
 async def grants(sim: Sim) -> dict[str, GrantSummary]:
-    """Per seller user_id: grants, refreshes done and the refresh token's fingerprint."""
+    """Per seller user_id: grants, refreshes done, and the newest live grant's refresh
+    token fingerprint and client_id."""
     return sim.grants_by_user()
 
 

@@ -31,6 +31,9 @@ _PKCE_VALUE = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
 _PKCE_METHODS = {"S256": "S256", "plain": "plain", "Plain": "plain"}
 # Any stable namespace works: it only makes public keys repeatable per client and user.
 _PUBLIC_KEY_NAMESPACE = uuid.UUID("6f1c3f3e-6d2b-4f7c-9a51-3c1f6b0f2a10")
+# Mercado Pago's tokens end in "-<user_id>"; an opaque token must not look like one, or a
+# client could still find the account from it.
+_USER_ID_SUFFIX = re.compile(r"-[0-9]+\Z")
 
 
 @dataclass
@@ -57,7 +60,8 @@ class SimulatorConfig:
 
 
 class FaultPlan(BaseModel):
-    """How `/oauth/token` misbehaves; replaced as a whole by `POST /_control/faults`."""
+    """How `/oauth/token` and `/users/me` misbehave; replaced as a whole by
+    `POST /_control/faults`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -72,6 +76,12 @@ class FaultPlan(BaseModel):
     minimal_refresh_reply: bool = False
     after_rotate: Literal["drop", "hold"] | None = None
     omit_refresh_token: bool = False  # refresh replies lack it; the used one stays valid
+    # Token replies (exchange, refresh, /_control/issue) as a plain RFC 6749 server sends
+    # them: no user_id, public_key or live_mode, and opaque tokens (no "-<user_id>" tail).
+    plain_reply: bool = False
+    # /users/me answers this status, whatever the token. Not limited by `count`, which
+    # only spends /oauth/token faults: it lasts until the plan is replaced.
+    users_me_status: int | None = Field(default=None, ge=400, le=599)
 
     @model_validator(mode="after")
     def _error_needs_status(self) -> FaultPlan:
@@ -140,6 +150,8 @@ class IssuedTokens:
     access_token: str
     refresh_token: str | None  # None when the grant's refresh token was not rotated
     expires_in: int
+    # Decided with the tokens, so a held reply keeps the shape its (opaque) tokens have.
+    plain: bool = False
 
 
 @dataclass
@@ -150,6 +162,7 @@ class GrantSummary:
     active_grants: int = 0
     refreshes: int = 0
     refresh_token_fingerprint: str | None = None
+    client_id: str | None = None  # the app holding that newest live grant
 
 
 @dataclass
@@ -162,10 +175,20 @@ class LogEntry:
     test_token: bool
     content_type: Literal["form", "json"]
     outcome: str = "pending"  # "held" while an after_rotate=hold reply waits
+    user_id: int | None = None  # the grant's seller, once the reply is "ok"
 
 
 def fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def opaque_token() -> str:
+    """A token that says nothing about its seller, as a plain OAuth server issues."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        # About 1 in 290 random tokens happen to end in "-<digits>": draw again.
+        if not _USER_ID_SUFFIX.search(token):
+            return token
 
 
 def s256(verifier: str) -> str:
@@ -356,17 +379,21 @@ class Simulator:
     def _issue(self, grant: Grant, *, rotate: bool = True) -> IssuedTokens:
         """A new access token, and unless `rotate` is false a new refresh token."""
         now = self.now()
-        prefix = "APP_USR" if grant.live_mode else "TEST"
-        stamp = time.strftime("%m%d%H", time.gmtime(now))
-        access = f"{prefix}-{grant.client_id}-{stamp}-{secrets.token_hex(16)}-{grant.user_id}"
+        plain = self.faults.plain_reply
+        if plain:
+            access = opaque_token()
+        else:
+            prefix = "APP_USR" if grant.live_mode else "TEST"
+            stamp = time.strftime("%m%d%H", time.gmtime(now))
+            access = f"{prefix}-{grant.client_id}-{stamp}-{secrets.token_hex(16)}-{grant.user_id}"
         expires_in = self.expires_in
         self.access_tokens[access] = AccessToken(grant, expires_at=now + expires_in)
         if not rotate:
-            return IssuedTokens(grant, access, None, expires_in)
-        refresh = f"TG-{secrets.token_hex(12)}-{grant.user_id}"
+            return IssuedTokens(grant, access, None, expires_in, plain)
+        refresh = opaque_token() if plain else f"TG-{secrets.token_hex(12)}-{grant.user_id}"
         grant.refresh_token = refresh
         self.refresh_tokens[refresh] = grant
-        return IssuedTokens(grant, access, refresh, expires_in)
+        return IssuedTokens(grant, access, refresh, expires_in, plain)
 
     def user_for_access_token(self, token: str) -> int | None:
         record = self.access_tokens.get(token)
@@ -396,6 +423,7 @@ class Simulator:
                 entry.active_grants += 1
                 # Grants are kept in creation order, so the newest live grant wins.
                 entry.refresh_token_fingerprint = fingerprint(grant.refresh_token)
+                entry.client_id = grant.client_id
         return summary
 
 
