@@ -67,6 +67,7 @@ def key_view(revoked: bool = False) -> KeyView:
         digest="0" * 64,
         scopes=("tokens:read",),
         namespace=None,
+        client_ids=None,
         revoked=revoked,
     )
 

@@ -209,7 +209,7 @@ def test_with_nothing_set_the_broker_talks_to_the_simulator_as_the_demo_applicat
     assert not broker.production
     assert not broker.uses_simulator  # the compose values are used as they are
     assert broker.mp_client_id == DEMO_CLIENT_ID
-    assert broker.mp_client_secrets == (DEMO_CLIENT_SECRET,)
+    assert broker.apps["default"].oauth.client_secrets == (DEMO_CLIENT_SECRET,)
     assert broker.broker_encryption_keys is None  # the dev key file in the shared volume
     sim_port = int(container_env("simulator")["BROKER_SIMULATOR_PORT"])
     assert f"127.0.0.1:{sim_port}:{sim_port}" in found["simulator"]["ports"]
@@ -240,7 +240,7 @@ def test_the_simulator_knows_the_brokers_application(
     assert simulator.broker_host == ALL_INTERFACES
     [client] = demo.simulator_config(simulator).clients  # what `broker simulator` serves
     assert client.client_id == broker.mp_client_id
-    assert (client.client_secret,) == broker.mp_client_secrets
+    assert (client.client_secret,) == broker.apps["default"].oauth.client_secrets
     assert client.redirect_uris == (broker.mp_redirect_uri,)
 
 

@@ -192,7 +192,13 @@ def test_a_column_not_declared_sealed_cannot_be_sealed() -> None:
 
 # -- what a reply that omits fields keeps ------------------------------------------------------
 
-SETTINGS = Settings(_env_file=None, broker_env="dev")
+SETTINGS = Settings(
+    _env_file=None,
+    broker_env="dev",
+    mp_client_id="1234",
+    mp_client_secret="secret-of-the-tests",  # type: ignore[arg-type]
+    mp_redirect_uri="http://127.0.0.1/oauth/callback",
+)
 RING = Keyring.parse(generate_key_spec("k1"))
 CLIENT = "app-1"
 
@@ -265,7 +271,7 @@ async def test_both_refresh_stores_keep_what_a_reply_omits(
     pair = sellers.sealed_pair(RING, SETTINGS, "seller-1", CLIENT, _reply(**reply), NOW)
     engine = create_async_engine(database_url)
     try:
-        healthy = await sellers.store_refreshed_healthy(sql, "seller-1", 1, pair, NOW)
+        healthy = await sellers.store_refreshed_healthy(sql, "seller-1", 1, pair, NOW, "default")
         assert healthy is not failing
         if failing:
             stored = await sellers.store_refreshed(

@@ -85,20 +85,23 @@ async def test_metrics_count_requests_links_and_stored_state(broker: Broker) -> 
     assert delta("broker_http_requests_total", route=TOKEN_ROUTE, status="200") == 3
     assert delta("broker_http_requests_total", route=TOKEN_ROUTE, status="404") == 1
     assert delta("broker_http_request_duration_seconds_count", route=TOKEN_ROUTE) == 4
-    assert delta("broker_link_attempts_total", outcome="linked") == 1
-    assert delta("broker_token_exchanges_total", outcome="linked") == 1
-    assert delta("broker_upstream_request_duration_seconds_count", endpoint="oauth_token") == 1
+    app = {"application": "default"}
+    assert delta("broker_link_attempts_total", **app, outcome="linked") == 1
+    assert delta("broker_token_exchanges_total", **app, outcome="linked") == 1
+    assert (
+        delta("broker_upstream_request_duration_seconds_count", **app, endpoint="oauth_token") == 1
+    )
     assert delta("broker_events_emitted_total", type="seller.linked") == 1
 
     async def counted() -> bool:
         samples = await scrape(broker.http)
-        return value(samples, "broker_sellers", status="linked") == 1
+        return value(samples, "broker_sellers", application="default", status="linked") == 1
 
     await wait_for(counted, "the periodic gauges count the linked seller")
     samples = await scrape(broker.http)
     assert value(samples, "broker_database_up") == 1
-    assert value(samples, "broker_tokens_expiring", within="7d") == 0
-    assert value(samples, "broker_refresher_lag_seconds") == 0
+    assert value(samples, "broker_tokens_expiring", application="default", within="7d") == 0
+    assert value(samples, "broker_refresher_lag_seconds", application="default") == 0
 
 
 async def test_a_request_id_is_echoed_and_stamped_on_every_log_line_of_its_request(
@@ -203,19 +206,19 @@ async def test_pause_stops_every_refresh_until_resume_and_the_cli_drives_it(
     assert "incident 42" in out
 
     runtime: Runtime = broker.app.state.runtime
-    assert await broker.refresher._claim_due(10) == []  # the background loop claims nothing
+    assert (await broker.refresher._claim_round(10))[0] == []  # the background loop claims nothing
     assert await broker.refresher.refresh(sellers[0], on_read=True) == "paused"
     served = await broker.token(sellers[0])  # still valid (1 h left): still served
     assert served.status_code == 200
     assert await simulator.token_requests("refresh_token") == 0
     async with runtime.db.sessions() as session:
-        await metrics.collect_database_gauges(session, clock(), 7)
+        await metrics.collect_database_gauges(session, clock(), 7, settings.apps)
     assert REGISTRY.get_sample_value("broker_refresh_paused") == 1
 
     code, out, _ = await run_cli("refresher", "resume", env=env)
     assert (code, out.strip()) == (0, "resumed: due sellers are refreshed again")
     assert await broker.refresher.refresh(sellers[0]) == "refreshed"
-    assert len(await broker.refresher._claim_due(10)) == 1  # the other one, due all along
+    assert len((await broker.refresher._claim_round(10))[0]) == 1  # the other one, due all along
     code, out, _ = await run_cli("refresher", "status", env=env)
     assert out.strip() == "running"
 

@@ -30,12 +30,16 @@ from tests.support import (
 from tests.support.processes import base_env, broker_process, env_for, free_port, run_cli
 
 
-def printed_curl(banner: str, step: str) -> list[str]:
-    """The argv of the `curl` printed under `step` (its continuation lines joined, as a shell
-    would)."""
+def printed_curls(banner: str, step: str) -> list[list[str]]:
+    """The argv of each `curl` printed under `step`, up to the next step (continuation lines
+    joined, as a shell would)."""
     after = banner.split(step, 1)[1].replace("\\\n", " ")
-    line = next(line for line in after.splitlines() if line.strip().startswith("curl "))
-    return shlex.split(line)
+    lines = re.split(r"^\d+\. ", after, flags=re.MULTILINE)[0].splitlines()
+    return [shlex.split(line) for line in lines if line.strip().startswith("curl ")]
+
+
+def printed_curl(banner: str, step: str) -> list[str]:
+    return printed_curls(banner, step)[0]
 
 
 async def run_printed(argv: list[str]) -> dict[str, Any]:
@@ -94,14 +98,18 @@ async def test_make_run_demo_prints_what_a_newcomer_needs_and_the_printed_curl_w
         async with httpx.AsyncClient() as http:
             assert (await http.get(f"{base}/docs")).status_code == 200
 
-        start = printed_curl(printed, "1. Ask for a link for a seller:")
-        assert f"Authorization: Bearer {key[1]}" in start
-        link = await run_printed(start)
-        assert link["link_url"].startswith(f"{base}/link/")
-        async with SellerBrowser() as browser:  # step 2: open it, click Allow
-            page = await browser.link(link["link_url"])
-        assert page.status_code == 200
-        assert "linked" in page.text.lower()
+        # One link through each of the demo's two applications (PKCE on and off, the shared
+        # callback URL and one of its own).
+        starts = printed_curls(printed, "1. Ask for a link for a seller, through each application:")
+        assert [json.loads(argv[-1])["application"] for argv in starts] == ["ar", "br"]
+        for start in starts:
+            assert f"Authorization: Bearer {key[1]}" in start
+            link = await run_printed(start)
+            assert link["link_url"].startswith(f"{base}/link/")
+            async with SellerBrowser() as browser:  # step 2: open it, click Allow
+                page = await browser.link(link["link_url"])
+            assert page.status_code == 200
+            assert "linked" in page.text.lower()
 
         token = await run_printed(printed_curl(printed, "3. Fetch the seller's access token:"))
         assert token["access_token"].startswith("APP_USR-")

@@ -32,6 +32,7 @@ from tests.support import (
     settings_keyring,
     wait_until,
 )
+from tests.support.api import ANY_KEY
 
 SELLER = "seller-1"
 MONTH = 30 * 24 * 3600
@@ -194,7 +195,7 @@ async def test_a_lease_that_lapses_while_the_reply_is_held_still_stores_the_late
     # Another replica (its own owner and single-flight map) neither takes the seller in its
     # background claim, though the seller is due, nor refreshes it on demand.
     other = broker.refresher.replica()
-    assert await other._claim_due(10) == []
+    assert (await other._claim_round(10))[0] == []
     assert await other.refresh(SELLER) == Outcome.BUSY
     assert await simulator.token_requests("refresh_token") == 1
     second_reader = asyncio.create_task(broker.token(SELLER, min_ttl=MONTH))
@@ -212,7 +213,7 @@ async def test_a_lease_that_lapses_while_the_reply_is_held_still_stores_the_late
     assert (row["status"], row["version"]) == ("linked", 2)
     log = await simulator.log()
     assert "invalid_grant" not in [e["outcome"] for e in log]
-    assert await other._claim_due(10) == []  # stored: not due again for months
+    assert (await other._claim_round(10))[0] == []  # stored: not due again for months
 
 
 async def test_a_store_whose_connection_is_killed_is_sent_again_until_it_lands(
@@ -260,7 +261,9 @@ async def test_a_late_success_recovers_a_seller_marked_relink_required_meanwhile
     await sql.execute(
         "UPDATE sellers SET status = 'relink_required', status_reason = 'rotation_lost'"
     )
-    recovered_before = sample("broker_refreshes_total", outcome="recovered", reason="")
+    recovered_before = sample(
+        "broker_refreshes_total", application="default", outcome="recovered", reason=""
+    )
     await simulator.release()
     assert (await reader).status_code == 200
     row = await seller_row(sql)
@@ -276,7 +279,10 @@ async def test_a_late_success_recovers_a_seller_marked_relink_required_meanwhile
     )
     assert event["seller_version"] == 2
     assert json.loads(event["data"])["status"] == "linked"
-    assert sample("broker_refreshes_total", outcome="recovered", reason="") == recovered_before + 1
+    assert (
+        sample("broker_refreshes_total", application="default", outcome="recovered", reason="")
+        == recovered_before + 1
+    )
 
 
 async def test_invalid_grant_after_someone_else_rotated_is_a_race_not_a_revocation(
@@ -285,7 +291,7 @@ async def test_invalid_grant_after_someone_else_rotated_is_a_race_not_a_revocati
     await link(broker)
     clock.advance(days=160)
     other_replica = broker.refresher.replica()
-    claims = await other_replica._claim_due(10)  # it read version 1 and the current token
+    claims = (await other_replica._claim_round(10))[0]  # it read version 1 and the current token
     assert len(claims) == 1
     await sql.execute("UPDATE sellers SET lease_until = NULL")  # its lease lapsed
     # Its claim counts as an attempt: on-read refreshes wait out the cooldown after it.
@@ -320,7 +326,7 @@ async def test_a_claim_whose_lease_ran_down_before_the_send_sends_nothing(
 ) -> None:
     await link(broker)
     clock.advance(days=160)
-    [claim] = await broker.refresher._claim_due(10)
+    [claim] = (await broker.refresher._claim_round(10))[0]
     # Between the claim and the send (a slow breaker check, a paused process) the lease ran
     # down to less than the request's deadline plus the margin.
     deadline = broker.settings.mp_timeout_seconds + LEASE_MARGIN_SECONDS
@@ -366,7 +372,7 @@ async def test_a_client_disconnecting_mid_refresh_does_not_lose_the_new_pair(
     # uvicorn does not cancel a handler whose client went away, so an HTTP disconnect would
     # prove nothing: cancel the reading task itself (what a timeout wrapper or a server that
     # cancels would do) while Mercado Pago has rotated the token and holds the reply.
-    caller = asyncio.create_task(read_token(broker.app.state.serving, SELLER, MONTH))
+    caller = asyncio.create_task(read_token(broker.app.state.serving, ANY_KEY, SELLER, MONTH))
     await simulator.wait_until_held()
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -388,8 +394,8 @@ async def breakers_open(broker: Broker, clock: FakeClock) -> float:
     """`broker_breakers_open` as the periodic gauge collection computes it now."""
     runtime: Runtime = broker.app.state.runtime
     async with runtime.db.sessions() as session:
-        await metrics.collect_database_gauges(session, clock(), 7)
-    return sample("broker_breakers_open")
+        await metrics.collect_database_gauges(session, clock(), 7, broker.settings.apps)
+    return sample("broker_breakers_open", application="default")
 
 
 @pytest.mark.parametrize(
@@ -430,10 +436,10 @@ async def test_an_application_wide_error_trips_the_breaker_loudly_and_no_seller_
     ]
     assert await breakers_open(broker, clock) == 1
     # Paused everywhere: the background loop claims nothing for this application.
-    assert await broker.refresher._claim_due(10) == []
+    assert (await broker.refresher._claim_round(10))[0] == []
     # After the probe delay one refresh goes through; its success closes the breaker.
     clock.advance(seconds=broker.settings.broker_breaker_probe_seconds + 1)
-    claims = await broker.refresher._claim_due(10)
+    claims = (await broker.refresher._claim_round(10))[0]
     outcomes = [await broker.refresher._refresh_claimed(c) for c in claims]
     assert Outcome.REFRESHED in outcomes
     assert await sql.fetchval("SELECT count(*) FROM app_breakers") == 0
@@ -664,11 +670,11 @@ async def test_the_due_query_is_served_by_the_partial_index(sql: asyncpg.Connect
     plan = "\n".join(
         r[0]
         for r in await sql.fetch(
-            "EXPLAIN SELECT seller_id FROM sellers WHERE status = 'linked' "
+            "EXPLAIN SELECT seller_id FROM sellers WHERE status = 'linked' AND client_id = 'a' "
             "AND next_refresh_at <= now() ORDER BY next_refresh_at LIMIT 10"
         )
     )
-    assert "ix_sellers_next_refresh_at_linked" in plan
+    assert "ix_sellers_client_id_next_refresh_at_linked" in plan
 
 
 # -- revocation reports -----------------------------------------------------------------------

@@ -50,7 +50,7 @@ async def test_due_work_and_token_reads_use_indexes_with_a_million_sellers(
         limit=50,
     )
     due_plan = await plan(sql, CLAIM_DUE.sql, *claim)
-    assert "ix_sellers_next_refresh_at_linked" in due_plan, due_plan
+    assert "ix_sellers_client_id_next_refresh_at_linked" in due_plan, due_plan
     assert "Seq Scan on sellers" not in due_plan, due_plan
 
     # The refresher's look for tokens that will lapse unrefreshed (every few minutes).

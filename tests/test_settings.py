@@ -141,4 +141,4 @@ def test_the_cli_refuses_bad_production_settings_naming_them_only(
 
 def test_the_client_secret_is_an_ordered_list() -> None:
     settings = make(mp_client_secret=SecretStr("new-secret-value, old-secret-value"))
-    assert settings.mp_client_secrets == ("new-secret-value", "old-secret-value")
+    assert settings.apps["default"].oauth.client_secrets == ("new-secret-value", "old-secret-value")

@@ -9,9 +9,22 @@ from datetime import UTC, datetime
 import httpx
 
 from service.core import db
+from service.core.domain import KeyView
 from service.core.errors import PROBLEM_JSON
 from service.serving import apikeys
 from tests.support.servers import Broker
+
+# A key of every scope and application, for calling the flows' functions directly.
+ANY_KEY = KeyView(
+    id="k-any",
+    name="tests",
+    prefix="00000000",
+    digest="0" * 64,
+    scopes=apikeys.SCOPES,
+    namespace=None,
+    client_ids=None,
+    revoked=False,
+)
 
 
 def assert_problem(reply: httpx.Response, status: int, code: str) -> None:
