@@ -18,6 +18,7 @@ from bench.seed import copy_rows
 from bench.seed import row as sealed_row
 from service.core import db, metrics
 from service.core.config import Settings
+from service.lifecycle.applications import queue_query
 from service.refresh import breaker
 from service.serving import apikeys
 from tests.support import (
@@ -304,3 +305,33 @@ async def test_database_gauges_are_per_application(
     assert sample("broker_breakers_open", application="default") == 0
     assert sample("broker_refresh_backlog", application="default") == 2
     assert sample("broker_refresh_backlog", application="br") == 0
+
+
+async def test_the_queue_of_an_application_is_read_from_the_work_queue_index(
+    database_url: str, sql: asyncpg.Connection
+) -> None:
+    # Cheap rows (placeholder ciphertexts: only the plan matters), two applications, a few due.
+    await sql.execute(
+        """
+        INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token,
+            refresh_token, live_mode, expires_at, next_refresh_at, version, linked_at,
+            updated_at)
+        SELECT 'seller-' || n, CASE WHEN n % 2 = 0 THEN $1::text ELSE $2::text END, n,
+               CASE WHEN n % 50 = 0 THEN 'unlinked' ELSE 'linked' END, 'x', 'x', true,
+               now() + interval '150 days', now() + (n % 1000) * interval '1 hour'
+               - interval '10 hours', 1, now(), now()
+        FROM generate_series(1, 50000) AS n
+        """,
+        CLIENT_ID,
+        BR_CLIENT_ID,
+    )
+    await sql.execute("ANALYZE sellers")
+    engine = db.make_engine(database_url, "tests", pool_size=1)  # its dialect compiles
+    compiled = queue_query(BR_CLIENT_ID, datetime.now(UTC)).compile(
+        dialect=engine.dialect, compile_kwargs={"render_postcompile": True}
+    )
+    await engine.dispose()
+    params = [compiled.params[name] for name in compiled.positiontup or ()]
+    plan = "\n".join(row[0] for row in await sql.fetch(f"EXPLAIN {compiled}", *params))
+    assert plan.count("ix_sellers_client_id_next_refresh_at_linked") == 2, plan
+    assert "Seq Scan" not in plan, plan

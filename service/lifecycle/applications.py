@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.core.applications import Application
@@ -39,12 +39,7 @@ async def summaries(
     }
     found = []
     for app in apps:
-        # Both read the application's part of the work-queue index
-        # (client_id, next_refresh_at) WHERE status = 'linked': no scan of its sellers.
-        queue = (Seller.status == Status.LINKED) & (Seller.client_id == app.client_id)
-        earliest = select(func.min(Seller.next_refresh_at)).where(queue).scalar_subquery()
-        due = select(func.count()).where(queue, Seller.next_refresh_at <= now).scalar_subquery()
-        next_refresh_at, backlog = (await session.execute(select(earliest, due))).one()
+        next_refresh_at, backlog = (await session.execute(queue_query(app.client_id, now))).one()
         breaker = breakers.get(app.client_id)
         found.append(
             ApplicationSummary(
@@ -65,3 +60,12 @@ async def summaries(
             )
         )
     return found
+
+
+def queue_query(client_id: str, now: datetime) -> Select[datetime | None, int]:
+    """The application's earliest next_refresh_at and how many are due now. Both read its part
+    of the work-queue index (client_id, next_refresh_at) WHERE status = 'linked': no scan."""
+    queue = (Seller.status == Status.LINKED) & (Seller.client_id == client_id)
+    earliest = select(func.min(Seller.next_refresh_at)).where(queue).scalar_subquery()
+    due = select(func.count()).where(queue, Seller.next_refresh_at <= now).scalar_subquery()
+    return select(earliest, due)
