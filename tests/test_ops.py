@@ -63,6 +63,21 @@ def exported_families() -> dict[str, str]:
     }
 
 
+def application_families() -> dict[str, str]:
+    """Every metric labelled by `application`: family name -> type."""
+    return {
+        family.name: family.type
+        for value in vars(metrics).values()
+        if isinstance(value, MetricWrapperBase) and "application" in value._labelnames
+        for family in value.describe()
+    }
+
+
+def application_series() -> set[str]:
+    """Their series, as written in PromQL."""
+    return set(series_names(application_families()))
+
+
 def series_names(families: dict[str, str]) -> dict[str, str]:
     """Series name (as written in PromQL) -> the family it belongs to."""
     return {
@@ -114,6 +129,34 @@ def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
         if variable.get("type") == "query":
             exprs.append(str(query.get("query", "") if isinstance(query, dict) else query))
     return exprs
+
+
+AGGREGATION = re.compile(
+    r"\b(sum|max|min|avg|count|group|stddev|stdvar|topk|bottomk|quantile)\s*"
+    r"(?:(by|without)\s*\(([^)]*)\))?\s*\("
+)
+
+
+def balanced(text: str, start: int) -> str:
+    """The text inside the bracket opened at `start`, up to its matching close."""
+    depth = 0
+    for end in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[end], 0)
+        if depth == 0:
+            return text[start + 1 : end]
+    raise AssertionError(f"unbalanced: {text[start:]!r}")
+
+
+def aggregations(expr: str) -> Iterator[tuple[str, set[str], str]]:
+    """Each aggregation in `expr`: (operator, the labels it keeps by, its argument)."""
+    for match in AGGREGATION.finditer(expr):
+        assert match.group(2) != "without", f"`without` hides what is kept: {expr}"
+        kept = {label.strip() for label in (match.group(3) or "").split(",") if label.strip()}
+        yield match.group(1), kept, balanced(expr, match.end() - 1)
+
+
+def uses_application_metric(expr: str) -> bool:
+    return bool(set(METRIC_NAME.findall(expr)) & application_series())
 
 
 def github_anchors(markdown: str) -> set[str]:
@@ -180,6 +223,44 @@ def test_runbook_links_between_sections_resolve() -> None:
     anchors = github_anchors(text)
     for anchor in re.findall(r"\]\(#([^)]+)\)", text):
         assert anchor in anchors, f"docs/RUNBOOK.md links to a missing #{anchor}"
+
+
+def test_rules_on_application_metrics_fire_per_application() -> None:
+    checked = set()
+    for rule in load_rules():
+        expr, name = rule["expr"], rule["alert"]
+        if not uses_application_metric(expr):
+            continue
+        checked.add(name)
+        found = list(aggregations(expr))
+        # Unaggregated, a gauge every process exports would alert once per process.
+        assert found, f"{name}: aggregates nothing"
+        for operator, kept, argument in found:
+            if uses_application_metric(argument):
+                assert "application" in kept, f"{name}: {operator} drops `application`"
+        assert "{{ $labels.application }}" in rule["annotations"]["summary"], name
+    assert {
+        "BrokerRefreshTransientFailures",
+        "BrokerInvalidGrantRate",
+        "BrokerBreakerOpen",
+        "BrokerRefresherLag",
+        "BrokerSellersAtRisk",
+        "BrokerUpstreamSlow",
+        "BrokerTokenExchangeFailures",
+    } <= checked
+
+
+def test_aggregation_parsing_sees_what_a_rule_drops() -> None:
+    """Guards the test above: an aggregation that drops the label is caught."""
+    kept = [
+        (operator, labels)
+        for operator, labels, argument in aggregations(
+            "max(broker_breakers_open) > 0 unless on() "
+            "sum by (le, application) (rate(broker_refreshes_total[5m]))"
+        )
+        if uses_application_metric(argument)
+    ]
+    assert kept == [("max", set()), ("sum", {"le", "application"})]
 
 
 # -- (b) metric names ------------------------------------------------------------------------------
@@ -262,3 +343,33 @@ def test_dashboard_panels_do_not_overlap() -> None:
             for y in range(grid["y"], grid["y"] + grid["h"]):
                 assert (x, y) not in taken, f"{panel.get('title')!r} overlaps {taken[(x, y)]!r}"
                 taken[(x, y)] = str(panel.get("title"))
+
+
+def test_dashboard_narrows_and_splits_by_application() -> None:
+    dashboard = load_dashboard()
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    application = variables["application"]
+    assert application["type"] == "query"
+    assert application["query"]["query"] == "label_values(broker_sellers, application)"
+    assert application["multi"] is True
+    assert application["includeAll"] is True
+
+    valid = series_names(exported_families())
+    checked = set()
+    for panel in all_panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            expr = str(target.get("expr", ""))
+            for match in METRIC_NAME.finditer(expr):
+                if match.group() not in application_series():
+                    continue
+                checked.add(valid[match.group()])
+                selector = re.match(r"\{([^}]*)\}", expr[match.end() :])
+                assert selector, f"{panel['title']}: {match.group()} has no selector"
+                assert 'application=~"$application"' in selector.group(1), panel["title"]
+            if panel["type"] == "timeseries" and uses_application_metric(expr):
+                # A line per application: one failing cannot hide behind the others' average.
+                for operator, kept, argument in aggregations(expr):
+                    if uses_application_metric(argument):
+                        assert "application" in kept, f"{panel['title']}: {operator}"
+                assert "{{application}}" in target.get("legendFormat", ""), panel["title"]
+    assert checked == application_families().keys()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.core.applications import Applications
+from service.core.applications import Applications, Pkce
 
 # A seller id is the platform's own: 1-128 characters, `/`-separated segments of letters,
 # digits and `. _ : @ -`, each starting with a letter or digit (so `billing/42` can later be
@@ -193,4 +193,63 @@ class SellerPage(BaseModel):
     items: list[SellerStatus]
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
+class SellerCounts(BaseModel):
+    """An application's sellers by status (every status, zeros included)."""
+
+    linked: int
+    relink_required: int
+    unlinked: int
+
+
+class ClosedBreaker(BaseModel):
+    state: Literal["closed"] = "closed"
+
+
+class OpenBreaker(BaseModel):
+    """Refreshing for the application is paused everywhere; one probe after `probe_after`."""
+
+    state: Literal["open"] = "open"
+    reason: str
+    tripped_at: datetime
+    probe_after: datetime
+
+
+class ApplicationSummary(BaseModel):
+    """A configured Mercado Pago application and its sellers; never a secret."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "ar",
+                    "client_id": "1234567890123456",
+                    "auth_url": "https://auth.mercadopago.com.ar/authorization",
+                    "pkce": "S256",
+                    "sellers": {"linked": 1200, "relink_required": 3, "unlinked": 41},
+                    "breaker": {
+                        "state": "open",
+                        "reason": "invalid_client",
+                        "tripped_at": "2026-11-28T12:00:00Z",
+                        "probe_after": "2026-11-28T12:05:00Z",
+                    },
+                    "refresh_backlog": 17,
+                    "next_refresh_at": "2026-11-28T11:40:00Z",
+                }
+            ]
+        }
+    )
+
+    name: str
+    client_id: str
+    auth_url: str
+    pkce: Pkce
+    sellers: SellerCounts
+    breaker: Annotated[ClosedBreaker | OpenBreaker, Field(discriminator="state")]
+    refresh_backlog: int = Field(description="Linked sellers due for a refresh now")
+    next_refresh_at: datetime | None = Field(
+        description="The earliest next_refresh_at of its linked sellers (past: overdue); null "
+        "when none is linked"
     )

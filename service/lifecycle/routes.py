@@ -1,5 +1,5 @@
-"""A seller's life after linking: the admin routes (status, list, audit, unlink) and Mercado
-Pago's own notifications."""
+"""A seller's life after linking: the admin routes (status, list, audit, unlink, the
+applications' summary) and Mercado Pago's own notifications."""
 
 from __future__ import annotations
 
@@ -18,8 +18,15 @@ from service.core.errors import (
     responses,
 )
 from service.core.mercadopago import TransientUpstreamError
-from service.core.schemas import SELLER_ID_MAX, AuditEntry, SellerId, SellerPage, SellerStatus
-from service.lifecycle import audit, sellers, webhooks
+from service.core.schemas import (
+    SELLER_ID_MAX,
+    ApplicationSummary,
+    AuditEntry,
+    SellerId,
+    SellerPage,
+    SellerStatus,
+)
+from service.lifecycle import applications, audit, sellers, webhooks
 from service.serving import apikeys
 from service.serving.deps import ApiKeyDep
 
@@ -131,6 +138,27 @@ async def unlink_seller(seller_id: SellerId, admin: AdminDep, key: ApiKeyDep) ->
         actor=key.name,
     )
     return await sellers.status(admin.db.sessions, admin.settings.apps, seller_id)
+
+
+@router.get(
+    "/applications",
+    tags=["sellers"],
+    response_model=list[ApplicationSummary],
+    responses=responses(Unauthorized, Forbidden),
+)
+async def list_applications(admin: AdminDep, key: ApiKeyDep) -> list[ApplicationSummary]:
+    """List the Mercado Pago applications: sellers by status, breaker, refresh backlog."""
+    apikeys.authorize(key, "sellers:admin")
+    if key.namespace:
+        # The counts span every seller of an application, most of them outside the namespace.
+        raise Forbidden("A key limited to a namespace cannot see application-wide counts.")
+    visible = [
+        app
+        for app in admin.settings.apps.values()
+        if key.client_ids is None or app.client_id in key.client_ids
+    ]
+    async with admin.db.sessions() as session:
+        return await applications.summaries(session, visible, admin.clock())
 
 
 @notifications_router.post(

@@ -22,11 +22,13 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.core import db, logs
+from service.core.applications import Applications
 from service.core.config import Settings, get_settings
 from service.core.crypto import generate_key_spec
 from service.core.db import transaction
 from service.core.domain import UNLINK_REASONS, Reason, Status
 from service.core.runtime import load_keyring, utcnow
+from service.core.schemas import OpenBreaker
 from service.lifecycle import rekey
 from service.ops import output
 from service.ops.background import REQUEST_GRACE_SECONDS
@@ -307,6 +309,48 @@ def cmd_breaker(settings: Settings, args: argparse.Namespace) -> None:
     asyncio.run(_breakers(settings, client_id, close=args.action == "close"))
 
 
+async def _applications(settings: Settings) -> None:
+    from service.lifecycle import applications
+
+    apps = _simulated(settings).apps
+    async with _sessions(settings) as sessions, sessions() as session:
+        found = await applications.summaries(session, apps.values(), utcnow())
+    rows = [
+        (
+            "NAME",
+            "CLIENT_ID",
+            "LINKED",
+            "RELINK_REQUIRED",
+            "UNLINKED",
+            "BREAKER",
+            "BACKLOG",
+            "NEXT_DUE",
+        )
+    ]
+    for app in found:
+        breaker = app.breaker
+        rows.append(
+            (
+                app.name,
+                app.client_id,
+                str(app.sellers.linked),
+                str(app.sellers.relink_required),
+                str(app.sellers.unlinked),
+                f"open ({breaker.reason})" if isinstance(breaker, OpenBreaker) else "closed",
+                str(app.refresh_backlog),
+                f"{app.next_refresh_at:%Y-%m-%d %H:%M}Z" if app.next_refresh_at else "-",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        output.say("  ".join(cells).rstrip())
+
+
+def cmd_applications(settings: Settings, args: argparse.Namespace) -> None:
+    asyncio.run(_applications(settings))
+
+
 def _progress_bar(progress: rekey.Progress) -> None:
     leased = progress.skipped_leased
     aside = f"{leased} under a refresh lease, for a later run" if leased else ""
@@ -387,11 +431,16 @@ async def _sessions(
 
 
 async def _api_keys(settings: Settings, args: argparse.Namespace) -> None:
+    apps = _simulated(settings).apps
+    # Resolved before the database is touched: an unknown name stores nothing.
+    client_ids = _client_ids(apps, args.applications) if args.action == "create" else None
     lines = []
     async with _sessions(settings) as sessions, transaction(sessions) as session:
         if args.action == "create":
             scopes = tuple(args.scopes.split(",")) if args.scopes else apikeys.SCOPES
-            _, secret = await apikeys.create(session, args.name, utcnow(), scopes, args.namespace)
+            _, secret = await apikeys.create(
+                session, args.name, utcnow(), scopes, args.namespace, client_ids
+            )
             lines.append(secret)
         elif args.action == "revoke":
             if not await apikeys.revoke(session, args.name, utcnow()):
@@ -401,12 +450,30 @@ async def _api_keys(settings: Settings, args: argparse.Namespace) -> None:
             for key in await apikeys.list_keys(session):
                 state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
                 granted = ",".join(key.scopes)
+                reach = (
+                    "*"
+                    if key.client_ids is None
+                    else ",".join(apps.name_of(client_id) for client_id in key.client_ids)
+                )
                 lines.append(
-                    f"{key.name}\tmpb_{key.prefix}_…\t{granted}\t{key.namespace or '*'}\t{state}"
+                    f"{key.name}\tmpb_{key.prefix}_…\t{granted}\t{key.namespace or '*'}\t"
+                    f"{reach}\t{state}"
                 )
     output.say("\n".join(lines))  # after the commit: a printed key exists
     if args.action == "create":
         output.note("Store it now: only its digest is kept.")
+
+
+def _client_ids(apps: Applications, names: list[str] | None) -> list[str] | None:
+    """The client_ids of the named applications (None: the key reaches every application)."""
+    if names is None:
+        return None
+    unknown = [name for name in names if name not in apps]
+    if unknown:
+        raise ValueError(
+            f"unknown application(s): {', '.join(unknown)} (configured: {', '.join(apps)})"
+        )
+    return sorted({apps[name].client_id for name in names})
 
 
 def cmd_api_keys(settings: Settings, args: argparse.Namespace) -> None:
@@ -509,6 +576,12 @@ def parser() -> argparse.ArgumentParser:
     breakers.add_parser("list", help="show open breakers")
     close = breakers.add_parser("close", help="resume refreshing (one application, or all)")
     close.add_argument("client_id", nargs="?")
+    applications_cmd = sub.add_parser(
+        "applications", help="the configured Mercado Pago applications"
+    ).add_subparsers(dest="action", required=True)
+    applications_cmd.add_parser(
+        "list", help="each application's sellers by status, breaker, refresh backlog, next due"
+    )
     keys = sub.add_parser("api-keys", help="manage API keys").add_subparsers(
         dest="action", required=True
     )
@@ -516,6 +589,13 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--scopes", help=f"comma-separated, of {', '.join(apikeys.SCOPES)}")
     create.add_argument("--namespace", help="limit the key to seller ids with this prefix")
+    create.add_argument(
+        "--application",
+        action="append",
+        dest="applications",
+        metavar="NAME",
+        help="limit the key to this application (repeat for several; default: all)",
+    )
     keys.add_parser("list", help="list keys (never their secrets)")
     revoke = keys.add_parser("revoke", help="revoke a key by name or prefix")
     revoke.add_argument("name")
@@ -536,6 +616,7 @@ COMMANDS = {
     "keys": cmd_keys,
     "audit": cmd_audit,
     "breaker": cmd_breaker,
+    "applications": cmd_applications,
     "api-keys": cmd_api_keys,
     "openapi": cmd_openapi,
 }
