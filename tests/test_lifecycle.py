@@ -196,7 +196,7 @@ SETTINGS = Settings(
     _env_file=None,
     broker_env="dev",
     mp_client_id="1234",
-    mp_client_secret="secret-of-the-tests",  # type: ignore[arg-type]
+    mp_client_secret="secret-of-the-tests",
     mp_redirect_uri="http://127.0.0.1/oauth/callback",
 )
 RING = Keyring.parse(generate_key_spec("k1"))

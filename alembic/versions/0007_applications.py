@@ -89,7 +89,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute(LOCK_TIMEOUT)
-    op.execute("UPDATE link_attempts SET outcome = 'exchange_failed' WHERE outcome = 'account_unknown'")
+    op.execute(
+        "UPDATE link_attempts SET outcome = 'exchange_failed' WHERE outcome = 'account_unknown'"
+    )
     _outcome_check(OUTCOMES)
     op.drop_column("audit_events", "application")
     op.drop_column("api_keys", "client_ids")
