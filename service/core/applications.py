@@ -171,7 +171,7 @@ class Applications(Mapping[str, Application]):
         self.by_client_id: dict[str, Application] = {}
         for app in apps:
             if app.name in self.by_name:
-                raise ConfigurationError(f"application {app.name!r} is declared twice")
+                raise ConfigurationError(f"application {app.name!r}: name is declared twice")
             twin = self.by_client_id.get(app.client_id)
             if twin is not None:
                 raise ConfigurationError(
