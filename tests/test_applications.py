@@ -53,6 +53,16 @@ from tests.support import (
     wait_until,
 )
 from tests.support.servers import url_of
+from tests.test_browser import (  # the Chromium helpers, and its fixture
+    CHROMEDRIVER,
+    CHROMIUM,
+    Launch,
+    decide,
+    launch,  # noqa: F401
+    open_consent,
+)
+
+NO_CHROMIUM = "REAL-BROWSER TEST NOT RUN: install Debian's chromium and chromium-driver"
 
 AR_ID, AR_SECRET = "7100000000000001", "ar-client-secret-0123456789"
 BR_ID, BR_SECRET = "7200000000000002", "br-client-secret-0123456789"
@@ -186,6 +196,38 @@ async def apps_broker(
 ) -> AsyncIterator[Broker]:
     async with serving(apps_settings, sockets[0], database_url, clock) as broker:
         yield broker
+
+
+# -- the browser flow, in a real Chromium ---------------------------------------------------
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()), reason=NO_CHROMIUM)
+async def test_a_seller_links_through_each_application_in_one_chromium(
+    apps_broker: Broker,
+    apps_simulator: Simulator,
+    launch: Launch,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """One browser, two countries: `ar` with PKCE on the shared callback URL, `br` without
+    PKCE on its own; each seller ends with its own application's grant."""
+    chromium = await asyncio.to_thread(launch, "pt-BR")
+    for seller_id, application, callback in (
+        ("shop/ar", "ar", "/oauth/callback"),
+        ("shop/br", "br", "/oauth/callback/br"),
+    ):
+        url = await apps_broker.start_link(seller_id, application=application)
+        await asyncio.to_thread(open_consent, chromium, url)
+        page = await asyncio.to_thread(decide, chromium, "allow", apps_broker.url, callback)
+        assert page.title == "Sua conta foi vinculada"
+    for seller_id, client_id in (("shop/ar", AR_ID), ("shop/br", BR_ID)):
+        served = await apps_broker.token(seller_id)
+        assert served.status_code == 200
+        assert served.json()["access_token"].startswith(f"APP_USR-{client_id}-")  # its grant
+    exchanges = [e for e in await apps_simulator.log() if e["grant_type"] == "authorization_code"]
+    assert [(e["client_id"], e["has_code_verifier"], e["outcome"]) for e in exchanges] == [
+        (AR_ID, True, "ok"),
+        (BR_ID, False, "ok"),
+    ]
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -94,15 +94,18 @@ def open_consent(driver: WebDriver, url: str) -> None:
     )
 
 
-def decide(driver: WebDriver, decision: str, broker_url: str) -> Page:
-    """Click Allow or Deny as the seller; returns the broker page the redirects end on."""
+def decide(
+    driver: WebDriver, decision: str, broker_url: str, callback: str = "/oauth/callback"
+) -> Page:
+    """Click Allow or Deny as the seller; returns the broker page the redirects end on (on
+    `callback`, the application's Redirect URL)."""
     field = driver.find_element(By.ID, "user_id")
     field.clear()
     field.send_keys(str(USER_ID))
     driver.find_element(By.CSS_SELECTOR, f'button[value="{decision}"]').click()
     WebDriverWait(driver, TIMEOUT).until(
         lambda d: (
-            d.current_url.startswith(f"{broker_url}/oauth/callback?")
+            d.current_url.startswith(f"{broker_url}{callback}?")
             and d.execute_script("return document.readyState") == "complete"
         )
     )
