@@ -48,6 +48,23 @@ async def test_an_absurd_query_string_is_414(broker: Broker) -> None:
     assert reply.json()["code"] == "uri_too_long"
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/sellers?cursor=%00",
+        "/audit?seller_id=%00",
+        "/audit?actor=a%00b",
+        "/sellers/a%00b",
+        "/sellers/a%00b/token",  # the fast path too
+    ],
+)
+async def test_a_nul_anywhere_in_path_or_query_is_422_not_a_database_error(
+    broker: Broker, path: str
+) -> None:
+    """asyncpg raises on a NUL in text (PostgreSQL stores none): it used to be a 500."""
+    assert_problem(await broker.http.get(path), 422, "invalid_request")
+
+
 async def test_absurd_headers_are_431(broker: Broker) -> None:
     reply = await broker.http.get("/sellers/s-1/token", headers={"x-junk": "y" * 20_000})
     assert reply.status_code == 431

@@ -1,7 +1,8 @@
 """Early refusals: absurd requests, and callers that ask too often.
 
 `RequestLimits` is pure ASGI middleware (no per-request task or body buffering): it refuses
-oversized query strings (414), headers (431) and bodies (413) before any route runs, and rate
+oversized query strings (414), headers (431) and bodies (413), and a NUL in the path or query
+(422), before any route runs, and rate
 limits the seller-facing pages (`GET /link/{id}`, `GET /oauth/callback`) per client address
 (429 + Retry-After). Internal callers (`POST /link/start` included) are rate limited per API
 key in the auth dependency, once the key is known, never per address: many of them may share
@@ -24,6 +25,7 @@ from service.core.config import Settings
 from service.core.errors import (
     BodyTooLarge,
     HeadersTooLarge,
+    InvalidRequest,
     RateLimited,
     UriTooLong,
     problem_response,
@@ -35,6 +37,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+NUL_REFUSED = "The request holds a NUL character"
 SELLER_FACING = ("/link/", "/oauth/callback")  # the pages a seller's browser opens: GET only
 
 
@@ -126,8 +129,13 @@ class RequestLimits:
         await self._bounded(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> tuple[int, str, str, dict[str, str]] | None:
-        if len(scope.get("query_string", b"")) > self.max_query:
+        query = scope.get("query_string", b"")
+        if len(query) > self.max_query:
             return UriTooLong.status, UriTooLong.code, UriTooLong.title, {}
+        if b"%00" in query or "\x00" in scope["path"]:
+            # PostgreSQL stores no NUL in text, and asyncpg raises on one (a 500): no client
+            # string with one reaches a query.
+            return InvalidRequest.status, InvalidRequest.code, NUL_REFUSED, {}
         headers = scope.get("headers", [])
         if sum(len(n) + len(v) for n, v in headers) > self.max_headers:
             return HeadersTooLarge.status, HeadersTooLarge.code, HeadersTooLarge.title, {}
