@@ -211,6 +211,35 @@ async def test_invalid_client_tries_the_next_secret_and_then_starts_with_it() ->
     assert used == ["old", "new", "new"]
 
 
+async def test_each_application_rotates_its_secret_on_its_own() -> None:
+    """One client serves every application: the secret that worked is remembered per
+    application, so `ar` renewing its secret does not send `br` through its list."""
+    ar = OAuthApp("111", ("ar-old", "ar-new"), "https://b/cb", "https://a/x", "https://t/y", "ar")
+    br = OAuthApp(
+        "222", ("br-only", "br-spare"), "https://b/cb", "https://a/x", "https://t/y", "br"
+    )
+    working = {"111": "ar-new", "222": "br-only"}
+    used: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        form = dict(parse_qsl(request.content.decode()))
+        used.append((form["client_id"], form["client_secret"]))
+        if working[form["client_id"]] != form["client_secret"]:
+            return httpx.Response(400, json={"error": "invalid_client", "status": 400})
+        return httpx.Response(200, json=REPLY)
+
+    mp = client(handler)
+    for app in (ar, br, ar, br):
+        await mp.refresh(app, "TG-1")
+    assert used == [
+        ("111", "ar-old"),
+        ("111", "ar-new"),
+        ("222", "br-only"),
+        ("111", "ar-new"),
+        ("222", "br-only"),
+    ]
+
+
 async def test_when_no_secret_works_invalid_client_is_raised() -> None:
     app = OAuthApp("123", ("a", "b"), "https://b/cb", "https://a/x", "https://t/y")
 

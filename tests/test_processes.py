@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from service.core.config import DEMO_CLIENT_ID, Settings
+from service.core.config import DEMO_CLIENT_ID, DEMO_CLIENT_ID_BR, Settings
 from service.core.crypto import context
 from service.linking.pkce import challenge
 from tests.support import (
@@ -312,10 +312,16 @@ async def test_breakers_are_listed_and_closed_from_the_command_line(
     await sql.execute(
         "INSERT INTO app_breakers VALUES ('app-1', 'invalid_client', now(), now() + interval '5m')"
     )
+    await sql.execute(  # the demo's `br` application (no MP_* set: the demo's two)
+        "INSERT INTO app_breakers VALUES ($1, 'invalid_client', now(), now())", DEMO_CLIENT_ID_BR
+    )
     code, out, _ = await run_cli("breaker", "list", env=env)
     assert code == 0
-    assert "app-1\topen\tinvalid_client" in out
+    assert "unconfigured:app-1\tapp-1\topen\tinvalid_client" in out
+    assert f"br\t{DEMO_CLIENT_ID_BR}\topen\tinvalid_client" in out
     code, out, _ = await run_cli("breaker", "close", "app-1", env=env)
+    assert (code, out.strip()) == (0, "closed 1 breaker(s)")
+    code, out, _ = await run_cli("breaker", "close", "br", env=env)  # by its name
     assert (code, out.strip()) == (0, "closed 1 breaker(s)")
     assert await sql.fetchval("SELECT count(*) FROM app_breakers") == 0
 

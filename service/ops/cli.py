@@ -296,16 +296,21 @@ async def _breakers(settings: Settings, client_id: str | None, *, close: bool) -
             return
         async with sessions() as session:
             rows = await breaker.open_breakers(session)
+    apps = _simulated(settings).apps
     for row in rows:
         output.say(
-            f"{row.client_id}\topen\t{row.reason}\tsince {row.tripped_at:%Y-%m-%d %H:%M:%S}Z"
+            f"{apps.name_of(row.client_id)}\t{row.client_id}\topen\t{row.reason}"
+            f"\tsince {row.tripped_at:%Y-%m-%d %H:%M:%S}Z"
         )
     if not rows:
         output.say("no open breaker: refreshing runs for every application")
 
 
 def cmd_breaker(settings: Settings, args: argparse.Namespace) -> None:
-    client_id = getattr(args, "client_id", None)
+    # An application by name, or by client_id (also one no longer configured).
+    named = getattr(args, "application", None)
+    app = _simulated(settings).apps.get(named) if named else None
+    client_id = app.client_id if app is not None else named
     asyncio.run(_breakers(settings, client_id, close=args.action == "close"))
 
 
@@ -575,7 +580,7 @@ def parser() -> argparse.ArgumentParser:
     )
     breakers.add_parser("list", help="show open breakers")
     close = breakers.add_parser("close", help="resume refreshing (one application, or all)")
-    close.add_argument("client_id", nargs="?")
+    close.add_argument("application", nargs="?", help="its name or client_id; none: all")
     applications_cmd = sub.add_parser(
         "applications", help="the configured Mercado Pago applications"
     ).add_subparsers(dest="action", required=True)
