@@ -156,6 +156,44 @@ async def test_a_used_link_cannot_link_again(broker: Broker) -> None:
     assert "already used" in reply.text
 
 
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{}, {"broker_allow_account_change": True}],
+    ids=["defaults", "account-change-allowed"],
+)
+async def test_an_attempt_of_a_link_that_linked_meanwhile_completes_nothing(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+) -> None:
+    """A forwarded link left at the consent page by someone else, finished after the seller
+    linked: refused before its code reaches Mercado Pago, whoever consented."""
+    link_url = await broker.start_link(SELLER)
+    async with SellerBrowser() as stranger, SellerBrowser() as seller:
+        left_open = await stranger.open_link(link_url)
+        assert (await seller.link(link_url, user_id=424242)).status_code == 200
+        callback = await stranger.consent(left_open, "allow", 666)
+        page = await stranger.callback(callback)
+    assert page.status_code == 410
+    assert "already used" in page.text
+    assert await simulator.token_requests("authorization_code") == 1  # only the seller's
+    row = await sql.fetchrow("SELECT mp_user_id, version FROM sellers")
+    assert (row["mp_user_id"], row["version"]) == (424242, 1)
+
+
+@pytest.mark.parametrize("settings_overrides", [{"broker_link_ttl_seconds": 60}])
+async def test_a_link_that_expires_mid_consent_completes_nothing(
+    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    """The attempt (10 minutes) outlives its link: the link's expiry still wins."""
+    async with SellerBrowser() as seller:
+        authorization = await seller.open_link(await broker.start_link(SELLER))
+        clock.advance(seconds=61)
+        page = await seller.callback(await seller.consent(authorization, "allow", 7))
+    assert page.status_code == 410
+    assert "expired" in page.text
+    assert await simulator.token_requests("authorization_code") == 0
+    assert await sql.fetchval("SELECT count(*) FROM sellers") == 0
+
+
 async def test_two_tabs_of_one_browser_both_stay_usable(broker: Broker) -> None:
     async with SellerBrowser() as browser:
         first = await browser.open_link(await broker.start_link(SELLER))

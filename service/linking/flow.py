@@ -359,9 +359,21 @@ async def _claim_attempt(
             recorded = Outcome(attempt.outcome or Outcome.EXCHANGE_FAILED)
             _event("callback.replayed", outcome=recorded, attempt=attempt.id)
             return CallbackResult(recorded, attempt.seller_id, return_url)
-        if attempt.expires_at <= now:
-            _event("callback.refused", reason=Refusal.ATTEMPT_EXPIRED, attempt=attempt.id)
-            return CallbackResult(Refusal.ATTEMPT_EXPIRED, attempt.seller_id)
+        # The link itself must still be usable: one that linked (through another attempt, say
+        # a forwarded copy left at the consent page) or expired completes nothing, before any
+        # code reaches Mercado Pago.
+        link_refusal = (
+            Refusal.LINK_USED
+            if link is None or link.completed_at is not None
+            else Refusal.LINK_EXPIRED
+            if link.expires_at <= now
+            else Refusal.ATTEMPT_EXPIRED
+            if attempt.expires_at <= now
+            else None
+        )
+        if link_refusal is not None:
+            _event("callback.refused", reason=link_refusal, attempt=attempt.id)
+            return CallbackResult(link_refusal, attempt.seller_id)
         if not denied and crosses_applications(
             flow, await session.get(Seller, attempt.seller_id), attempt.client_id
         ):
