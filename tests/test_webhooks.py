@@ -98,7 +98,67 @@ def test_a_fresh_signature_by_either_secret_verifies_and_nothing_else_does() -> 
     assert not verify(f"ts={ts},v1={good}", (), *args)  # no secret configured
 
 
+def test_a_timestamp_or_signature_of_other_characters_is_refused_not_a_crash() -> None:
+    now = datetime(2026, 11, 28, tzinfo=UTC)
+    good = signature(OLD, "777", "r", str(int(now.timestamp())))
+    for header in (
+        "ts=²,v1=" + good,
+        "ts=\uff11\uff17,v1=" + good,
+        f"ts={int(now.timestamp())},v1=zz",
+    ):
+        assert not verify(header, (OLD,), "777", "r", now, 300)
+
+
 # -- end to end ---------------------------------------------------------------------------------
+
+
+@SECRETS
+async def test_a_signed_notification_without_a_request_id_is_refused(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+) -> None:
+    """Without x-request-id nothing de-duplicates it: within the tolerance each copy would be
+    handled again, a /users/me call each."""
+    await linked_seller(broker)
+    await simulator.http.post("/_control/revoke", json={"user_id": USER})
+    stamp = str(int(datetime.now(UTC).timestamp()))
+    v1 = signature(OLD, str(USER), None, stamp)  # a valid signature over no request id
+    async with httpx.AsyncClient(base_url=broker.url) as anyone:
+        reply = await anyone.post(
+            "/webhooks/mercadopago",
+            params={"data.id": str(USER)},
+            json=notification(),
+            headers={"x-signature": f"ts={stamp},v1={v1}"},
+        )
+    assert reply.status_code == 422
+    assert await sql.fetchval("SELECT status FROM sellers") == "linked"  # (old code: unlinked)
+
+
+@SECRETS
+@pytest.mark.parametrize(
+    ("params", "headers"),
+    [
+        ({"data.id": "1"}, {"x-signature": "ts=²,v1=ab", "x-request-id": "r-1"}),  # was a 500
+        ({"data.id": "1;request-id:x"}, {"x-signature": "ts=1,v1=ab", "x-request-id": "r-1"}),
+        ({"data.id": "1"}, {"x-signature": "ts=1,v1=ab", "x-request-id": "r;ts:1"}),
+        ({"data.id": "1"}, {"x-signature": "ts=1,v1=ab"}),  # no x-request-id: not de-duplicable
+    ],
+    ids=["superscript-ts", "data-id-with-separators", "request-id-with-separators", "no-id"],
+)
+async def test_malformed_notifications_are_refused_before_verifying_and_change_nothing(
+    broker: Broker, sql: asyncpg.Connection, params: dict[str, str], headers: dict[str, str]
+) -> None:
+    await linked_seller(broker)
+    async with httpx.AsyncClient(base_url=broker.url) as anyone:
+        reply = await anyone.post(
+            "/webhooks/mercadopago",
+            params=params,
+            json=notification(),
+            headers={name: value.encode("latin-1") for name, value in headers.items()},
+        )
+    assert reply.status_code in (401, 422), reply.text
+    assert reply.json()["code"] in ("invalid_signature", "invalid_request")
+    assert await sql.fetchval("SELECT status FROM sellers") == "linked"
+    assert await sql.fetchval("SELECT count(*) FROM webhook_receipts") == 0
 
 
 @SECRETS

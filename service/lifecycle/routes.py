@@ -188,9 +188,11 @@ async def mercadopago_notification(
             ]
         ),
     ],
-    data_id: Annotated[str | None, Query(alias="data.id", max_length=64)] = None,
+    # Mercado Pago always sends x-request-id: without one, nothing could tell a replay within
+    # the tolerance from a new notification (each would cost a /users/me call).
+    x_request_id: Annotated[str, Header(pattern=webhooks.REQUEST_ID)],
+    data_id: Annotated[str | None, Query(alias="data.id", pattern=webhooks.DATA_ID)] = None,
     x_signature: Annotated[str | None, Header(max_length=256)] = None,
-    x_request_id: Annotated[str | None, Header(max_length=128)] = None,
 ) -> Response:
     """Receive `mp-connect` notifications; a verified `application.deauthorized` may unlink."""
     # The body's application_id picks the application, and so the secret to verify with: one

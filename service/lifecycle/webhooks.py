@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,6 +49,11 @@ class Notifications:
 
 
 TOPIC = "mp-connect"
+HEX = re.compile(r"[0-9a-fA-F]{64}")  # a v1 signature: HMAC-SHA256 in hex
+# What may go into the signed manifest: neither may hold its separators (`;`, and `:` in an
+# id), or one manifest would read as another (`id:1;request-id:…`).
+DATA_ID = r"^[A-Za-z0-9_-]{1,64}$"
+REQUEST_ID = r"^[A-Za-z0-9_.-]{1,128}$"
 # Longer than any handling takes (one /users/me per seller of the user, each under
 # MP_TIMEOUT_SECONDS); a claim older than this and never marked handled was left by a crash.
 CLAIM_SECONDS = 300
@@ -91,7 +97,8 @@ def verify(
     """A valid, fresh signature by any of the configured secrets (two during a secret change)."""
     fields = dict(part.strip().split("=", 1) for part in (header or "").split(",") if "=" in part)
     ts, given = fields.get("ts", ""), fields.get("v1", "")
-    if not ts.isdigit() or not given or not secrets:
+    # ASCII digits only: str.isdigit() is true for "²", which int() then refuses (a 500).
+    if not (ts.isascii() and ts.isdigit()) or not HEX.fullmatch(given) or not secrets:
         return False
     # Mercado Pago's ts is in seconds or, in some reports, milliseconds: accept both.
     seconds = int(ts) / 1000 if len(ts) > 11 else int(ts)
