@@ -153,7 +153,7 @@ async def test_malformed_notifications_are_refused_before_verifying_and_change_n
             "/webhooks/mercadopago",
             params=params,
             json=notification(),
-            headers={name: value.encode("latin-1") for name, value in headers.items()},
+            headers={k.encode(): v.encode("latin-1") for k, v in headers.items()},
         )
     assert reply.status_code in (401, 422), reply.text
     assert reply.json()["code"] in ("invalid_signature", "invalid_request")
