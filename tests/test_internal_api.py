@@ -159,6 +159,7 @@ async def test_unknown_routes_answer_problem_json(broker: Broker) -> None:
         "https://platform.example/sellers/",
         "https://platform.example/sellers/42?x=1#frag",
         "https://PLATFORM.example:443/sellers/a/b",
+        "https://platform.example/sellers/v1.2/..hidden/...",  # dots, but no dot segment
     ],
 )
 def test_allowlisted_return_urls_are_accepted(url: str) -> None:

@@ -271,6 +271,12 @@ async def test_a_seller_who_went_live_during_a_sandbox_link_keeps_the_live_crede
         "https://platform.example\\@evil.example/sellers/",
         "https://platform.example/sellers/\r\nLocation: https://evil.example",
         "https://[::1/sellers/",
+        # Dot segments: a browser resolves them to /admin before asking (#13 finding 4).
+        "https://platform.example/sellers/../admin",
+        "https://platform.example/sellers/%2e%2e/admin",
+        "https://platform.example/sellers/.%2E/logout?next=https://evil.example",
+        "https://platform.example/sellers/./../admin",
+        "https://platform.example/sellers/..",
     ],
 )
 async def test_an_open_redirect_is_refused_and_nothing_is_stored(

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -127,6 +127,10 @@ def check_return_url(url: str, allowlist: list[str]) -> str:
         raise refuse
     origin = _origin((parts.scheme, parts.hostname, port))
     path = parts.path or "/"
+    # Browsers resolve dot segments, `%2e` ones included, before they request: /sellers/../admin
+    # is /admin. Such a path is refused (the prefix below is matched on the path as sent).
+    if any(segment in (".", "..") for segment in unquote(path).split("/")):
+        raise refuse
     for entry in allowlist:
         allowed = urlsplit(entry)
         if _origin((allowed.scheme, allowed.hostname or "", allowed.port)) != origin:
