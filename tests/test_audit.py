@@ -109,9 +109,15 @@ async def test_retention_prunes_old_events_and_old_link_attempts_only(
         "INSERT INTO audit_events (at, actor, action, count) VALUES ($1, 'x', 'token.read', 1)", old
     )
     await sql.execute("UPDATE link_attempts SET created_at = $1", clock.now - timedelta(days=31))
+    await broker.start_link("seller-2")  # a link that expired 31 days ago, and a live one
+    await sql.execute(
+        "UPDATE links SET expires_at = $1 WHERE seller_id = 'seller-2'",
+        clock.now - timedelta(days=31),
+    )
     runtime = broker.app.state.runtime
-    events, attempts = await audit.prune(runtime.db.sessions, clock.now, 365, 30)
-    assert (events, attempts) == (1, 1)
+    events, attempts, links = await audit.prune(runtime.db.sessions, clock.now, 365, 30)
+    assert (events, attempts, links) == (1, 1, 1)
+    assert await sql.fetchval("SELECT seller_id FROM links") == SELLER
     kept = {r["action"] for r in await sql.fetch("SELECT action FROM audit_events")}
     assert kept == {"key.created", "link.created"}
 
@@ -199,5 +205,5 @@ async def test_broker_audit_prune_enforces_the_retention_settings_now(
     )
     code, out, err = await run_cli("audit", "prune", env=env)
     assert code == 0, err
-    assert out.strip() == "pruned 1 audit event(s), 1 link attempt(s)"
+    assert out.strip() == "pruned 1 audit event(s), 1 link attempt(s), 0 link(s)"
     assert await left_after_pruning(sql, now) == PRUNED

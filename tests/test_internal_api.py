@@ -149,6 +149,13 @@ async def test_a_link_url_is_unguessable_and_stored_only_as_a_digest(
     assert await sql.fetchval("SELECT count(*) FROM links") == 1
 
 
+async def test_a_link_url_is_never_cached(broker: Broker) -> None:
+    """link_url is a bearer credential for days: no cache between us and the caller keeps it."""
+    reply = await broker.http.post("/link/start", json={"seller_id": "seller-1"})
+    assert reply.status_code == 201
+    assert reply.headers["cache-control"] == "no-store"
+
+
 async def test_unknown_routes_answer_problem_json(broker: Broker) -> None:
     assert_problem(await broker.http.get("/nope"), 404, "not_found")
 

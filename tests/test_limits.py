@@ -56,12 +56,16 @@ async def test_an_absurd_query_string_is_414(broker: Broker) -> None:
         "/audit?actor=a%00b",
         "/sellers/a%00b",
         "/sellers/a%00b/token",  # the fast path too
+        "/sellers/seller-1/token%0A",  # a route's `$` matched before the newline: served
+        "/sellers/seller-1%0D",
     ],
 )
 async def test_a_nul_anywhere_in_path_or_query_is_422_not_a_database_error(
     broker: Broker, path: str
 ) -> None:
     """asyncpg raises on a NUL in text (PostgreSQL stores none): it used to be a 500."""
+    async with SellerBrowser() as browser:  # seller-1 exists: nothing may serve it here
+        await browser.link(await broker.start_link("seller-1"))
     assert_problem(await broker.http.get(path), 422, "invalid_request")
 
 

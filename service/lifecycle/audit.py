@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.core import db
 from service.core.db import transaction
-from service.core.models import AuditEvent, LinkAttempt, WebhookReceipt
+from service.core.models import AuditEvent, Link, LinkAttempt, WebhookReceipt
 
 log = logging.getLogger("broker.audit")
 FLUSH_SLICE = 2000  # rows per COPY: a few ms of encoding, then the event loop runs again
@@ -95,8 +95,9 @@ async def prune(
     now: datetime,
     audit_days: int,
     attempt_days: int,
-) -> tuple[int, int]:
-    """Enforce retention: old audit events, old link attempts and webhook receipts go."""
+) -> tuple[int, int, int]:
+    """Enforce retention: old audit events, old link attempts, webhook receipts and links
+    expired that long ago go. Counts: (audit events, link attempts, links)."""
     async with transaction(sessions) as session:
         events = await session.execute(
             delete(AuditEvent).where(AuditEvent.at < now - timedelta(days=audit_days))
@@ -109,7 +110,11 @@ async def prune(
                 WebhookReceipt.received_at < now - timedelta(days=attempt_days)
             )
         )
-    return int(events.rowcount), int(attempts.rowcount)  # type: ignore[attr-defined]
+        links = await session.execute(  # their remaining attempts go with them (cascade)
+            delete(Link).where(Link.expires_at < now - timedelta(days=attempt_days))
+        )
+    counts = (events.rowcount, attempts.rowcount, links.rowcount)  # type: ignore[attr-defined]
+    return int(counts[0]), int(counts[1]), int(counts[2])
 
 
 async def query(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Cookie, Depends, Header, Path, Query, Request
+from fastapi import APIRouter, Cookie, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from service.core.errors import (
@@ -44,8 +44,12 @@ pages_router = APIRouter(tags=["seller pages"])  # the seller's browser
         Unauthorized, Forbidden, UnknownApplication, ApplicationMismatch, LiveModeMismatch
     ),
 )
-async def start_link(body: LinkStartRequest, flow: LinkingDep, key: ApiKeyDep) -> LinkStartResponse:
+async def start_link(
+    body: LinkStartRequest, flow: LinkingDep, key: ApiKeyDep, response: Response
+) -> LinkStartResponse:
     """Create a link to send to a seller so they can connect their Mercado Pago account."""
+    # link_url is a bearer credential for BROKER_LINK_TTL_SECONDS: no cache may keep it.
+    response.headers["Cache-Control"] = "no-store"
     apikeys.authorize(key, "links:write", body.seller_id)
     link_url, expires_at = await linking.start_link(
         flow, key, body.seller_id, body.application, body.return_url, test=body.test

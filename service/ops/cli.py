@@ -385,13 +385,15 @@ async def _audit(settings: Settings, args: argparse.Namespace) -> None:
 
     async with _sessions(settings) as sessions:
         if args.action == "prune":
-            events, attempts = await audit.prune(
+            events, attempts, links = await audit.prune(
                 sessions,
                 utcnow(),
                 settings.broker_audit_retention_days,
                 settings.broker_attempt_retention_days,
             )
-            output.say(f"pruned {events} audit event(s), {attempts} link attempt(s)")
+            output.say(
+                f"pruned {events} audit event(s), {attempts} link attempt(s), {links} link(s)"
+            )
             return
         async with sessions() as session:
             rows = await audit.query(session, args.seller, args.actor, None, args.limit)

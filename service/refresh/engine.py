@@ -228,7 +228,7 @@ class Refresher:
 
     async def _prune(self) -> None:
         try:
-            events, attempts = await audit.prune(
+            events, attempts, links = await audit.prune(
                 self.db.sessions,
                 self.clock(),
                 self.settings.broker_audit_retention_days,
@@ -237,8 +237,8 @@ class Refresher:
         except Exception as exc:  # noqa: BLE001 retention waits for the next round, not the loop
             _event("retention.failed", logging.ERROR, error=type(exc).__name__)
             return
-        if events or attempts:
-            _event("retention.pruned", audit_events=events, link_attempts=attempts)
+        if events or attempts or links:
+            _event("retention.pruned", audit_events=events, link_attempts=attempts, links=links)
 
     async def _notify_expiring(self) -> None:
         try:

@@ -58,16 +58,17 @@ def _token_read(scope: Any) -> tuple[str, int] | None:
     """(seller id, min_ttl) of a well-formed token read; None for anything else."""
     if scope["type"] != "http" or scope["method"] != "GET":
         return None
-    match = TOKEN_PATH.match(scope["path"])
+    # fullmatch: `$` alone would also match before a trailing newline (`…/token\n`).
+    match = TOKEN_PATH.fullmatch(scope["path"])
     if match is None:
         return None
     seller_id = match.group(1)
-    if len(seller_id) > SELLER_ID_MAX or not SELLER_ID.match(seller_id):
+    if len(seller_id) > SELLER_ID_MAX or not SELLER_ID.fullmatch(seller_id):
         return None
     query = scope["query_string"]
     if not query:
         return seller_id, 0
     params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    if len(params) != 1 or params[0][0] != "min_ttl" or not DIGITS.match(params[0][1]):
+    if len(params) != 1 or params[0][0] != "min_ttl" or not DIGITS.fullmatch(params[0][1]):
         return None  # the route's own validation says what is wrong with it
     return seller_id, int(params[0][1])

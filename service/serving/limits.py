@@ -1,8 +1,8 @@
 """Early refusals: absurd requests, and callers that ask too often.
 
 `RequestLimits` is pure ASGI middleware (no per-request task or body buffering): it refuses
-oversized query strings (414), headers (431) and bodies (413), and a NUL in the path or query
-(422), before any route runs, and rate
+oversized query strings (414), headers (431) and bodies (413), and a control character in the
+path or a NUL in the query (422), before any route runs, and rate
 limits the seller-facing pages (`GET /link/{id}`, `GET /oauth/callback`) per client address
 (429 + Retry-After). Internal callers (`POST /link/start` included) are rate limited per API
 key in the auth dependency, once the key is known, never per address: many of them may share
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -37,7 +38,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-NUL_REFUSED = "The request holds a NUL character"
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_REFUSED = "The path holds a control character, or the query a NUL"
 SELLER_FACING = ("/link/", "/oauth/callback")  # the pages a seller's browser opens: GET only
 
 
@@ -132,10 +134,11 @@ class RequestLimits:
         query = scope.get("query_string", b"")
         if len(query) > self.max_query:
             return UriTooLong.status, UriTooLong.code, UriTooLong.title, {}
-        if b"%00" in query or "\x00" in scope["path"]:
+        if b"%00" in query or CONTROL.search(scope["path"]):
             # PostgreSQL stores no NUL in text, and asyncpg raises on one (a 500): no client
-            # string with one reaches a query.
-            return InvalidRequest.status, InvalidRequest.code, NUL_REFUSED, {}
+            # string with one reaches a query. No path holds a control character either: the
+            # routes' `$` would match before a trailing newline (`/sellers/x/token\n`).
+            return InvalidRequest.status, InvalidRequest.code, CONTROL_REFUSED, {}
         headers = scope.get("headers", [])
         if sum(len(n) + len(v) for n, v in headers) > self.max_headers:
             return HeadersTooLarge.status, HeadersTooLarge.code, HeadersTooLarge.title, {}
