@@ -236,6 +236,27 @@ async def test_the_binding_cookie_is_httponly_lax_and_short_lived(broker: Broker
     assert reply.headers["referrer-policy"] == "no-referrer"
 
 
+@pytest.mark.parametrize(
+    "planted",
+    ["A" * 43, "A" * 43 + "." + "B" * 43, "attacker-chosen"],
+    ids=["old-format", "forged-tag", "any-value"],
+)
+async def test_a_planted_binder_is_never_adopted(
+    broker: Broker, sql: asyncpg.Connection, planted: str
+) -> None:
+    """Another service on the host may plant `mpb_link` (http mode): a value the broker did not
+    issue is replaced, never bound to an attempt (the login-CSRF chain of #13 finding 5)."""
+    async with SellerBrowser() as browser:
+        browser.http.cookies.set("mpb_link", planted)
+        reply = await browser.http.get(await broker.start_link(SELLER))
+        issued = reply.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+        assert issued != planted
+        assert await sql.fetchval("SELECT binder_hash FROM link_attempts") == pkce.digest(issued)
+        # The one the broker issued is kept for the next link (two tabs, one binder).
+        again = await browser.http.get(await broker.start_link("other-seller"))
+        assert again.headers["set-cookie"].split(";")[0].split("=", 1)[1] == issued
+
+
 @pytest.mark.parametrize("settings_overrides", [{"broker_public_url": "https://broker.example"}])
 async def test_behind_https_the_host_prefixed_cookie_binds_the_browser_through_the_callback(
     broker: Broker, simulator: Simulator, sql: asyncpg.Connection

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import QueryableAttribute
 
 FORMAT = "v1"
+MAC_KEY_LABEL = b"broker mac key v1"  # derives a MAC key from an encryption key (HMAC-SHA256)
 
 
 class SealError(Exception):
@@ -67,10 +69,14 @@ def generate_key_spec(key_id: str) -> str:
 class Keyring:
     keys: dict[str, AESGCM]
     primary: str
+    # Per key, a MAC key derived from it (never the key itself): values the broker hands out
+    # and must later recognise as its own, such as the browser binder (linking/flow.py).
+    mac_keys: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, spec: str) -> Keyring:
         keys: dict[str, AESGCM] = {}
+        macs: dict[str, bytes] = {}
         order: list[str] = []
         for entry in spec.split(","):
             key_id, _, material = entry.strip().partition(":")
@@ -78,10 +84,25 @@ class Keyring:
             if len(raw) != 32 or not key_id or "." in key_id:
                 raise ValueError("each key must be key_id:<base64url of 32 bytes>")
             keys[key_id] = AESGCM(raw)
+            macs[key_id] = hmac.new(raw, MAC_KEY_LABEL, hashlib.sha256).digest()
             order.append(key_id)
         if not order:
             raise ValueError("at least one encryption key is needed")
-        return cls(keys=keys, primary=order[0])
+        return cls(keys=keys, primary=order[0], mac_keys=macs)
+
+    def tag(self, message: str) -> str:
+        """A MAC of `message` under the primary key (43 base64url characters)."""
+        return self._tag(self.mac_keys[self.primary], message)
+
+    def tagged(self, message: str, tag: str) -> bool:
+        """Whether `tag` is ours for `message`, under any key (so rotation keeps it valid)."""
+        return any(
+            hmac.compare_digest(self._tag(key, message), tag) for key in self.mac_keys.values()
+        )
+
+    @staticmethod
+    def _tag(key: bytes, message: str) -> str:
+        return _b64(hmac.new(key, message.encode(), hashlib.sha256).digest())
 
     def __repr__(self) -> str:
         return f"Keyring(primary={self.primary!r}, key_ids={sorted(self.keys)!r})"

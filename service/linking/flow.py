@@ -57,7 +57,19 @@ class Linking:
     tasks: Tasks
 
 
-BINDER_FORMAT = re.compile(r"^[A-Za-z0-9_-]{43}$")
+# A browser binder is `<nonce>.<tag>`: the tag (a MAC under the keyring) shows the broker issued
+# it, so a cookie planted with a value of someone's choosing is never adopted (#13 finding 5).
+BINDER_FORMAT = re.compile(r"^([A-Za-z0-9_-]{43})\.([A-Za-z0-9_-]{43})$")
+
+
+def new_binder(keyring: Keyring) -> str:
+    nonce = secrets.token_urlsafe(32)
+    return f"{nonce}.{keyring.tag('binder:' + nonce)}"
+
+
+def issued_binder(keyring: Keyring, binder: str) -> bool:
+    match = BINDER_FORMAT.fullmatch(binder)
+    return match is not None and keyring.tagged("binder:" + match[1], match[2])
 
 
 class Outcome(StrEnum):
@@ -257,8 +269,8 @@ async def open_link(
             return CallbackResult(refusal or Refusal.LINK_NOT_FOUND)
         method = app.challenge_method
         # One binder per browser: a seller with two tabs open keeps both attempts usable.
-        if binder is None or not BINDER_FORMAT.match(binder):
-            binder = secrets.token_urlsafe(32)
+        if binder is None or not issued_binder(flow.keyring, binder):
+            binder = new_binder(flow.keyring)
         state, verifier, attempt_id = pkce.new_state(), pkce.new_verifier(), str(uuid.uuid4())
         session.add(
             LinkAttempt(
