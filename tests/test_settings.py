@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from service.core.config import Settings
+from service.core.config import Settings, load_settings
 from service.core.crypto import generate_key_spec
 from service.core.runtime import load_keyring
 from service.ops.cli import main
@@ -142,3 +142,46 @@ def test_the_cli_refuses_bad_production_settings_naming_them_only(
 def test_the_client_secret_is_an_ordered_list() -> None:
     settings = make(mp_client_secret=SecretStr("new-secret-value, old-secret-value"))
     assert settings.apps["default"].oauth.client_secrets == ("new-secret-value", "old-secret-value")
+
+
+def test_secret_settings_may_come_from_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Docker and Kubernetes mount secrets as files (`/run/secrets/<name>`): production needs
+    none of them in its environment."""
+    apps = '[{"name": "br", "client_id": "7200000000000002", "client_secret": "br-from-a-file",'
+    apps += ' "redirect_uri": "https://broker.example/oauth/callback/br", "country": "br"}]'
+    files = {
+        "mp_client_secret": "a-real-client-secret-from-a-file\n",  # a trailing newline, as echo
+        "mp_webhook_secret": "webhook-secret-from-a-file",
+        "broker_encryption_keys": KEYS,
+        "database_url": "postgresql://broker:password-from-a-file@db.internal/broker",
+        "broker_applications": apps,
+    }
+    for name, value in files.items():
+        (tmp_path / name).write_text(value)
+    for name in [*files, "mp_client_id", "broker_env", "broker_public_url", "mp_redirect_uri"]:
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.setenv("BROKER_SECRETS_DIR", str(tmp_path))
+    monkeypatch.setenv("BROKER_ENV", "production")
+    monkeypatch.setenv("BROKER_PUBLIC_URL", "https://broker.example")
+    monkeypatch.setenv("MP_CLIENT_ID", "1234567890")
+    monkeypatch.setenv("MP_REDIRECT_URI", "https://broker.example/oauth/callback")
+    settings = load_settings()
+    assert settings.production
+    assert settings.apps["default"].oauth.client_secrets == ("a-real-client-secret-from-a-file",)
+    assert settings.apps["default"].webhook_secrets == ("webhook-secret-from-a-file",)
+    assert settings.apps["br"].oauth.client_secrets == ("br-from-a-file",)
+    assert settings.database_url is not None
+    assert "password-from-a-file" in settings.database_url
+    assert load_keyring(settings).primary == "k1"
+    # The environment wins over a file (an override during an incident).
+    monkeypatch.setenv("MP_WEBHOOK_SECRET", "from-the-environment")
+    assert load_settings().apps["default"].webhook_secrets == ("from-the-environment",)
+
+
+def test_a_missing_secrets_directory_stops_the_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BROKER_SECRETS_DIR", "/nonexistent/secrets")
+    with pytest.raises(ValueError, match="BROKER_SECRETS_DIR"):
+        load_settings()

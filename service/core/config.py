@@ -6,6 +6,7 @@ Every setting is documented in the README's table; the names are the environment
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Mapping
 from functools import cached_property, lru_cache, partial
@@ -55,6 +56,8 @@ class Settings(BaseSettings):
     )
 
     broker_env: Literal["dev", "production"] = "dev"
+    # Where secret settings may come from as files (read by `load_settings`, before the rest).
+    broker_secrets_dir: Path | None = None
     database_url: str | None = None
     # Plain asyncpg connections for cold reads, claims and stores (service/core/db.py).
     broker_db_direct_connections: int = Field(default=10, ge=1, le=200)
@@ -336,6 +339,18 @@ def _unfit(fields: dict[str, Any], label: Callable[[str], str]) -> list[str]:
     return unfit
 
 
+def load_settings() -> Settings:
+    """The settings from the environment, `.env`, and with BROKER_SECRETS_DIR set, one file
+    per setting in that directory (Docker and Kubernetes secrets: `/run/secrets/<name>`, the
+    setting's name in lower case). The environment wins over a file."""
+    secrets_dir = os.environ.get("BROKER_SECRETS_DIR")
+    if secrets_dir:
+        if not Path(secrets_dir).is_dir():
+            raise ValueError(f"BROKER_SECRETS_DIR is not a directory: {secrets_dir}")
+        return Settings(_secrets_dir=secrets_dir)
+    return Settings()
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings()
