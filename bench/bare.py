@@ -2,10 +2,10 @@
 
 `python -m bench.bare --port P --body-bytes B` serves `GET /sellers/{seller_id}/token` with a
 precomputed body of exactly B bytes (the size of a real token reply, measured by bench.run).
-The server is built by `service.ops.cli.uvicorn_config` and run the way `service.ops.cli` runs the
-broker (`asyncio.run(server.serve())` in one process, on uvloop when the config says so), so
-flags, event loop and worker count are the broker's own; bench.run checks which loop each
-server really runs. The path is the broker's, so one wrk script drives both.
+The server is built by `service.ops.server.uvicorn_config` and run the way `service.ops.cli`
+runs the broker (`asyncio.run(server.serve())` in one process, on uvloop when the config says
+so), so flags, event loop and worker count are the broker's own; bench.run checks which loop
+each server really runs. The path is the broker's, so one wrk script drives both.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import signal
 
 from fastapi import FastAPI, Response
 
-from service.ops.cli import QuietServer, uvicorn_config
+from service.ops.cli import QuietServer
+from service.ops.server import uvicorn_config
 
 
 def constant_body(size: int) -> bytes:

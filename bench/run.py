@@ -1044,7 +1044,7 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
         f"{s['rounds']} rounds alternating broker / bare (A B A B); figures are medians "
         "across rounds, errors are totals",
         "- Broker: `python -m service serve`, BROKER_ENV=production, one process, "
-        "`service.ops.cli.uvicorn_config` (no access log, httptools), JSON logs, "
+        "`service.ops.server.uvicorn_config` (no access log, httptools), JSON logs, "
         "BROKER_RATE_LIMIT_PER_KEY_PER_SECOND=1e9",
     ]
     reads = results.get("reads")

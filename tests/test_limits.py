@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from service.core.config import Settings
+from service.ops.server import uvicorn_config
 from service.serving.limits import Buckets, client_address
 from tests.support import Broker, SellerBrowser, assert_problem
 from tests.support.processes import api_process, free_port
@@ -219,3 +221,58 @@ def test_a_reservation_waits_its_turn_and_a_rate_below_one_always_waits() -> Non
     slow = Buckets(rate=0.05, burst=0.05, capacity=1)
     assert round(slow.reserve("", 0.0), 6) == 19.0  # (1 - 0.05) / 0.05: never a burst of one
     assert round(slow.reserve("", 19.0), 6) == 20.0  # the next turn comes 20 s after the first
+
+
+async def _closed_after(reader: asyncio.StreamReader, limit: float) -> float:
+    """Seconds until the server closes the connection (EOF), bounded by `limit`."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(limit):
+        while await reader.read(4096):
+            pass  # a 4xx the server may answer before closing
+    return loop.time() - started
+
+
+async def test_idle_and_slow_header_connections_are_cut_by_the_server_itself(
+    settings: Settings, database_url: str, tmp_path: Path
+) -> None:
+    """A socket that never sends, and one that drips headers (slowloris), each held a connection
+    for as long as the client liked (125 s measured); now the header deadline cuts both, while
+    a kept-alive connection still serves a second request."""
+    port = free_port()
+    async with api_process(
+        settings, database_url, port, tmp_path / "api.log", BROKER_HEADER_TIMEOUT_SECONDS="1"
+    ):
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+        drip_reader, drip_writer = await asyncio.open_connection("127.0.0.1", port)
+        drip_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        dripping = asyncio.ensure_future(_drip(drip_writer))
+        try:
+            idle, drip = await asyncio.gather(
+                _closed_after(idle_reader, 10), _closed_after(drip_reader, 10)
+            )
+        finally:
+            dripping.cancel()
+            idle_writer.close()
+            drip_writer.close()
+        assert 0.9 <= idle <= 5, idle  # the deadline, plus a loaded machine's slack
+        assert 0.9 <= drip <= 5, drip
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(2):  # a prompt client is served, its connection kept alive
+                assert (await client.get("/healthz")).status_code == 200
+
+
+async def _drip(writer: asyncio.StreamWriter) -> None:
+    """One more header line every 0.3 s, never the blank line that ends them (bounded: 40)."""
+    for n in range(40):
+        await asyncio.sleep(0.3)
+        writer.write(f"X-Drip-{n}: 1\r\n".encode())
+        await writer.drain()
+
+
+def test_every_server_caps_its_connections_and_times_out_idle_ones() -> None:
+    config = uvicorn_config(object(), "127.0.0.1", 0, header_seconds=3, max_connections=64)
+    assert config.limit_concurrency == 64
+    assert config.timeout_keep_alive == 5
+    assert isinstance(config.http, type)
+    assert config.http.header_seconds == 3

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     broker_public_url: str = "http://127.0.0.1:8000"
     broker_host: str = "127.0.0.1"
     broker_port: int = 8000
+    # Slow and idle clients (service/ops/server.py): the time from a connection's start, or a
+    # request's first byte, to its complete headers; connections + requests per process.
+    broker_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    broker_max_connections: int = Field(default=2048, ge=16)
 
     # Mercado Pago applications (service/core/applications.py): a declared list, and the MP_*
     # settings below as the application named `default`.

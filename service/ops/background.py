@@ -4,7 +4,7 @@
 runner, so both stop the same way. Shutdown is one sequence under one budget,
 `BROKER_SHUTDOWN_SECONDS` (15 s), inside the 30 s that docker-compose (and Kubernetes by
 default) grant after SIGTERM; in `broker serve`, uvicorn first lets requests in flight finish
-for up to `REQUEST_GRACE_SECONDS` (`cli.uvicorn_config`):
+for up to `REQUEST_GRACE_SECONDS` (`server.uvicorn_config`):
 
 1. stop the loops: no new claims, no new deliveries;
 2. drain: exchanges and refreshes the process owns may hold a reply Mercado Pago already

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import prometheus_client
 import uvicorn
@@ -31,7 +30,7 @@ from service.core.runtime import load_keyring, utcnow
 from service.core.schemas import OpenBreaker
 from service.lifecycle import rekey
 from service.ops import output
-from service.ops.background import REQUEST_GRACE_SECONDS
+from service.ops.server import uvicorn_config
 from service.serving import apikeys
 
 ROOT = db.ROOT
@@ -64,34 +63,19 @@ class QuietServer(uvicorn.Server):
         yield
 
 
-def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
-    """How every broker server runs (bench/ serves its bare baseline app the same way)."""
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_config=None,
-        # No access log: the callback's query string holds an authorization code and a state.
-        access_log=False,
-        # uvicorn would believe X-Forwarded-For from any loopback peer; the broker reads it
-        # itself, only from BROKER_TRUSTED_PROXIES (service/serving/limits.py).
-        proxy_headers=False,
-        # libuv's event loop and the C HTTP parser: the hot path's per-request cost halves.
-        loop="uvloop",
-        http="httptools",
-        # After SIGTERM, requests in flight get this long; then the lifespan's shutdown runs
-        # (background.py: one budget for both, inside compose's 30 s grace).
-        timeout_graceful_shutdown=int(REQUEST_GRACE_SECONDS),
-    )
-
-
 async def _serve(settings: Settings, url: str, *, simulated: bool) -> None:
     from service.main import create_app
 
     host = settings.broker_host
     servers = [
         QuietServer(
-            uvicorn_config(create_app(settings, database_url=url), host, settings.broker_port)
+            uvicorn_config(
+                create_app(settings, database_url=url),
+                host,
+                settings.broker_port,
+                header_seconds=settings.broker_header_timeout_seconds,
+                max_connections=settings.broker_max_connections,
+            )
         )
     ]
     if simulated:
