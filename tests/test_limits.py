@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from service.core.config import Settings
-from service.ops.server import uvicorn_config
+from service.ops.server import BoundedHttpTools, uvicorn_config
 from service.serving.limits import Buckets, client_address
 from tests.support import Broker, SellerBrowser, assert_problem
 from tests.support.processes import api_process, free_port
@@ -275,4 +275,5 @@ def test_every_server_caps_its_connections_and_times_out_idle_ones() -> None:
     assert config.limit_concurrency == 64
     assert config.timeout_keep_alive == 5
     assert isinstance(config.http, type)
+    assert issubclass(config.http, BoundedHttpTools)
     assert config.http.header_seconds == 3
