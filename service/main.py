@@ -6,6 +6,7 @@ import asyncio
 import gc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from ipaddress import ip_network
 from typing import Any
 
 import httpx
@@ -30,7 +31,7 @@ from service.refresh.engine import Refresher
 from service.serving import routes as serving_routes
 from service.serving.deps import Callers
 from service.serving.fast import TokenReads
-from service.serving.limits import RequestLimits
+from service.serving.limits import Buckets, RequestLimits
 from service.serving.tokens import Serving
 
 DESCRIPTION = """
@@ -140,7 +141,14 @@ def create_app(
 
 def compose(state: Any, rt: Runtime, refresher: Refresher) -> None:
     """Hand each flow the parts of the process it uses (the routes find them on app.state)."""
-    state.callers = Callers(rt.cache, rt.db, rt.key_buckets)
+    per_minute = rt.settings.broker_failed_auth_per_address_per_minute
+    state.callers = Callers(
+        rt.cache,
+        rt.db,
+        rt.key_buckets,
+        failures=Buckets(per_minute / 60, burst=per_minute),
+        trusted=[ip_network(n, strict=False) for n in rt.settings.broker_trusted_proxies],
+    )
     state.serving = Serving(
         rt.settings, rt.clock, rt.db, rt.keyring, rt.cache, rt.reads, refresher, rt.upstream
     )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -13,6 +15,8 @@ import pytest
 
 from service.core.config import Settings
 from service.ops.server import BoundedHttpTools, uvicorn_config
+from service.serving import apikeys
+from service.serving.deps import FAILURE_FLOOR_SECONDS
 from service.serving.limits import Buckets, client_address
 from tests.support import Broker, SellerBrowser, assert_problem
 from tests.support.processes import api_process, free_port
@@ -101,6 +105,66 @@ async def test_api_keys_are_rate_limited_per_key(broker: Broker, database_url: s
         base_url=broker.url, headers={"Authorization": f"Bearer {other}"}
     ) as caller:
         assert (await caller.get("/sellers/nobody/token")).status_code == 404
+
+
+def _unknown_key() -> str:
+    return f"Bearer mpb_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"broker_failed_auth_per_address_per_minute": 3}])
+async def test_failed_authentications_are_limited_per_address_before_any_lookup(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enumerating key prefixes costs a lookup each; after a few failures from one address the
+    broker answers 429 without one (#13 finding 7). Keys already known are not slowed."""
+    lookups: list[str] = []
+    find = apikeys.find
+
+    async def counted(connection: Any, prefix: str) -> Any:
+        lookups.append(prefix)
+        return await find(connection, prefix)
+
+    monkeypatch.setattr(apikeys, "find", counted)
+    assert (await broker.token("nobody")).status_code == 404  # the test's own key, now cached
+    lookups.clear()
+    async with httpx.AsyncClient(base_url=broker.url) as prober:
+        first = [
+            (await prober.get("/sellers/x/token", headers={"Authorization": _unknown_key()}))
+            for _ in range(3)
+        ]
+        assert [r.status_code for r in first] == [401, 401, 401]
+        assert len(lookups) == 3
+        refused = await prober.get("/sellers/x/token", headers={"Authorization": _unknown_key()})
+        assert_problem(refused, 429, "rate_limited")
+        assert int(refused.headers["retry-after"]) >= 1
+        assert len(lookups) == 3  # no lookup for the refused one
+    assert (await broker.token("nobody")).status_code == 404  # a known key is served as before
+
+
+async def test_an_unknown_prefix_is_remembered_and_every_failure_takes_the_same_floor(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups: list[str] = []
+    find = apikeys.find
+
+    async def counted(connection: Any, prefix: str) -> Any:
+        lookups.append(prefix)
+        return await find(connection, prefix)
+
+    monkeypatch.setattr(apikeys, "find", counted)
+    unknown = _unknown_key()
+    last = "a" if broker.api_key[-1] != "a" else "b"
+    known_wrong = f"Bearer {broker.api_key[:-1]}{last}"  # a known prefix, a wrong secret
+    loop = asyncio.get_running_loop()
+    async with httpx.AsyncClient(base_url=broker.url) as caller:
+        await caller.get("/sellers/x/token", headers={"Authorization": f"Bearer {broker.api_key}"})
+        lookups.clear()
+        for header in (unknown, unknown, known_wrong):
+            started = loop.time()
+            reply = await caller.get("/sellers/x/token", headers={"Authorization": header})
+            assert_problem(reply, 401, "unauthorized")
+            assert loop.time() - started >= FAILURE_FLOOR_SECONDS  # a floor, whatever failed
+    assert len(lookups) == 1  # the unknown prefix was looked up once, then remembered
 
 
 @pytest.mark.parametrize("settings_overrides", [{"broker_rate_limit_per_key_per_second": 1}])

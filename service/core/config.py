@@ -118,6 +118,8 @@ class Settings(BaseSettings):
     broker_trusted_proxies: Annotated[list[str], NoDecode] = []
     broker_rate_limit_per_address_per_minute: int = Field(default=60, ge=1)
     broker_rate_limit_per_key_per_second: int = Field(default=500, ge=1)
+    # Failed API-key authentications per client address, before any lookup (enumeration).
+    broker_failed_auth_per_address_per_minute: int = Field(default=30, ge=1)
     # Seller tokens and API keys kept in memory per API process (service/serving/cache.py); 0: none.
     broker_token_cache_size: int = Field(default=100_000, ge=0)
     # Audit trail and retention.

@@ -125,9 +125,12 @@ FIND = select(
 ).where(ApiKey.prefix == bindparam("prefix"))
 
 
+UNKNOWN_KEY = "The API key is unknown or revoked."
+
+
 def verify(key: KeyView | None, presented: str) -> KeyView:
     if key is None or key.revoked or not hmac.compare_digest(key.digest, _digest(presented)):
-        raise Unauthorized("The API key is unknown or revoked.")
+        raise Unauthorized(UNKNOWN_KEY)
     return key
 
 

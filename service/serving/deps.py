@@ -2,43 +2,80 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
-from dataclasses import dataclass
-from typing import Annotated
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
 from service.core.domain import KeyView
-from service.core.errors import RateLimited
+from service.core.errors import RateLimited, Unauthorized
 from service.core.runtime import Database
 from service.serving import apikeys
 from service.serving.cache import Cache
-from service.serving.limits import Buckets
+from service.serving.limits import Buckets, client_address
 from service.serving.tokens import Serving
+
+IPNetwork = IPv4Network | IPv6Network
+
+
+# A failed authentication is answered no sooner than this after it began, whichever way it
+# failed: an unknown prefix costs a database lookup and a known one with a wrong secret does
+# not, and the difference would tell which prefixes exist (#13 finding 7).
+FAILURE_FLOOR_SECONDS = 0.02
+UNKNOWN_SECONDS = 10.0  # how long an unknown prefix is remembered (no lookup meanwhile)
+UNKNOWN_MAX = 10_000
 
 
 @dataclass(frozen=True)
 class Callers:
-    """Internal callers' API keys: checked from memory when the cache is live, rate limited."""
+    """Internal callers' API keys: checked from memory when the cache is live, rate limited;
+    failed attempts are limited per client address, before any database lookup."""
 
     cache: Cache
     db: Database
-    buckets: Buckets
+    buckets: Buckets  # per key, once known
+    failures: Buckets  # failed authentications, per client address
+    trusted: list[IPNetwork] = field(default_factory=list)  # BROKER_TRUSTED_PROXIES
+    unknown: OrderedDict[str, float] = field(default_factory=OrderedDict)  # prefix -> until
 
-    async def authenticate(self, authorization: str | None) -> KeyView:
+    async def authenticate(self, authorization: str | None, scope: Any) -> KeyView:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            key = await self._key(authorization, scope, started)
+        except Unauthorized:
+            address = client_address(scope, self.trusted)
+            self.failures.take(address, started)
+            await asyncio.sleep(max(0.0, started + FAILURE_FLOOR_SECONDS - loop.time()))
+            raise
+        wait = self.buckets.take(key.id)
+        if wait:
+            raise RateLimited(headers={"Retry-After": str(math.ceil(wait))})
+        return key
+
+    async def _key(self, authorization: str | None, scope: Any, now: float) -> KeyView:
         prefix, presented = apikeys.parse(authorization)
         key = self.cache.key(prefix)
         if key is None:
+            if self.unknown.get(prefix, 0.0) > now:
+                raise Unauthorized(apikeys.UNKNOWN_KEY)
+            if wait := self.failures.due(client_address(scope, self.trusted), now):
+                # Too many failures from here: no lookup until the bucket refills.
+                raise RateLimited(headers={"Retry-After": str(math.ceil(wait))})
             begun = self.cache.begin()
             async with self.db.autocommit.connect() as connection:
                 key = await apikeys.find(connection, prefix)
             if key is not None:
                 self.cache.store_key(key, begun)
-        key = apikeys.verify(key, presented)
-        wait = self.buckets.take(key.id)
-        if wait:
-            raise RateLimited(headers={"Retry-After": str(math.ceil(wait))})
-        return key
+            else:
+                self.unknown[prefix] = now + UNKNOWN_SECONDS
+                while len(self.unknown) > UNKNOWN_MAX:
+                    self.unknown.popitem(last=False)
+        return apikeys.verify(key, presented)
 
 
 # What the lifespan (service/main.py) put on app.state, for the routes. Async on purpose:
@@ -58,12 +95,13 @@ ServingDep = Annotated[Serving, Depends(get_serving)]
 
 
 async def api_key(
+    request: Request,
     callers: CallersDep,
     authorization: Annotated[
         str | None, Header(description="`Bearer <api key>` from `broker api-keys create`")
     ] = None,
 ) -> KeyView:
-    return await callers.authenticate(authorization)
+    return await callers.authenticate(authorization, request.scope)
 
 
 ApiKeyDep = Annotated[KeyView, Depends(api_key)]

@@ -48,7 +48,7 @@ class TokenReads:
             authorization = next(
                 (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None
             )
-            key = await app.state.callers.authenticate(authorization)
+            key = await app.state.callers.authenticate(authorization, scope)
             return await tokens.serve(app.state.serving, key, seller_id, min_ttl)
         except BrokerError as exc:
             return problem_response(exc.status, exc.code, exc.title, exc.detail, exc.headers)

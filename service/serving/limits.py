@@ -66,6 +66,12 @@ class Buckets:
             self.buckets.popitem(last=False)
         return wait
 
+    def due(self, key: str, now: float) -> float:
+        """Seconds until `key` has one again (0: it has one now); takes nothing."""
+        tokens, updated = self.buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - updated) * self.rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
     def reserve(self, key: str, now: float) -> float:
         """Take one even before it is there (the bucket goes below zero); the seconds until it
         is. For callers that wait their turn rather than being refused: with a `burst` below
