@@ -23,6 +23,7 @@ from service.core.runtime import Clock, Runtime, utcnow
 from service.lifecycle import routes as lifecycle_routes
 from service.lifecycle.sellers import Admin
 from service.lifecycle.webhooks import Notifications
+from service.linking import pages
 from service.linking import routes as linking_routes
 from service.linking.flow import Linking
 from service.ops import observe
@@ -87,6 +88,7 @@ def create_app(
     app.add_middleware(TokenReads, route=token_route)
     app.add_middleware(RequestLimits, settings=settings)
     app.add_middleware(errors.CatchAll)
+    app.add_middleware(pages.SellerPageHeaders)  # on every answer to a seller's browser
     app.add_middleware(observe.Observe)  # outermost: counts refusals and failures too
     # Internal services' routes first (the token routes before `/sellers/{seller_id:path}`,
     # which would match them too), then the seller's browser, then Mercado Pago.

@@ -341,3 +341,24 @@ def test_every_server_caps_its_connections_and_times_out_idle_ones() -> None:
     assert isinstance(config.http, type)
     assert issubclass(config.http, BoundedHttpTools)
     assert config.http.header_seconds == 3
+
+
+@pytest.mark.parametrize("settings_overrides", [{"broker_rate_limit_per_address_per_minute": 2}])
+async def test_every_refusal_on_a_seller_page_carries_the_pages_security_headers(
+    broker: Broker,
+) -> None:
+    """No page renders a 405, a validation 422 or a 429: they get the headers all the same."""
+    async with httpx.AsyncClient(base_url=broker.url) as browser:
+        refusals = [
+            await browser.post("/oauth/callback"),  # 405
+            await browser.get("/link/" + "x" * 200),  # 422: longer than a link token
+            await browser.get("/oauth/callback?state=s&code=c"),  # the address's second: a page
+            await browser.get("/oauth/callback?state=s&code=c"),  # 429
+        ]
+    assert [r.status_code for r in refusals] == [405, 422, 400, 429]
+    for reply in refusals:
+        assert reply.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in reply.headers["content-security-policy"]
+        assert reply.headers["referrer-policy"] == "no-referrer"
+        assert reply.headers["cache-control"] == "no-store"
+        assert len(reply.headers.get_list("x-frame-options")) == 1  # never twice

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from html import escape
+from typing import Any
 
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from service.linking.flow import CallbackResult, Outcome, Refusal, with_status
+from service.serving.limits import SELLER_FACING
 
 # Seller-facing responses may carry a code in their URL: never leak it through a Referer, never
 # render inside someone else's frame, never cache.
@@ -21,6 +23,31 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "Pragma": "no-cache",
 }
+
+_RAW_HEADERS = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+
+class SellerPageHeaders:
+    """Every answer on a seller-facing path carries the pages' security headers, also the ones
+    no page renders: a 405, a 422 of validation, a 429 of the rate limit, a 500."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(SELLER_FACING):
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                missing = [(k, v) for k, v in _RAW_HEADERS if k not in present]
+                message["headers"] = [*message.get("headers", []), *missing]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
 
 # Per language: result -> (title, what the seller should know and do). English is the fallback.
 Texts = dict[Outcome | Refusal, tuple[str, str]]
