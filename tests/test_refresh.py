@@ -702,6 +702,29 @@ async def test_a_reported_invalid_token_that_mercado_pago_refuses_marks_the_sell
     assert "access_token" not in reply.text
 
 
+async def test_reports_of_one_token_share_one_check_and_then_cool_down(
+    broker: Broker, sql: asyncpg.Connection
+) -> None:
+    """Fifty reports used to be fifty `/users/me` calls: now the ones at once share a check,
+    and the ones after it within the cooldown make none."""
+    await link(broker)
+
+    def checks() -> float:
+        labels = {"application": "default", "endpoint": "users_me"}
+        return sample("broker_upstream_request_duration_seconds_count", **labels)
+
+    before = checks()
+    replies = await asyncio.gather(
+        *(broker.http.post(f"/sellers/{SELLER}/token/invalid") for _ in range(20))
+    )
+    assert {r.status_code for r in replies} == {200}
+    assert checks() - before == 1
+    for _ in range(5):
+        assert (await broker.http.post(f"/sellers/{SELLER}/token/invalid")).status_code == 200
+    assert checks() - before == 1
+    assert (await seller_row(sql))["status"] == "linked"
+
+
 async def test_reporting_needs_an_api_key(broker: Broker) -> None:
     async with httpx.AsyncClient(base_url=broker.url) as anonymous:
         reply = await anonymous.post(f"/sellers/{SELLER}/token/invalid")

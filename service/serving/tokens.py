@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import asyncpg
@@ -30,6 +32,41 @@ from service.serving.cache import Cache
 log = logging.getLogger("broker.tokens")
 
 
+REPORT_COOLDOWN_SECONDS = 30.0  # one /users/me check per seller and token in this window
+REPORTS_REMEMBERED = 10_000
+
+
+@dataclass
+class Reports:
+    """Reports that Mercado Pago refused a token, coalesced per seller and token (`version`):
+    callers reporting at once share one `/users/me` check, and a report within
+    REPORT_COOLDOWN_SECONDS of a finished check makes none (fifty reports were fifty calls)."""
+
+    inflight: dict[tuple[str, int], asyncio.Task[None]] = field(default_factory=dict)
+    checked: OrderedDict[tuple[str, int], float] = field(default_factory=OrderedDict)
+
+    async def once(self, key: tuple[str, int], check: Callable[[], Awaitable[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        if self.checked.get(key, -REPORT_COOLDOWN_SECONDS) > loop.time() - REPORT_COOLDOWN_SECONDS:
+            return
+        task = self.inflight.get(key)
+        if task is None:
+            task = self.inflight[key] = loop.create_task(_run(check))
+            task.add_done_callback(lambda done: self._finished(key, done))
+        await asyncio.shield(task)
+
+    def _finished(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        self.inflight.pop(key, None)
+        if not task.cancelled() and task.exception() is None:  # a failed check counts for none
+            self.checked[key] = asyncio.get_running_loop().time()
+            while len(self.checked) > REPORTS_REMEMBERED:
+                self.checked.popitem(last=False)
+
+
+async def _run(check: Callable[[], Awaitable[None]]) -> None:
+    await check()
+
+
 @dataclass(frozen=True)
 class Serving:
     """The parts of the process token reads use (the fast path and the documented route alike)."""
@@ -42,6 +79,7 @@ class Serving:
     reads: ReadCounter
     refresher: Refresher
     upstream: Upstream
+    reports: Reports = field(default_factory=Reports)
 
 
 # Response header set when the token served is valid but its seller needs attention.
@@ -198,22 +236,30 @@ async def _wait_for_other_refresh(flow: Serving, before: SellerView) -> SellerVi
         await asyncio.sleep(POLL_SECONDS)
 
 
-async def report_invalid(flow: Serving, key: KeyView, seller_id: str) -> SellerView:
+async def report_invalid(flow: Serving, key: KeyView, seller_id: str) -> None:
     """A caller says Mercado Pago refused the token: check it, and mark the seller if revoked."""
     seller = await _load_for(flow, key, seller_id, fresh=True)
+    await flow.reports.once((seller_id, seller.version), lambda: _check_reported(flow, seller))
+
+
+async def _check_reported(flow: Serving, seller: SellerView) -> None:
     access_token = seller.access_token
     app = flow.upstream.apps.by_client_id.get(seller.client_id)
     if access_token is None or app is None:  # `_load` never returns an unlinked seller
-        raise SellerNotFound(f"No linked seller {seller_id!r}.")
+        raise SellerNotFound(f"No linked seller {seller.seller_id!r}.")
     try:
         check = await flow.upstream.mercadopago.check_token(app.api_url, access_token, app.name)
     except TransientUpstreamError:
         raise UpstreamUnavailable("Mercado Pago could not confirm the token now.") from None
     if check != TokenCheck.REVOKED:
-        return seller  # it works, or a 403 (a scope, not a dead grant): nothing changes
+        return  # it works, or a 403 (a scope, not a dead grant): nothing changes
     # Only the token we checked: a refresh that landed meanwhile made it moot.
     if await sellers.mark_relink_required(
-        flow.db.sessions, flow.settings, flow.clock(), seller_id, seller.version, Reason.REVOKED
+        flow.db.sessions,
+        flow.settings,
+        flow.clock(),
+        seller.seller_id,
+        seller.version,
+        Reason.REVOKED,
     ):
-        log.warning("seller.revoked", extra={"fields": {"seller_id": seller_id}})
-    return await _load(flow, seller_id, fresh=True)
+        log.warning("seller.revoked", extra={"fields": {"seller_id": seller.seller_id}})
