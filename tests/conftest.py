@@ -23,7 +23,6 @@ from sqlalchemy.engine import make_url
 
 from service.core.config import Settings
 from service.core.crypto import generate_key_spec
-from service.main import create_app
 from service.ops import embedded
 from service.ops.cli import migrate
 from service.simulator import SimulatorClient, SimulatorConfig, create_simulator_app
@@ -41,7 +40,7 @@ from tests.support import (
     execute,
     with_database,
 )
-from tests.support.servers import url_of
+from tests.support.servers import serve_broker, url_of
 
 LONG_KINDS = ("soak", "chaos", "fuzz", "browser")
 
@@ -172,10 +171,6 @@ async def broker(
     clock: FakeClock,
     simulator: Simulator,
 ) -> AsyncIterator[Broker]:
-    app = create_app(settings, database_url=database_url, clock=clock)
     key = await create_api_key(database_url)
-    async with (
-        Loopback(app, sockets[0]) as server,
-        httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as http,
-    ):
-        yield Broker(server.url, http, key, settings, app)
+    async with serve_broker(settings, sockets[0], database_url, clock, key) as broker:
+        yield broker

@@ -31,7 +31,6 @@ from service.core import db
 from service.core.config import Settings
 from service.core.crypto import generate_key_spec
 from service.lifecycle.webhooks import signature
-from service.main import create_app
 from service.serving import apikeys
 from service.simulator import SimulatorClient, SimulatorConfig, create_simulator_app
 from tests.support import (
@@ -52,7 +51,7 @@ from tests.support import (
     settings_keyring,
     wait_until,
 )
-from tests.support.servers import url_of
+from tests.support.servers import serve_broker, url_of
 from tests.test_browser import (  # the Chromium helpers, and its fixture
     CHROMEDRIVER,
     CHROMIUM,
@@ -177,13 +176,9 @@ async def serving(
     settings: Settings, sock: socket.socket, database_url: str, clock: FakeClock
 ) -> AsyncIterator[Broker]:
     """A broker on `sock` (closed when it stops), called with a key for every application."""
-    app = create_app(settings, database_url=database_url, clock=clock)
     key = await create_api_key(database_url)
-    async with (
-        Loopback(app, sock) as server,
-        httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}) as http,
-    ):
-        yield Broker(server.url, http, key, settings, app)
+    async with serve_broker(settings, sock, database_url, clock, key) as broker:
+        yield broker
 
 
 @pytest.fixture

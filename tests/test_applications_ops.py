@@ -18,7 +18,7 @@ from bench.seed import copy_rows
 from bench.seed import row as sealed_row
 from service.core import db, metrics
 from service.core.config import Settings
-from service.lifecycle.applications import queue_query
+from service.core.metrics import queue_query
 from service.refresh import breaker
 from service.serving import apikeys
 from tests.support import (
@@ -31,6 +31,7 @@ from tests.support import (
     new_key,
     settings_keyring,
 )
+from tests.support.db import plan
 from tests.support.processes import env_for, run_cli
 
 BR_CLIENT_ID = "2234567890123456"
@@ -332,6 +333,6 @@ async def test_the_queue_of_an_application_is_read_from_the_work_queue_index(
     )
     await engine.dispose()
     params = [compiled.params[name] for name in compiled.positiontup or ()]
-    plan = "\n".join(row[0] for row in await sql.fetch(f"EXPLAIN {compiled}", *params))
-    assert plan.count("ix_sellers_client_id_next_refresh_at_linked") == 2, plan
-    assert "Seq Scan" not in plan, plan
+    queue_plan = await plan(sql, str(compiled), *params)
+    assert queue_plan.count("ix_sellers_client_id_next_refresh_at_linked") == 2, queue_plan
+    assert "Seq Scan" not in queue_plan, queue_plan

@@ -10,13 +10,9 @@ from service.lifecycle.events import expiring_query
 from service.refresh.sql import CLAIM_DUE
 from service.serving.tokens import READ
 from tests.support import CLIENT_ID, Broker
+from tests.support.db import plan
 
 SELLERS = 1_000_000
-
-
-async def plan(sql: asyncpg.Connection, query: str, *args: object) -> str:
-    rows = await sql.fetch(f"EXPLAIN {query}", *args)
-    return "\n".join(row[0] for row in rows)
 
 
 async def test_due_work_and_token_reads_use_indexes_with_a_million_sellers(

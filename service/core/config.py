@@ -206,7 +206,6 @@ class Settings(BaseSettings):
     def _applications_are_well_formed(self) -> Settings:
         # At start-up, with the field and the application named (and no value echoed).
         if self.has_applications:
-            self.__dict__.pop("apps", None)
             _ = self.apps
         return self
 
@@ -222,10 +221,9 @@ class Settings(BaseSettings):
             missing.append("BROKER_ENCRYPTION_KEYS")
         if not self.broker_public_url.startswith("https://"):
             missing.append("BROKER_PUBLIC_URL (https)")
-        declared = load_declared(self.broker_applications, self.broker_applications_file)
-        if self.mp_client_id or not declared:
+        if self._has_default:
             missing += _unfit(self._default_fields(), DEFAULT_APPLICATION_SETTINGS.__getitem__)
-        for spec in declared:
+        for spec in self.declared:
             fields = {name: getattr(spec, name) for name in DEFAULT_APPLICATION_SETTINGS}
             fields["auth_url"] = spec.authorization_endpoint
             missing += _unfit(fields, partial(_field_of, spec.name))
@@ -245,11 +243,21 @@ class Settings(BaseSettings):
         return bool(self.broker_applications or self.broker_applications_file or self.mp_client_id)
 
     @cached_property
+    def declared(self) -> list[ApplicationSpec]:
+        """The applications of BROKER_APPLICATIONS or its file, read and validated once."""
+        return load_declared(self.broker_applications, self.broker_applications_file)
+
+    @property
+    def _has_default(self) -> bool:
+        """Whether MP_* describe an application: when set, or when nothing else is declared
+        (production then says which MP_* are missing)."""
+        return bool(self.mp_client_id) or not self.declared
+
+    @cached_property
     def apps(self) -> Applications:
         """The configured applications: the declared list, and `default` from MP_*."""
-        declared = load_declared(self.broker_applications, self.broker_applications_file)
-        specs = list(declared)
-        if self.mp_client_id or not declared:
+        specs = list(self.declared)
+        if self._has_default:
             fields = self._default_fields()
             missing = [
                 DEFAULT_APPLICATION_SETTINGS[field]
@@ -266,7 +274,8 @@ class Settings(BaseSettings):
         self, *, update: Mapping[str, Any] | None = None, deep: bool = False
     ) -> Settings:
         copy = super().model_copy(update=update, deep=deep)
-        copy.__dict__.pop("apps", None)  # computed from the fields, which may have changed
+        for computed in ("declared", "apps"):  # from the fields, which may have changed
+            copy.__dict__.pop(computed, None)
         return copy
 
     @property

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.core.domain import DeliveryState, Status
@@ -102,6 +102,16 @@ REFRESH_PAUSED = Gauge("broker_refresh_paused", "1 while an operator paused all 
 STATUSES = tuple(Status)
 
 
+def queue_query(client_id: str, now: datetime) -> Select[datetime | None, int]:
+    """An application's earliest next_refresh_at and how many are due now, in one round trip
+    (the gauges, `GET /applications`). Both read its part of the work-queue index
+    (client_id, next_refresh_at) WHERE status = 'linked': no scan."""
+    queue = (Seller.status == Status.LINKED) & (Seller.client_id == client_id)
+    earliest = select(func.min(Seller.next_refresh_at)).where(queue).scalar_subquery()
+    due = select(func.count()).where(queue, Seller.next_refresh_at <= now).scalar_subquery()
+    return select(earliest, due)
+
+
 async def collect_database_gauges(
     session: AsyncSession, now: datetime, at_risk_days: float, apps: Applications
 ) -> None:
@@ -145,14 +155,11 @@ async def collect_database_gauges(
         EXPIRING.labels(name, "30d").set(tally["30d"])
         AT_RISK.labels(name).set(tally["at_risk"])
 
-    # Each application's part of the work-queue index answers these without a scan.
     for app in apps.values():
-        mine = linked & (Seller.client_id == app.client_id)
-        oldest_due = await session.scalar(select(func.min(Seller.next_refresh_at)).where(mine))
+        oldest_due, backlog = (await session.execute(queue_query(app.client_id, now))).one()
         lag = max(0.0, (now - oldest_due).total_seconds()) if oldest_due else 0.0
         REFRESHER_LAG.labels(app.name).set(lag)
-        due = select(func.count()).where(mine, Seller.next_refresh_at <= now)
-        REFRESH_BACKLOG.labels(app.name).set(await session.scalar(due) or 0)
+        REFRESH_BACKLOG.labels(app.name).set(backlog)
 
     pending, oldest = (
         await session.execute(

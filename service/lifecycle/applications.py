@@ -8,11 +8,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.core.applications import Application
 from service.core.domain import Status
+from service.core.metrics import queue_query
 from service.core.models import AppBreaker, Seller
 from service.core.schemas import ApplicationSummary, ClosedBreaker, OpenBreaker, SellerCounts
 
@@ -60,12 +61,3 @@ async def summaries(
             )
         )
     return found
-
-
-def queue_query(client_id: str, now: datetime) -> Select[datetime | None, int]:
-    """The application's earliest next_refresh_at and how many are due now. Both read its part
-    of the work-queue index (client_id, next_refresh_at) WHERE status = 'linked': no scan."""
-    queue = (Seller.status == Status.LINKED) & (Seller.client_id == client_id)
-    earliest = select(func.min(Seller.next_refresh_at)).where(queue).scalar_subquery()
-    due = select(func.count()).where(queue, Seller.next_refresh_at <= now).scalar_subquery()
-    return select(earliest, due)

@@ -84,7 +84,8 @@ async def list_sellers(
 async def get_seller(seller_id: SellerId, admin: AdminDep, key: ApiKeyDep) -> SellerStatus:
     """Show a seller's link status, token expiry and last refresh; never a secret."""
     apikeys.authorize(key, "sellers:admin", seller_id)
-    return await sellers.status(admin.db.sessions, admin.settings.apps, seller_id, key)
+    await sellers.authorize_seller(admin.db.sessions, key, seller_id)
+    return await sellers.status(admin.db.sessions, admin.settings.apps, seller_id)
 
 
 @router.get(
@@ -108,9 +109,9 @@ async def read_audit(
     apikeys.authorize(key, "sellers:admin", seller_id)
     if key.namespace and seller_id is None:
         raise Forbidden("A key limited to a namespace must name one of its sellers.")
-    if key.client_ids is not None and seller_id is not None:
-        await sellers.status(admin.db.sessions, admin.settings.apps, seller_id, key)
-    elif key.client_ids is not None:
+    if seller_id is not None:
+        await sellers.authorize_seller(admin.db.sessions, key, seller_id)
+    elif key.client_ids is not None:  # then name one of its applications
         app = admin.settings.apps.get(application or "")
         apikeys.authorize_application(key, app.client_id if app else None)
     async with admin.db.sessions() as session:
@@ -127,8 +128,7 @@ async def read_audit(
 async def unlink_seller(seller_id: SellerId, admin: AdminDep, key: ApiKeyDep) -> SellerStatus:
     """Unlink a seller: destroy its stored tokens, keep the row (as `unlinked`) for its history."""
     apikeys.authorize(key, "sellers:admin", seller_id)
-    if key.client_ids is not None:
-        await sellers.status(admin.db.sessions, admin.settings.apps, seller_id, key)
+    await sellers.authorize_seller(admin.db.sessions, key, seller_id)
     await sellers.unlink(
         admin.db.sessions,
         admin.settings,

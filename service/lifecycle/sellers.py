@@ -516,20 +516,28 @@ async def reseal(session: AsyncSession, keyring: Keyring, seller: Seller) -> boo
 
 
 async def status(
-    sessions: async_sessionmaker[AsyncSession],
-    apps: Applications,
-    seller_id: str,
-    key: KeyView | None = None,
+    sessions: async_sessionmaker[AsyncSession], apps: Applications, seller_id: str
 ) -> SellerStatus:
-    """What the admin routes show of a seller: its status and expiries, never a secret. With
-    `key`, only a seller in the key's applications (else the same 403 as for none at all)."""
+    """What the admin routes show of a seller: its status and expiries, never a secret."""
     async with sessions() as session:
         seller = await session.get(Seller, seller_id)
-    if key is not None:
-        authorize_application(key, seller.client_id if seller is not None else None)
     if seller is None:
         raise SellerNotFound(f"No seller {seller_id!r}.")
     return SellerStatus.of(seller, apps)
+
+
+async def authorize_seller(
+    sessions: async_sessionmaker[AsyncSession], key: KeyView, seller_id: str
+) -> None:
+    """For a key limited to applications: the seller must be of one of them (a seller that
+    does not exist gets the same 403). Any other key: nothing to check, nothing read."""
+    if key.client_ids is None:
+        return
+    async with sessions() as session:
+        client_id = await session.scalar(
+            select(Seller.client_id).where(Seller.seller_id == seller_id)
+        )
+    authorize_application(key, client_id)
 
 
 def page_query(

@@ -120,25 +120,23 @@ class Handled:
 async def handle(
     flow: Notifications,
     app: Application,
-    request_id: str | None,
+    request_id: str,
     data_id: str | None,
     body: dict[str, Any],
 ) -> Handled:
-    """Act on a verified notification (`data_id`: the signed one, from the query string):
+    """Act on a verified notification (`data_id`: the signed one, from the query string;
+    `request_id`: its x-request-id, which the route requires in the REQUEST_ID shape):
     de-duplicated, checked, confirmed with Mercado Pago."""
-    request_id = (request_id or "")[:128] or None
-    if request_id and not await _claim(flow, request_id):
+    if not await _claim(flow, request_id):
         return Handled("duplicate")
     try:
         handled = await _act(flow, app, data_id, body)
     except BaseException:
-        if request_id:
-            # Mercado Pago retries a notification that failed half-way (it could not
-            # confirm): the retry must not be dropped as a duplicate.
-            await _release(flow, request_id)
+        # Mercado Pago retries a notification that failed half-way (it could not confirm):
+        # the retry must not be dropped as a duplicate.
+        await _release(flow, request_id)
         raise
-    if request_id:
-        await _handled(flow, request_id)
+    await _handled(flow, request_id)
     log.info(
         "webhook.handled",
         extra={

@@ -242,6 +242,13 @@ async def start_link(
 # -- GET /link/{token} -----------------------------------------------------------------------
 
 
+def _unusable(link: Link, now: datetime) -> Refusal | None:
+    """Why a link can start or finish no attempt any more: it linked once, or expired."""
+    if link.completed_at is not None:
+        return Refusal.LINK_USED  # a link links once; a forwarded copy is dead after that
+    return Refusal.LINK_EXPIRED if link.expires_at <= now else None
+
+
 async def open_link(
     flow: Linking, token: str, binder: str | None
 ) -> tuple[str, str] | CallbackResult:
@@ -251,15 +258,7 @@ async def open_link(
         link = await session.get(Link, pkce.digest(token))
         # A link of an application no longer configured cannot be completed.
         app = flow.upstream.apps.by_client_id.get(link.client_id) if link else None
-        refusal = (
-            Refusal.LINK_NOT_FOUND
-            if link is None or app is None
-            else Refusal.LINK_USED
-            if link.completed_at is not None
-            else Refusal.LINK_EXPIRED
-            if link.expires_at <= now
-            else None
-        )
+        refusal = Refusal.LINK_NOT_FOUND if link is None or app is None else _unusable(link, now)
         if refusal is None and link is not None:
             seller = await session.get(Seller, link.seller_id)
             if crosses_applications(flow, seller, link.client_id):
@@ -379,13 +378,10 @@ async def _claim_attempt(
         # a forwarded copy left at the consent page) or expired completes nothing, before any
         # code reaches Mercado Pago.
         link_refusal = (
-            Refusal.LINK_USED
-            if link is None or link.completed_at is not None
-            else Refusal.LINK_EXPIRED
-            if link.expires_at <= now
-            else Refusal.ATTEMPT_EXPIRED
-            if attempt.expires_at <= now
-            else None
+            Refusal.LINK_USED  # retention deletes a link with its attempts: only a race gets here
+            if link is None
+            else _unusable(link, now)
+            or (Refusal.ATTEMPT_EXPIRED if attempt.expires_at <= now else None)
         )
         if link_refusal is not None:
             _event("callback.refused", reason=link_refusal, attempt=attempt.id)

@@ -102,7 +102,7 @@ def banner(settings: Settings, api_key: str, *, simulated: bool) -> str:
         if simulated
         else "talking to Mercado Pago"
     )
-    # With several applications a link names one; the first seller links through each.
+    # With several applications a link names one: a demo seller for each application.
     links = "\n".join(
         f"   curl -s -X POST {base}/link/start -H 'Authorization: Bearer {api_key}' \\\n"
         f"        -H 'Content-Type: application/json' -d "

@@ -402,12 +402,7 @@ class Refresher:
         return gate
 
     async def _refresh_claimed(self, claim: Claim) -> Outcome:
-        app = self.apps.by_client_id.get(claim.client_id)
-        if app is None:  # claims name configured applications only; a config change raced
-            await self._record_failure(
-                claim, AttemptOutcome.NOT_SENT, "application_unconfigured", back_off=True
-            )
-            return Outcome.SKIPPED
+        app = self.apps.by_client_id[claim.client_id]  # both claims take configured ones only
         gate = await self._gate(claim.client_id)
         if gate == breaker.Gate.OPEN:
             await self._record_failure(

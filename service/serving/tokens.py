@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 from sqlalchemy import bindparam, select
@@ -45,13 +46,15 @@ class Reports:
     inflight: dict[tuple[str, int], asyncio.Task[None]] = field(default_factory=dict)
     checked: OrderedDict[tuple[str, int], float] = field(default_factory=OrderedDict)
 
-    async def once(self, key: tuple[str, int], check: Callable[[], Awaitable[None]]) -> None:
+    async def once(
+        self, key: tuple[str, int], check: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
         loop = asyncio.get_running_loop()
         if self.checked.get(key, -REPORT_COOLDOWN_SECONDS) > loop.time() - REPORT_COOLDOWN_SECONDS:
             return
         task = self.inflight.get(key)
         if task is None:
-            task = self.inflight[key] = loop.create_task(_run(check))
+            task = self.inflight[key] = loop.create_task(check())
             task.add_done_callback(lambda done: self._finished(key, done))
         await asyncio.shield(task)
 
@@ -61,10 +64,6 @@ class Reports:
             self.checked[key] = asyncio.get_running_loop().time()
             while len(self.checked) > REPORTS_REMEMBERED:
                 self.checked.popitem(last=False)
-
-
-async def _run(check: Callable[[], Awaitable[None]]) -> None:
-    await check()
 
 
 @dataclass(frozen=True)

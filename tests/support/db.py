@@ -23,3 +23,9 @@ async def execute(url: str, sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+async def plan(sql: asyncpg.Connection, query: str, *args: object) -> str:
+    """PostgreSQL's plan for `query` (EXPLAIN), as one text."""
+    rows = await sql.fetch(f"EXPLAIN {query}", *args)
+    return "\n".join(row[0] for row in rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.core.config import Settings
+from service.main import create_app
 from service.ops.cli import QuietServer
 from service.refresh.engine import Refresher
 
@@ -142,3 +144,18 @@ class Broker:
         assert reply.status_code == 201, reply.text
         link_url: str = reply.json()["link_url"]
         return link_url
+
+
+@contextlib.asynccontextmanager
+async def serve_broker(
+    settings: Settings, sock: socket.socket, database_url: str, clock: Any, api_key: str
+) -> AsyncIterator[Broker]:
+    """The broker app on `sock` (closed when it stops), called as `api_key`."""
+    app = create_app(settings, database_url=database_url, clock=clock)
+    async with (
+        Loopback(app, sock) as server,
+        httpx.AsyncClient(
+            base_url=server.url, headers={"Authorization": f"Bearer {api_key}"}
+        ) as http,
+    ):
+        yield Broker(server.url, http, api_key, settings, app)
