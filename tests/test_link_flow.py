@@ -321,6 +321,9 @@ async def test_two_concurrent_submissions_of_one_callback_exchange_the_code_once
         loser = done.pop().result()
         assert loser.status_code == 409
         assert "Still linking" in loser.text
+        # The loser may answer before the winner's exchange reaches Mercado Pago: release only
+        # a reply that is held, or the release comes first and the winner's reply waits forever.
+        await simulator.wait_until_held()
         await simulator.release()
         winner = await pending.pop()
     assert winner.status_code == 200
@@ -336,15 +339,12 @@ async def test_the_attempt_is_consumed_and_committed_before_mercado_pago_answers
     async with SellerBrowser() as browser:
         callback = await browser.authorize(await broker.start_link(SELLER), 5)
         pending = asyncio.create_task(browser.callback(callback))
-        for _ in range(200):  # bounded: at most ~10 s
-            if [e for e in await simulator.log() if e["outcome"] == "held"]:
-                break
-            await asyncio.sleep(0.05)
+        await simulator.wait_until_held()
         # Mercado Pago holds its reply: the attempt is already consumed, seen from outside.
         row = await sql.fetchrow("SELECT consumed_at, outcome FROM link_attempts")
         assert row["consumed_at"] is not None
         assert row["outcome"] == "exchanging"
-        (await simulator.http.post("/_control/release")).raise_for_status()
+        await simulator.release()
         page = await pending
     assert page.status_code == 200
     assert await sql.fetchval("SELECT outcome FROM link_attempts") == "linked"
