@@ -60,7 +60,7 @@ def create_app(
             url = await asyncio.to_thread(db.database_url, settings)
         runtime = await Runtime.build(settings, url, clock=clock, transport=transport)
         refresher = refresher_of(runtime)
-        app.state.runtime, app.state.refresher = runtime, refresher
+        app.state.runtime, app.state.refresher, app.state.health = runtime, refresher, health
         compose(app.state, runtime, refresher)
         background = Background(runtime, refresher, health, api=True)
         # Start-up's objects live as long as the process: keep the collector from walking
@@ -122,7 +122,10 @@ def create_app(
     async def readyz() -> JSONResponse:
         """Readiness: able to serve (schema at head, database reachable within the grace)."""
         ready, status = health.ready()
-        return JSONResponse({"status": status}, status_code=200 if ready else 503)
+        answer = {"status": status}
+        if health.key_service:  # loud, not unready: see service/core/keys.py
+            answer["key_service"] = health.key_service
+        return JSONResponse(answer, status_code=200 if ready else 503)
 
     @app.get(
         "/metrics",

@@ -10,7 +10,7 @@ from pydantic import SecretStr, ValidationError
 
 from service.core.config import Settings, load_settings
 from service.core.crypto import generate_key_spec
-from service.core.runtime import load_keyring
+from service.core.keys import local_keyring
 from service.ops.cli import main
 
 KEYS = generate_key_spec("k1")
@@ -112,8 +112,8 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_dev_mode_generates_a_local_key_once_and_keeps_it(tmp_path: Path) -> None:
     settings = Settings(_env_file=None, broker_data_dir=tmp_path)
-    first = load_keyring(settings)
-    second = load_keyring(settings)
+    first = local_keyring(settings)
+    second = local_keyring(settings)
     assert first.primary == second.primary == "dev1"
     sealed = first.seal("x", "ctx")
     assert second.open(sealed, "ctx") == "x"
@@ -175,7 +175,7 @@ def test_secret_settings_may_come_from_files(
     assert settings.apps["br"].oauth.client_secrets == ("br-from-a-file",)
     assert settings.database_url is not None
     assert "password-from-a-file" in settings.database_url
-    assert load_keyring(settings).primary == "k1"
+    assert local_keyring(settings).primary == "k1"
     # The environment wins over a file (an override during an incident).
     monkeypatch.setenv("MP_WEBHOOK_SECRET", "from-the-environment")
     assert load_settings().apps["default"].webhook_secrets == ("from-the-environment",)

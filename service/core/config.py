@@ -86,6 +86,22 @@ class Settings(BaseSettings):
     mp_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
 
     broker_encryption_keys: SecretStr | None = None
+    # Envelope encryption (service/core/keys.py): data keys wrapped by OpenBao / Vault Transit.
+    broker_key_service: Literal["local", "transit"] = "local"
+    broker_transit_url: str | None = None
+    broker_transit_mount: str = Field(default="transit", pattern=r"^[A-Za-z0-9_/-]{1,100}$")
+    broker_transit_key: str = Field(default="broker", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    broker_transit_namespace: str | None = None
+    broker_transit_ca_file: Path | None = None
+    broker_vault_token: SecretStr | None = None
+    broker_vault_role_id: str | None = None
+    broker_vault_secret_id: SecretStr | None = None
+    broker_vault_approle_mount: str = Field(default="approle", pattern=r"^[A-Za-z0-9_/-]{1,100}$")
+    broker_key_check_seconds: float = Field(default=15.0, gt=0, le=3600)
+    broker_key_service_wait_seconds: float = Field(default=30.0, ge=0, le=3600)
+    broker_key_service_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # Only for `broker keys import`: the BROKER_ENCRYPTION_KEYS being moved to the key service.
+    broker_import_keys: SecretStr | None = None
     broker_link_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     broker_attempt_ttl_seconds: int = Field(default=600, ge=60, le=3600)
     broker_return_url_allowlist: Annotated[list[str], NoDecode] = []
@@ -165,7 +181,7 @@ class Settings(BaseSettings):
             ipaddress.ip_network(entry, strict=False)  # raises ValueError: a clear start-up error
         return value
 
-    @field_validator("broker_encryption_keys")
+    @field_validator("broker_encryption_keys", "broker_import_keys")
     @classmethod
     def _keys_are_well_formed(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
@@ -203,6 +219,25 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _one_source_of_keys(self) -> Settings:
+        if self.broker_key_service != "transit":
+            return self
+        if self.broker_encryption_keys is not None:
+            # Two sources would leave doubt about which key sealed what: the move from one to
+            # the other is `broker keys import` (README: key management).
+            raise ValueError("set BROKER_ENCRYPTION_KEYS or BROKER_KEY_SERVICE=transit, not both")
+        parts = urlsplit(self.broker_transit_url or "")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("BROKER_KEY_SERVICE=transit needs BROKER_TRANSIT_URL (http(s)://…)")
+        approle = bool(self.broker_vault_role_id) and self.broker_vault_secret_id is not None
+        if (self.broker_vault_token is not None) == approle:
+            raise ValueError(
+                "BROKER_KEY_SERVICE=transit needs BROKER_VAULT_TOKEN, or BROKER_VAULT_ROLE_ID "
+                "and BROKER_VAULT_SECRET_ID (AppRole): exactly one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _applications_are_well_formed(self) -> Settings:
         # At start-up, with the field and the application named (and no value echoed).
         if self.has_applications:
@@ -217,8 +252,13 @@ class Settings(BaseSettings):
         if not self.database_url:
             # Replicas with private embedded databases would each refresh (burn) the same tokens.
             missing.append("DATABASE_URL")
-        if _placeholder(self.broker_encryption_keys):
-            missing.append("BROKER_ENCRYPTION_KEYS")
+        if self.broker_key_service == "transit":
+            if urlsplit(self.broker_transit_url or "").hostname not in LOOPBACK_HOSTS and not (
+                self.broker_transit_url or ""
+            ).startswith("https://"):
+                missing.append("BROKER_TRANSIT_URL (https)")
+        elif _placeholder(self.broker_encryption_keys):
+            missing.append("BROKER_ENCRYPTION_KEYS (or BROKER_KEY_SERVICE=transit)")
         if not self.broker_public_url.startswith("https://"):
             missing.append("BROKER_PUBLIC_URL (https)")
         if self._has_default:

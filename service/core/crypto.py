@@ -65,8 +65,20 @@ def generate_key_spec(key_id: str) -> str:
     return f"{key_id}:{_b64(secrets.token_bytes(32))}"
 
 
-@dataclass(frozen=True, repr=False)
+def parse_spec(spec: str) -> tuple[dict[str, bytes], str]:
+    """BROKER_ENCRYPTION_KEYS: the keys by id, and the primary (the first)."""
+    keys: dict[str, bytes] = {}
+    for entry in spec.split(","):
+        key_id, _, material = entry.strip().partition(":")
+        keys[key_id] = _unb64(material)
+    return keys, next(iter(keys))
+
+
+@dataclass(repr=False)
 class Keyring:
+    """The data keys of a process. One object for its life: `adopt` swaps in the keys a key
+    service's table holds now (service/core/keys.py), so every flow sees them at once."""
+
     keys: dict[str, AESGCM]
     primary: str
     # Per key, a MAC key derived from it (never the key itself): values the broker hands out
@@ -75,20 +87,27 @@ class Keyring:
 
     @classmethod
     def parse(cls, spec: str) -> Keyring:
-        keys: dict[str, AESGCM] = {}
-        macs: dict[str, bytes] = {}
-        order: list[str] = []
-        for entry in spec.split(","):
-            key_id, _, material = entry.strip().partition(":")
-            raw = _unb64(material)
-            if len(raw) != 32 or not key_id or "." in key_id:
-                raise ValueError("each key must be key_id:<base64url of 32 bytes>")
-            keys[key_id] = AESGCM(raw)
-            macs[key_id] = hmac.new(raw, MAC_KEY_LABEL, hashlib.sha256).digest()
-            order.append(key_id)
-        if not order:
+        return cls.of(*parse_spec(spec))
+
+    @classmethod
+    def of(cls, raw: dict[str, bytes], primary: str) -> Keyring:
+        if not raw or primary not in raw:
             raise ValueError("at least one encryption key is needed")
-        return cls(keys=keys, primary=order[0], mac_keys=macs)
+        for key_id, key in raw.items():
+            if len(key) != 32 or not key_id or "." in key_id:
+                raise ValueError("each key must be key_id:<base64url of 32 bytes>")
+        return cls(
+            keys={key_id: AESGCM(key) for key_id, key in raw.items()},
+            primary=primary,
+            mac_keys={
+                key_id: hmac.new(key, MAC_KEY_LABEL, hashlib.sha256).digest()
+                for key_id, key in raw.items()
+            },
+        )
+
+    def adopt(self, other: Keyring) -> None:
+        # One assignment each, between two awaits: a seal never sees a half-swapped keyring.
+        self.keys, self.mac_keys, self.primary = other.keys, other.mac_keys, other.primary
 
     def tag(self, message: str) -> str:
         """A MAC of `message` under the primary key (43 base64url characters)."""

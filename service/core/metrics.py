@@ -67,6 +67,12 @@ EVENT_DELIVERY_SECONDS = Histogram(
 )
 DATABASE_UP = Gauge("broker_database_up", "1 when the last database check answered.")
 READY = Gauge("broker_ready", "1 when /readyz answers 200.")
+# With a key service (service/core/keys.py): its last check, and the data keys held in memory.
+KEY_SERVICE_UP = Gauge("broker_key_service_up", "1 when the key service's last check answered.")
+KEY_SERVICE_FAILURES = Counter(
+    "broker_key_service_failures", "Failed key service checks, by reason.", ["reason"]
+)
+DATA_KEYS = Gauge("broker_data_keys", "Data keys this process holds (unwrapped, in memory).")
 SELLERS = Gauge("broker_sellers", "Sellers by application and status.", ["application", "status"])
 EXPIRING = Gauge(
     "broker_tokens_expiring",

@@ -185,6 +185,20 @@ class AuditEvent(Base):
     count: Mapped[int] = mapped_column(Integer, server_default=text("1"))
 
 
+class DataKey(Base):
+    """A data key wrapped by the key service (service/core/keys.py); never a key in clear.
+
+    The primary is the key promoted last. Only with BROKER_KEY_SERVICE; otherwise empty."""
+
+    __tablename__ = "data_keys"
+
+    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    wrapped: Mapped[str] = mapped_column(Text)  # e.g. Transit's `vault:v3:…`
+    wrapped_by: Mapped[str] = mapped_column(String(200))  # e.g. `transit:transit/broker`
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=text("now()"))
+    promoted_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
 class RefreshPause(Base):
     """The operator's switch (`broker refresher pause`): while this row exists, no process
     refreshes any seller (background or on read). Tokens still valid go on being served."""

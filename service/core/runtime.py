@@ -12,21 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from service.core import db, logs
+from service.core import db, keys, keyservice, logs
 from service.core.applications import Applications
 from service.core.config import Settings
-from service.core.crypto import Keyring, generate_key_spec
+from service.core.crypto import Keyring
 from service.core.mercadopago import MercadoPagoClient
 from service.lifecycle.audit import ReadCounter
 from service.serving.cache import Cache
@@ -41,28 +39,6 @@ T = TypeVar("T")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def load_keyring(settings: Settings) -> Keyring:
-    if settings.broker_encryption_keys is not None:
-        return Keyring.parse(settings.broker_encryption_keys.get_secret_value())
-    # Dev only (production refuses to start without keys): a local key kept in the data dir.
-    path: Path = settings.broker_data_dir / "dev-encryption-key"
-    if not path.exists():
-        settings.broker_data_dir.mkdir(parents=True, exist_ok=True)
-        # Written aside, then linked into place: of two processes starting at once (API and
-        # refresher on a shared volume), one key wins and both read it whole.
-        draft = path.with_name(f"{path.name}.{os.getpid()}")
-        draft.write_text(generate_key_spec("dev1") + "\n")
-        draft.chmod(0o600)
-        try:
-            os.link(draft, path)
-            log.warning("dev.encryption_key_generated", extra={"fields": {"path": str(path)}})
-        except FileExistsError:
-            pass
-        finally:
-            draft.unlink()
-    return Keyring.parse(path.read_text().strip())
 
 
 @dataclass
@@ -171,6 +147,7 @@ class Runtime:
     http: httpx.AsyncClient  # events to internal services
     key_buckets: Buckets
     cache: Cache
+    key_service: keyservice.KeyService | None  # None: BROKER_ENCRYPTION_KEYS (or dev's key)
     reads: ReadCounter = field(default_factory=ReadCounter)
 
     @classmethod
@@ -182,11 +159,23 @@ class Runtime:
         transport: httpx.AsyncBaseTransport | None = None,
         application_name: str = "broker-api",
     ) -> Runtime:
+        database = await Database.open(settings, url, application_name)
+        key_service = keyservice.from_settings(settings)
+        try:
+            keyring = await keys.open_keyring(
+                settings, database.sessions, key_service, settings.broker_key_service_wait_seconds
+            )
+        except BaseException:
+            if key_service is not None:
+                await key_service.aclose()
+            await database.close(1.0)
+            raise
         return cls(
             settings=settings,
             clock=clock,
-            db=await Database.open(settings, url, application_name),
-            keyring=load_keyring(settings),
+            db=database,
+            keyring=keyring,
+            key_service=key_service,
             upstream=Upstream.open(settings, clock, transport),
             tasks=Tasks(),
             http=httpx.AsyncClient(transport=transport, follow_redirects=False),
@@ -205,4 +194,6 @@ class Runtime:
             await asyncio.wait_for(self.reads.flush(self.db.direct), seconds / 2)
         await self.http.aclose()
         await self.upstream.close()
+        if self.key_service is not None:
+            await self.key_service.aclose()
         await self.db.close(end - loop.time())

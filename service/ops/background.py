@@ -22,7 +22,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from service.core import logs
+from service.core import keys, logs
 from service.core.runtime import Runtime
 from service.lifecycle.events import Dispatcher
 from service.ops import observe
@@ -50,6 +50,12 @@ class Background:
         loops: dict[str, Coroutine[Any, Any, None]] = {
             "health": observe.watch(health, settings, rt.clock, rt.db.sessions, self.stopping)
         }
+        if rt.key_service is not None:
+            watch = keys.KeyWatch(
+                rt.keyring, rt.db.sessions, rt.key_service, settings.broker_key_check_seconds
+            )
+            health.keys = watch
+            loops["keys"] = watch.run(self.stopping)
         if api:
             loops["read_counts"] = rt.reads.run(
                 rt.db.direct, self.stopping, settings.broker_audit_flush_seconds

@@ -20,13 +20,13 @@ from alembic.config import Config
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.core import db, logs
+from service.core import db, keys, keyservice, logs
 from service.core.applications import Applications
 from service.core.config import Settings, get_settings
-from service.core.crypto import generate_key_spec
+from service.core.crypto import Keyring, generate_key_spec
 from service.core.db import transaction
 from service.core.domain import UNLINK_REASONS, Reason, Status
-from service.core.runtime import load_keyring, utcnow
+from service.core.runtime import utcnow
 from service.core.schemas import OpenBreaker
 from service.lifecycle import rekey
 from service.ops import output
@@ -94,6 +94,8 @@ async def _serve(settings: Settings, url: str, *, simulated: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
     await asyncio.gather(*(server.serve() for server in servers))
+    if not all(server.started for server in servers):
+        sys.exit(3)  # a start-up failed (its log line says why, e.g. keys.unavailable_at_start)
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
@@ -130,7 +132,10 @@ async def _refresher(settings: Settings, url: str) -> None:
     from service.ops import observe
     from service.ops.background import Background, refresher_of
 
-    runtime = await Runtime.build(settings, url, application_name="broker-refresher")
+    try:
+        runtime = await Runtime.build(settings, url, application_name="broker-refresher")
+    except keyservice.KeyServiceError as exc:  # logged as keys.unavailable_at_start
+        output.fail(f"no data keys: the key service refused: {exc}")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -227,7 +232,7 @@ async def _sellers(settings: Settings, args: argparse.Namespace) -> None:
         async with _sessions(settings) as sessions:
             marked = await sellers.mark_restored(
                 sessions,
-                load_keyring(settings),
+                await _keyring(settings, sessions),
                 utcnow(),
                 timedelta(minutes=args.spread_minutes),
                 report=_count_bar,
@@ -346,15 +351,71 @@ def _progress_bar(progress: rekey.Progress) -> None:
     output.progress(progress.done, progress.total, aside)
 
 
+async def _keyring(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> Keyring:
+    """The data keys, as a broker process holds them (one try at the key service)."""
+    service = keyservice.from_settings(settings)
+    try:
+        return await keys.open_keyring(settings, sessions, service)
+    except keyservice.KeyServiceError as exc:
+        output.fail(f"the key service refused: {exc}")
+    finally:
+        if service is not None:
+            await service.aclose()
+
+
 async def _reencrypt(settings: Settings, batch_size: int) -> rekey.Progress:
-    keyring = load_keyring(settings)
     async with _sessions(settings) as sessions:
+        keyring = await _keyring(settings, sessions)
         return await rekey.reencrypt(sessions, keyring, utcnow, batch_size, _progress_bar)
+
+
+async def _data_keys(settings: Settings, args: argparse.Namespace) -> None:
+    """`broker keys add|promote|rewrap|import|list`: the data keys a key service wraps."""
+    service = keyservice.from_settings(settings)
+    if service is None:
+        output.fail("set BROKER_KEY_SERVICE=transit (and its settings) first")
+    try:
+        async with _sessions(settings) as sessions:
+            if args.action == "add":
+                key_id = await keys.add(sessions, service)
+                output.say(
+                    f"added {key_id}: it opens, it does not seal yet; once every process has "
+                    f"re-read the keys (BROKER_KEY_CHECK_SECONDS): broker keys promote {key_id}"
+                )
+            elif args.action == "promote":
+                if not await keys.promote(sessions, args.key_id):
+                    output.fail(f"no data key {args.key_id!r} (see: broker keys list)")
+                output.say(f"{args.key_id} seals from the next check of every process on")
+            elif args.action == "rewrap":
+                count = await keys.rewrap(sessions, service)
+                output.say(f"rewrapped {count} data key(s) under {service.name}'s newest version")
+            elif args.action == "import":
+                spec = settings.broker_import_keys
+                if spec is None:
+                    output.fail("put the keys to import in BROKER_IMPORT_KEYS (or its file)")
+                imported = await keys.import_local(sessions, service, spec.get_secret_value())
+                done = ", ".join(imported) or "nothing new"
+                output.say(f"imported {done}; see: broker keys list")
+            else:
+                for row in await keys.listing(sessions):
+                    version = row.wrapped.split(":")[1] if row.wrapped.count(":") >= 2 else "-"
+                    promoted = f"{row.promoted_at:%Y-%m-%d %H:%M:%S}" if row.promoted_at else "-"
+                    output.say(
+                        f"{row.key_id}\t{row.wrapped_by} {version}\t"
+                        f"created {row.created_at:%Y-%m-%d %H:%M:%S}\tpromoted {promoted}"
+                    )
+    except keyservice.KeyServiceError as exc:
+        output.fail(f"the key service refused: {exc}")
+    finally:
+        await service.aclose()
 
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
     if args.action == "generate":
         output.say(generate_key_spec(args.key_id))
+        return
+    if args.action != "reencrypt":
+        asyncio.run(_data_keys(settings, args))
         return
     progress = asyncio.run(_reencrypt(settings, args.batch_size))
     output.note()
@@ -561,6 +622,17 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("key_id")
     reencrypt = keys_cmd.add_parser("reencrypt", help="reseal every value under the primary key")
     reencrypt.add_argument("--batch-size", type=int, default=200)
+    # With BROKER_KEY_SERVICE=transit: the wrapped data keys (service/core/keys.py).
+    keys_cmd.add_parser("list", help="the data keys the key service wraps (never a key)")
+    keys_cmd.add_parser("add", help="a new data key that opens; promote it to seal")
+    promote = keys_cmd.add_parser("promote", help="the data key that seals from now on")
+    promote.add_argument("key_id")
+    keys_cmd.add_parser(
+        "rewrap", help="after rotating the Transit key: rewrap the data keys (no seller row)"
+    )
+    keys_cmd.add_parser(
+        "import", help="wrap BROKER_IMPORT_KEYS (the old BROKER_ENCRYPTION_KEYS) into data keys"
+    )
     breakers = sub.add_parser("breaker", help="per-application refresh breakers").add_subparsers(
         dest="action", required=True
     )

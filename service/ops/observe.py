@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.core import db, logs, metrics
 from service.core.config import Settings
+from service.core.keys import KeyWatch
 from service.core.logs import request_id
 from service.core.runtime import Clock
 
@@ -75,6 +76,13 @@ class Health:
     schema_at_head: bool = False
     stopping: bool = False
     database_ok_at: float = field(default_factory=time.monotonic)
+    keys: KeyWatch | None = None  # with a key service (service/core/keys.py)
+
+    @property
+    def key_service(self) -> str | None:
+        """Why the key service's last check failed; None when it answered (or there is none).
+        Not a readiness failure: the data keys are in memory, and serving goes on."""
+        return self.keys.failing if self.keys else None
 
     def ready(self) -> tuple[bool, str]:
         if self.stopping:

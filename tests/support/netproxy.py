@@ -1,4 +1,5 @@
-"""A loopback TCP proxy in front of PostgreSQL, so a test can cut the database off for real.
+"""A loopback TCP proxy in front of PostgreSQL (or any TCP server: `TcpProxy.to`), so a test can
+cut the database (or the key service) off for real.
 
 `cut()` drops every open connection and stops listening (new connections are refused, as when
 a database host goes away); `restore()` listens again on the same port.
@@ -27,6 +28,10 @@ class TcpProxy:
         self.server: asyncio.Server | None = None
         self.pipes: set[asyncio.Task[None]] = set()
         self.writers: set[asyncio.StreamWriter] = set()
+
+    @classmethod
+    def to(cls, host: str, port: int) -> TcpProxy:
+        return cls(f"postgresql://{host}:{port}/")
 
     @property
     def url(self) -> str:
