@@ -185,3 +185,33 @@ def test_a_missing_secrets_directory_stops_the_start_up(monkeypatch: pytest.Monk
     monkeypatch.setenv("BROKER_SECRETS_DIR", "/nonexistent/secrets")
     with pytest.raises(ValueError, match="BROKER_SECRETS_DIR"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"broker_vault_token": "s.token-from-a-file\n"},
+        {"broker_vault_role_id": "role-from-a-file", "broker_vault_secret_id": "secret-id-file"},
+    ],
+)
+def test_the_vault_token_or_approle_comes_from_files(
+    files: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With Transit, no key material and no Vault credential need sit in the environment."""
+    for name, value in files.items():
+        (tmp_path / name).write_text(value)
+    for name in ("BROKER_ENCRYPTION_KEYS", *(name.upper() for name in files)):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.setenv("BROKER_SECRETS_DIR", str(tmp_path))
+    monkeypatch.setenv("BROKER_KEY_SERVICE", "transit")
+    monkeypatch.setenv("BROKER_TRANSIT_URL", "https://bao.internal:8200")
+    settings = load_settings()
+    token, secret_id = settings.broker_vault_token, settings.broker_vault_secret_id
+    if "broker_vault_token" in files:
+        assert token is not None
+        assert token.get_secret_value() == "s.token-from-a-file"
+    else:
+        assert settings.broker_vault_role_id == "role-from-a-file"
+        assert secret_id is not None
+        assert secret_id.get_secret_value() == "secret-id-file"

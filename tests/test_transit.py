@@ -40,7 +40,7 @@ from tests.support import (
 )
 from tests.support.netproxy import TcpProxy
 from tests.support.openbao import OpenBao, openbao
-from tests.support.processes import base_env, free_port
+from tests.support.processes import base_env, free_port, run_cli
 from tests.support.servers import serve_broker
 from tests.test_at_rest import dump_every_table
 
@@ -485,3 +485,30 @@ async def test_unwrapping_errors_name_the_reason_and_never_a_key(bao: OpenBao) -
     assert caught.value.reason == "key_unavailable"
     for service in (good, other_key, nobody, nowhere):
         await service.aclose()
+
+
+async def test_the_keys_commands_add_and_rewrap_through_transit(
+    bao: OpenBao, settings: Settings, database_url: str, sql: asyncpg.Connection
+) -> None:
+    env = base_env(
+        DATABASE_URL=database_url,
+        MP_CLIENT_ID=settings.mp_client_id or "",
+        MP_CLIENT_SECRET="x" * 20,
+        MP_REDIRECT_URI=settings.mp_redirect_uri or "",
+        BROKER_KEY_SERVICE="transit",
+        BROKER_TRANSIT_URL=bao.url,
+        BROKER_VAULT_TOKEN=await bao.broker_token(),
+    )
+    code, out, err = await run_cli("keys", "add", env=env)
+    assert code == 0, err
+    assert "added dk1" in out  # the table was empty: numbering starts at 1 either way
+    await bao.rotate()
+    code, out, err = await run_cli("keys", "rewrap", env=env)
+    assert code == 0, err
+    assert "rewrapped 1 data key(s)" in out
+    assert (await sql.fetchval("SELECT wrapped FROM data_keys")).startswith("vault:v2:")
+    await bao.revoke(env["BROKER_VAULT_TOKEN"])
+    code, out, err = await run_cli("keys", "rewrap", env=env)
+    assert code == 1
+    assert "denied" in err
+    assert env["BROKER_VAULT_TOKEN"] not in out + err
