@@ -101,7 +101,7 @@ async def sealed_columns(sql: asyncpg.Connection) -> list[tuple[str, str, str, i
     rows = await sql.fetch(
         "SELECT seller_id, access_token, refresh_token, version FROM sellers ORDER BY seller_id"
     )
-    return [tuple(row.values()) for row in rows]  # type: ignore[misc]
+    return [tuple(row.values()) for row in rows]
 
 
 async def test_link_refresh_and_reads_with_transit_and_no_usable_key_at_rest(
@@ -442,13 +442,13 @@ async def test_the_local_keys_are_imported_and_their_rows_open_unchanged(
 
 
 def test_transit_settings_are_checked_at_start_up() -> None:
-    base = {"_env_file": None, "broker_key_service": "transit"}
+    base: dict[str, Any] = {"_env_file": None, "broker_key_service": "transit"}
     with pytest.raises(ValidationError, match="BROKER_TRANSIT_URL"):
-        Settings(**base, broker_vault_token="t")  # type: ignore[arg-type]
+        Settings(**base, broker_vault_token="t")
     with pytest.raises(ValidationError, match="exactly one"):
-        Settings(**base, broker_transit_url="http://127.0.0.1:8200")  # type: ignore[arg-type]
+        Settings(**base, broker_transit_url="http://127.0.0.1:8200")
     with pytest.raises(ValidationError, match="exactly one"):
-        Settings(  # type: ignore[arg-type]
+        Settings(
             **base,
             broker_transit_url="http://127.0.0.1:8200",
             broker_vault_token="t",
@@ -456,13 +456,13 @@ def test_transit_settings_are_checked_at_start_up() -> None:
             broker_vault_secret_id="s",
         )
     with pytest.raises(ValidationError, match="not both"):
-        Settings(  # type: ignore[arg-type]
+        Settings(
             **base,
             broker_transit_url="http://127.0.0.1:8200",
             broker_vault_token="t",
             broker_encryption_keys="k1:" + "A" * 43,
         )
-    accepted = Settings(**base, broker_transit_url="http://127.0.0.1:8200", broker_vault_token="t")  # type: ignore[arg-type]
+    accepted = Settings(**base, broker_transit_url="http://127.0.0.1:8200", broker_vault_token="t")
     assert accepted.broker_key_service == "transit"
 
 

