@@ -26,7 +26,7 @@ from service.lifecycle.webhooks import Notifications
 from service.linking import pages
 from service.linking import routes as linking_routes
 from service.linking.flow import Linking
-from service.ops import observe
+from service.ops import docs, observe
 from service.ops.background import Background, refresher_of
 from service.refresh.engine import Refresher
 from service.serving import routes as serving_routes
@@ -77,6 +77,10 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # FastAPI's own would load Swagger UI and ReDoc from a CDN, and always open.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     errors.install(app)
     token_route = next(
@@ -140,6 +144,7 @@ def create_app(
         """Prometheus metrics of this process (see ops/ for the dashboard and alerts)."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    docs.install(app, settings.broker_docs)
     summaries_from_docstrings(app.routes)
     return app
 

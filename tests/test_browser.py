@@ -1,5 +1,5 @@
 """The seller's journey in a real browser: Debian's headless Chromium, driven by Selenium, through
-the broker and the simulator served over HTTP on 127.0.0.1.
+the broker and the simulator served over HTTP on 127.0.0.1; and the API docs under their CSP.
 
 Both servers run in the test's event loop and Selenium blocks, so every browser step runs in a
 worker thread (`asyncio.to_thread`) while the loop keeps serving the pages the browser asks for.
@@ -188,3 +188,49 @@ async def test_a_callback_in_another_browser_is_refused_and_the_first_still_link
     linked = await asyncio.to_thread(decide, first, "allow", broker.url)
     assert linked.title == "Your account is linked"
     assert (await broker.token(SELLER)).status_code == 200
+
+
+# Every Content-Security-Policy refusal on a page, recorded from before its first script runs.
+RECORD_VIOLATIONS = """
+window.violations = [];
+document.addEventListener("securitypolicyviolation",
+    (e) => window.violations.push(`${e.effectiveDirective} ${e.blockedURI}`));
+"""
+
+
+@dataclass
+class DocsSeen:
+    title: str
+    violations: list[str]
+    resources: list[str]
+
+
+def read_the_docs(driver: WebDriver, broker_url: str) -> DocsSeen:
+    """Open /docs and run its first operation as a reader would (Try it out, Execute)."""
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_VIOLATIONS})
+    driver.get(f"{broker_url}/docs")
+    wait = WebDriverWait(driver, TIMEOUT)
+    for button in (".opblock-summary", ".try-out__btn", ".execute"):
+        wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, button))).click()
+    located = expected_conditions.presence_of_element_located
+    wait.until(located((By.CSS_SELECTOR, ".live-responses-table")))
+    return DocsSeen(
+        title=driver.find_element(By.CSS_SELECTOR, ".info .title").text,
+        violations=driver.execute_script("return window.violations"),
+        resources=driver.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        ),
+    )
+
+
+async def test_the_api_docs_render_in_chromium_with_nothing_refused_by_their_policy(
+    broker: Broker, launch: Launch
+) -> None:
+    chromium = await asyncio.to_thread(launch, "en-US")
+    seen = await asyncio.to_thread(read_the_docs, chromium, broker.url)
+
+    assert broker.app.title in seen.title
+    assert "OAS 3.1" in seen.title  # Swagger UI 4 could not render the document at all
+    assert seen.violations == []  # the strict policy (no inline styles) costs the page nothing
+    assert seen.resources  # the script, the stylesheet, the document, the operation's call
+    assert all(url.startswith(f"{broker.url}/") for url in seen.resources), seen.resources

@@ -40,6 +40,8 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 KEY_SPEC = re.compile(r"^[A-Za-z0-9_-]{1,16}:[A-Za-z0-9_-]{43}=?$")
 
+DocsMode = Literal["public", "key", "off"]  # BROKER_DOCS
+
 
 class Subscriber(BaseModel):
     """An internal service that receives the broker's events (README: "Events")."""
@@ -69,6 +71,8 @@ class Settings(BaseSettings):
     # request's first byte, to its complete headers; connections + requests per process.
     broker_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     broker_max_connections: int = Field(default=2048, ge=16)
+    # /docs and /openapi.json (service/ops/docs.py): open, behind an API key, or not served.
+    broker_docs: DocsMode = "public"
 
     # Mercado Pago applications (service/core/applications.py): a declared list, and the MP_*
     # settings below as the application named `default`.
