@@ -179,6 +179,32 @@ async def test_an_attempt_of_a_link_that_linked_meanwhile_completes_nothing(
     assert (row["mp_user_id"], row["version"]) == (424242, 1)
 
 
+async def test_two_attempts_of_one_link_at_once_exchange_one_code(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+) -> None:
+    """The seller and a forwarded copy both at the consent page, both come back while the
+    first exchange is in flight: the second waits its turn and its code never reaches Mercado
+    Pago; once the first linked, the link is used."""
+    link_url = await broker.start_link(SELLER)
+    async with SellerBrowser() as seller, SellerBrowser() as stranger:
+        first = await seller.authorize(link_url, 424242)
+        second = await stranger.authorize(link_url, 666)
+        await simulator.faults(after_rotate="hold")
+        exchanging = asyncio.create_task(seller.callback(first))
+        await simulator.wait_until_held()
+        waiting = await stranger.callback(second)
+        assert waiting.status_code == 409
+        assert "Still linking" in waiting.text
+        await simulator.release()
+        assert (await exchanging).status_code == 200
+        after = await stranger.callback(second)
+    assert after.status_code == 410
+    assert "already used" in after.text
+    assert await simulator.token_requests("authorization_code") == 1
+    row = await sql.fetchrow("SELECT mp_user_id, version FROM sellers")
+    assert (row["mp_user_id"], row["version"]) == (424242, 1)
+
+
 @pytest.mark.parametrize("settings_overrides", [{"broker_link_ttl_seconds": 60}])
 async def test_a_link_that_expires_mid_consent_completes_nothing(
     broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection

@@ -367,7 +367,8 @@ async def _claim_attempt(
         if binder is None or not secrets.compare_digest(pkce.digest(binder), attempt.binder_hash):
             _event("callback.refused", reason=Refusal.UNBOUND_BROWSER, attempt=attempt.id)
             return CallbackResult(Refusal.UNBOUND_BROWSER, attempt.seller_id)
-        link = await session.get(Link, attempt.link_id_hash)
+        # Locked: of two attempts of one link (a forwarded copy), one claims at a time.
+        link = await session.get(Link, attempt.link_id_hash, with_for_update=True)
         return_url = link.return_url if link else None
         if attempt.consumed_at is not None:
             # A resubmitted callback shows what happened the first time.
@@ -386,6 +387,11 @@ async def _claim_attempt(
         if link_refusal is not None:
             _event("callback.refused", reason=link_refusal, attempt=attempt.id)
             return CallbackResult(link_refusal, attempt.seller_id)
+        if not denied and await _another_exchanging(flow, session, attempt, now):
+            # Another attempt of this link is exchanging its code: this one waits its turn
+            # (reload: the link is then used, or free again if that exchange failed).
+            _event("callback.refused", reason="link_exchanging", attempt=attempt.id)
+            return CallbackResult(Outcome.EXCHANGING, attempt.seller_id, return_url)
         if not denied and crosses_applications(
             flow, await session.get(Seller, attempt.seller_id), attempt.client_id
         ):
@@ -404,6 +410,23 @@ async def _claim_attempt(
         )
         claimed = _Claimed(attempt.id, attempt.seller_id, app, attempt.test, verifier, return_url)
     return claimed
+
+
+async def _another_exchanging(
+    flow: Linking, session: AsyncSession, attempt: LinkAttempt, now: datetime
+) -> bool:
+    """Whether another attempt of `attempt`'s link is exchanging now. One whose process died
+    mid-exchange stops counting after twice the exchange's deadline."""
+    since = now - timedelta(seconds=2 * flow.settings.mp_timeout_seconds)
+    other = await session.scalar(
+        select(LinkAttempt.id).where(
+            LinkAttempt.link_id_hash == attempt.link_id_hash,
+            LinkAttempt.id != attempt.id,
+            LinkAttempt.outcome == Outcome.EXCHANGING,
+            LinkAttempt.consumed_at > since,
+        )
+    )
+    return other is not None
 
 
 async def _exchange_and_store(flow: Linking, claimed: _Claimed, code: str) -> Outcome:
