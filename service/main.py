@@ -170,7 +170,12 @@ def compose(state: Any, rt: Runtime, refresher: Refresher) -> None:
 def readiness_responses() -> dict[int | str, dict[str, Any]]:
     documented = errors.responses()
     ok = {"status": "ok"}
-    documented[200] = {"content": {"application/json": {"example": ok}}}
+    documented[200] = {
+        "description": "Ready. With a key service (BROKER_KEY_SERVICE) whose last check failed, "
+        "`key_service` says why (`unreachable`, `denied`, `key_unavailable`, `unavailable`): "
+        "the data keys are in memory and serving goes on.",
+        "content": {"application/json": {"example": ok}},
+    }
     # Not ready is a plain JSON status (what a balancer's probe logs), beside the problems.
     documented[503]["description"] = (
         "Not ready: `shutting_down`, `schema_behind`, or `database_unreachable` for longer "
