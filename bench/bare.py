@@ -1,7 +1,10 @@
-"""The ceiling: a bare FastAPI app answering a constant JSON body, served like the broker.
+"""The ceilings: a bare FastAPI app, and a framework-free ASGI callable (`--raw`), each
+answering a constant JSON body, served like the broker.
 
-`python -m bench.bare --port P --body-bytes B` serves `GET /sellers/{seller_id}/token` with a
-precomputed body of exactly B bytes (the size of a real token reply, measured by bench.run).
+`python -m bench.bare --port P --body-bytes B [--raw]` serves `GET /sellers/{seller_id}/token`
+with a precomputed body of exactly B bytes (the size of a real token reply, measured by
+bench.run). The raw callable is what uvicorn itself can do on these settings: the real ceiling
+of a hot path that no longer goes through FastAPI.
 The server is built by `service.ops.server.uvicorn_config` and run the way `service.ops.cli`
 runs the broker (`asyncio.run(server.serve())` in one process, on uvloop when the config says
 so), so flags, event loop and worker count are the broker's own; bench.run checks which loop
@@ -14,6 +17,7 @@ import argparse
 import asyncio
 import json
 import signal
+from typing import Any
 
 from fastapi import FastAPI, Response
 
@@ -60,7 +64,34 @@ def create_bare_app(body_bytes: int) -> FastAPI:
     return app
 
 
-def run(app: FastAPI, host: str, port: int) -> None:
+def create_raw_app(body_bytes: int) -> Any:
+    """A plain ASGI callable: the same answer and headers as the FastAPI app, no framework."""
+    body, ok = constant_body(body_bytes), b'{"status":"ok"}'
+
+    def start(length: int) -> dict[str, Any]:
+        headers = [
+            (b"content-length", str(length).encode()),
+            (b"content-type", b"application/json"),
+        ]
+        return {"type": "http.response.start", "status": 200, "headers": headers}
+
+    token = (start(len(body)), {"type": "http.response.body", "body": body})
+    ready = (start(len(ok)), {"type": "http.response.body", "body": ok})
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        head, reply = ready if scope["path"] == "/readyz" else token
+        await send(head)
+        await send(reply)
+
+    return app
+
+
+def run(app: Any, host: str, port: int) -> None:
     """Serve `app` until SIGINT/SIGTERM with the broker's flags, loop and process model."""
     server = QuietServer(uvicorn_config(app, host, port))
     if server.config.loop == "uvloop":
@@ -85,8 +116,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--body-bytes", type=int, required=True)
+    parser.add_argument("--raw", action="store_true", help="no framework: a plain ASGI callable")
     args = parser.parse_args()
-    run(create_bare_app(args.body_bytes), args.host, args.port)
+    create = create_raw_app if args.raw else create_bare_app
+    run(create(args.body_bytes), args.host, args.port)
 
 
 if __name__ == "__main__":

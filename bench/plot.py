@@ -1,5 +1,6 @@
-"""The benchmark's figure: throughput and latency percentiles, broker vs bare (and cold), plus
-the refresh wave's progress. `python -m bench.plot [results.json] [results.png]` redraws it."""
+"""The benchmark's figure: throughput and p99 against the number of sellers (cache on and off,
+uniform and Zipf, beside the bare and raw ceilings), plus the refresh wave's progress.
+`python -m bench.plot [results.json] [results.png]` redraws it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 HERE = Path(__file__).resolve().parent
-COLORS = {"bare": "#9e9e9e", "broker": "#1f77b4", "cold": "#ff7f0e"}
-LABELS = {"bare": "bare FastAPI", "broker": "broker (cache on)", "cold": "broker (cache off)"}
+COLORS = {"raw": "#616161", "bare": "#9e9e9e", "on": "#1f77b4", "off": "#ff7f0e"}
+STYLES = {"uniform": "-", "zipf": "--"}
 
 
 def render(results: dict[str, Any], path: Path) -> None:
@@ -21,52 +22,55 @@ def render(results: dict[str, Any], path: Path) -> None:
     panels = (2 if reads else 0) + (1 if wave else 0)
     if not panels:
         return
-    fig = Figure(figsize=(5.2 * panels, 4.4), layout="constrained")
+    fig = Figure(figsize=(5.6 * panels, 4.6), layout="constrained")
     axes = list(fig.subplots(1, panels, squeeze=False)[0])
     settings = results.get("settings", {})
     if reads:
-        kinds = [k for k in ("bare", "broker", "cold") if k in reads]
-        ax = axes.pop(0)
-        for i, kind in enumerate(kinds):
-            ax.bar(i, reads[kind]["rps"], color=COLORS[kind], width=0.6)
-            rounds = [r["rps"] for r in reads[kind]["rounds"]]
-            ax.plot([i] * len(rounds), rounds, "k.", markersize=5)
-            ax.annotate(
-                f"{reads[kind]['rps']:,.0f}",
-                (i + 0.32, reads[kind]["rps"]),
-                ha="left",
-                va="center",
-                fontsize=9,
-            )
-        ax.set_xticks(range(len(kinds)), [LABELS[k] for k in kinds], fontsize=9)
-        ax.set_xlim(-0.5, len(kinds) - 0.1)  # room for the last bar's label
-        ax.set_ylabel("requests / s (median; dots: rounds)")
-        ax.set_title(
-            f"Throughput, GET /sellers/{{id}}/token\n{settings.get('sellers', '?'):,} sellers, "
-            f"{settings.get('connections', '?')} connections",
+        cells = reads["cells"]
+        throughput, tail = axes.pop(0), axes.pop(0)
+        for cache in ("on", "off"):
+            for dist in ("uniform", "zipf"):
+                line = sorted(
+                    (c for c in cells if c["cache"] == cache and c["dist"] == dist),
+                    key=lambda c: c["sellers"],
+                )
+                if not line:
+                    continue
+                xs = [c["sellers"] for c in line]
+                style = {"color": COLORS[cache], "linestyle": STYLES[dist], "marker": "o"}
+                label = f"broker, cache {cache}, {dist}"
+                throughput.plot(xs, [c["broker"]["rps"] for c in line], label=label, **style)
+                tail.plot(xs, [c["broker"]["p99_ms"] for c in line], label=label, **style)
+        for ceiling in ("raw", "bare"):  # measured in every cell: their median per size
+            sizes = sorted({c["sellers"] for c in cells})
+            rps = [_median([c[ceiling]["rps"] for c in cells if c["sellers"] == n]) for n in sizes]
+            throughput.plot(sizes, rps, color=COLORS[ceiling], marker="s", label=ceiling)
+        targets = results.get("targets", {})
+        for value, label in (
+            (targets.get("cached_p99_ms"), "cached p99 target"),
+            (targets.get("p99_1m_ms"), "1M p99 target"),
+        ):
+            if value:
+                tail.axhline(value, color="red", linestyle=":", linewidth=1, label=label)
+        for ax in (throughput, tail):
+            ax.set_xscale("log")
+            ax.set_xlabel("sellers read among")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        throughput.set_ylabel("requests / s (median of rounds)")
+        throughput.set_ylim(bottom=0)
+        throughput.set_title(
+            f"GET /sellers/{{id}}/token, {settings.get('connections', '?')} connections",
             fontsize=10,
         )
-
-        ax = axes.pop(0)
-        percentiles = ("p50_ms", "p95_ms", "p99_ms")
-        width = 0.8 / len(kinds)
-        for i, kind in enumerate(kinds):
-            xs = [j + (i - (len(kinds) - 1) / 2) * width for j in range(len(percentiles))]
-            values = [reads[kind][p] for p in percentiles]
-            ax.bar(xs, values, width=width, color=COLORS[kind], label=LABELS[kind])
-        target = results.get("targets", {}).get("read_p99_ms")
-        if target:
-            ax.axhline(target, color="red", linestyle="--", linewidth=1, label="p99 target")
-        ax.set_xticks(range(len(percentiles)), ["p50", "p95", "p99"])
-        ax.set_yscale("log")
-        ax.set_ylabel("latency, ms (median of rounds; log scale)")
-        ax.set_title("Latency percentiles", fontsize=10)
-        ax.legend(fontsize=8)
+        tail.set_yscale("log")
+        tail.set_ylabel("p99 latency, ms (log)")
+        tail.set_title("p99 latency", fontsize=10)
     if wave:
         ax = axes.pop(0)
         times = [t for t, _ in wave["progress"]]
         done = [n for _, n in wave["progress"]]
-        ax.plot(times, done, color=COLORS["broker"])
+        ax.plot(times, done, color=COLORS["on"])
         ax.set_xlabel("seconds since all became due")
         ax.set_ylabel("sellers refreshed")
         ax.set_title(
@@ -76,6 +80,12 @@ def render(results: dict[str, Any], path: Path) -> None:
         )
         ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def main() -> None:

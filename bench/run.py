@@ -58,12 +58,18 @@ SIM_ALONE_USER_BASE = 300_000_000
 ISSUE_CHUNK = 5_000
 
 TARGETS = {
-    "read_ratio": 0.8,
-    "read_p99_ms": 25.0,
-    "cold_ratio": 0.4,
-    "wave_rate": 500.0,
+    # Reads, 64 connections, one process (#14). "Cached": a working set that fits the cache.
+    "cached_ratio_raw": 0.6,
+    "cached_p99_ms": 15.0,
+    "zipf_1m_ratio_bare": 0.8,
+    "uniform_1m_ratio_bare": 0.6,
+    "p99_1m_ms": 25.0,
+    "rss_growth": 1.1,  # RSS at 1M sellers / at 100k (the cache holds 100k): bounded by it
+    "wave_rate": 1000.0,
+    "wave_cpu_ms": 0.5,
     "startup_s": 2.0,
 }
+MILLION = 1_000_000
 
 
 class BenchError(Exception):
@@ -554,23 +560,6 @@ def start_broker(ctx: Context, name: str, **extra: str) -> Server:
     )
 
 
-def start_bare(ctx: Context, body_bytes: int) -> Server:
-    port = free_port()
-    started = time.perf_counter()
-    argv = python_module("bench.bare", "--port", str(port), "--body-bytes", str(body_bytes))
-    proc = ctx.children.start("bare", argv, base_env())
-    url = f"http://127.0.0.1:{port}"
-    startup = wait_http_ok(f"{url}/readyz", proc, started, 60, "bare")
-    return Server(
-        "bare",
-        proc.pid,
-        url,
-        startup,
-        proc_status(proc.pid).get("VmRSS", 0),
-        event_loop_of(proc.pid),
-    )
-
-
 def cache_size() -> int:
     """The broker's default BROKER_TOKEN_CACHE_SIZE (no such setting yet: no limit)."""
     from service.core.config import Settings
@@ -619,15 +608,14 @@ def summarize(loads: Sequence[Load]) -> dict[str, Any]:
     }
 
 
-def ab_rounds(
-    ctx: Context, a: Server, b: Server, rounds: int, label_a: str, label_b: str
-) -> tuple[list[Load], list[Load]]:
+def rounds_of(
+    ctx: Context, servers: Sequence[Server], script_args: list[str], label: str
+) -> dict[str, list[Load]]:
+    """`--rounds` rounds over `servers` in turn (A B C A B C): drift hits each alike."""
     args = ctx.args
-    script_args = [str(args.sellers), ctx.api_key]
-    loads_a: list[Load] = []
-    loads_b: list[Load] = []
-    for n in range(1, rounds + 1):
-        for server, label, loads in ((a, label_a, loads_a), (b, label_b, loads_b)):
+    loads: dict[str, list[Load]] = {server.name: [] for server in servers}
+    for n in range(1, args.rounds + 1):
+        for server in servers:
             load = run_wrk(
                 "token.lua",
                 server.url,
@@ -636,27 +624,27 @@ def ab_rounds(
                 connections=args.connections,
                 threads=args.threads,
                 server_pid=server.pid,
-                target=label,
+                target=f"{server.name} {label}",
                 round_no=n,
                 db_pid=ctx.db_pid,
             )
             db_share = "" if load.db_cpu is None else f", PostgreSQL {load.db_cpu:.0%}"
             log(
-                f"  {label} round {n}: {load.rps:.0f} req/s, p50 {load.p50_ms:.1f} ms, "
+                f"  {server.name} round {n}: {load.rps:.0f} req/s, p50 {load.p50_ms:.1f} ms, "
                 f"p99 {load.p99_ms:.1f} ms, errors {load.errors}; CPU: server "
                 f"{load.server_cpu:.0%}{db_share}"
             )
-            loads.append(load)
-    return loads_a, loads_b
+            loads[server.name].append(load)
+    return loads
 
 
-def prime(ctx: Context, server: Server) -> None:
-    """A short untimed run first (connections, PostgreSQL's buffers, lazy imports)."""
+def prime(ctx: Context, server: Server, script_args: list[str]) -> None:
+    """A short untimed run first (connections, PostgreSQL's buffers, a Zipf working set)."""
     args = ctx.args
     run_wrk(
         "token.lua",
         server.url,
-        [str(args.sellers), ctx.api_key],
+        script_args,
         duration=max(2, min(5, round(args.duration / 3))),
         connections=args.connections,
         threads=args.threads,
@@ -666,50 +654,160 @@ def prime(ctx: Context, server: Server) -> None:
     )
 
 
+def profile(ctx: Context, server: Server, script_args: list[str], label: str) -> dict[str, Any]:
+    """Where `server`'s CPU goes under this cell's load: py-spy samples it (200 Hz, without
+    pausing it) through one extra, untimed wrk run; the top frames by own and by total time."""
+    seconds = ctx.args.duration
+    raw = ctx.workdir / f"profile-{len(list(ctx.workdir.glob('profile-*')))}.txt"
+    spy_path = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy_path is None:
+        raise BenchError("py-spy is not installed (make bench installs it)")
+    spy = subprocess.Popen(
+        [spy_path, "record", "--pid", str(server.pid), "--duration", str(seconds), "--rate",
+         "200", "--format", "raw", "--nonblocking", "--output", str(raw)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        run_wrk(
+            "token.lua",
+            server.url,
+            script_args,
+            duration=seconds,
+            connections=ctx.args.connections,
+            threads=ctx.args.threads,
+            server_pid=None,
+            target=f"profile {label}",
+            round_no=0,
+        )
+        _, err = spy.communicate(timeout=seconds + 60)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait(5)
+    if spy.returncode != 0 or not raw.exists():
+        raise BenchError(f"py-spy failed ({spy.returncode}): {err[-500:]}")
+    return top_frames(raw.read_text())
+
+
+def top_frames(collapsed: str, most: int = 15) -> dict[str, Any]:
+    """py-spy's collapsed stacks (`frame;frame;... count`) as shares of all samples: by the
+    frame running (own time), and by every frame on the stack (total time), lines merged."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        samples += count
+        frames = [_frame(f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + count
+
+    def top(counts: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda item: -item[1])[:most]
+        return [(frame, round(n / max(samples, 1), 4)) for frame, n in ranked]
+
+    return {"samples": samples, "own": top(own), "total": top(total)}
+
+
+def _frame(frame: str) -> str:
+    """`handle (uvicorn/protocols/http/httptools_impl.py:412)` without the line number and
+    with the path from its package on."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "/lib/python3", str(ROOT) + "/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return f"{name} ({path})"
+
+
+def token_script(ctx: Context, sellers: int, dist: str) -> list[str]:
+    """token.lua's arguments: read among the first `sellers`, uniformly or by Zipf's law."""
+    zipf = ["zipf", str(ctx.args.zipf_s)] if dist == "zipf" else []
+    return [str(sellers), ctx.api_key, *zipf]
+
+
+def start_ceiling(ctx: Context, name: str, body_bytes: int, *flags: str) -> Server:
+    port = free_port()
+    started = time.perf_counter()
+    argv = python_module("bench.bare", "--port", str(port), "--body-bytes", str(body_bytes), *flags)
+    proc = ctx.children.start(name, argv, base_env())
+    url = f"http://127.0.0.1:{port}"
+    startup = wait_http_ok(f"{url}/readyz", proc, started, 60, name)
+    reply = httpx.get(f"{url}/sellers/{seed.seller_id(0)}/token", timeout=10).content
+    if len(reply) != body_bytes:
+        raise BenchError(f"{name}'s body is {len(reply)} bytes, the broker's {body_bytes}")
+    status = proc_status(proc.pid)
+    return Server(name, proc.pid, url, startup, status.get("VmRSS", 0), event_loop_of(proc.pid))
+
+
 def read_benchmarks(ctx: Context) -> dict[str, Any]:
+    """Every (cache, sellers, choice) cell: the broker beside both ceilings, in turn."""
     args = ctx.args
-    out: dict[str, Any] = {}
-    # A: the broker as deployed (token cache at its default).
-    broker = start_broker(ctx, "broker-cached")
-    log(f"broker ready in {broker.startup_s:.2f} s (process start -> /readyz 200)")
-    body = token_reply(broker.url, ctx.api_key)
-    reply = json.loads(body)
-    if not reply.get("access_token", "").startswith("APP_USR-"):
-        raise BenchError("the token reply does not carry the seeded access token")
-    bare = start_bare(ctx, len(body))
-    bare_body = httpx.get(f"{bare.url}/sellers/{seed.seller_id(0)}/token", timeout=10).content
-    if len(bare_body) != len(body):
-        raise BenchError(f"bare body is {len(bare_body)} bytes, the broker's {len(body)}")
-    out["body_bytes"] = len(body)
-    out["servers"] = {"broker": asdict(broker), "bare": asdict(bare)}
-    warm = min(args.sellers, args.warmup_max, cache_size())
-    took = warm_up(broker.url, warm, ctx.api_key, args.threads, args.connections)
-    out["warmup"] = {"sellers": warm, "seconds": round(took, 2)}
-    out["broker_rss_after_warmup_kb"] = proc_status(broker.pid).get("VmRSS", 0)
-    log(f"warm-up: {warm} sellers read once in {took:.1f} s")
-    prime(ctx, bare)
-    log("token reads, token cache on (A) vs bare (B):")
-    cached, bare_1 = ab_rounds(ctx, broker, bare, args.rounds, "broker", "bare")
-    ctx.children.stop("broker-cached")
-
-    # C: the cold path, every read from PostgreSQL.
-    cold = start_broker(ctx, "broker-cold", BROKER_TOKEN_CACHE_SIZE="0")
-    log(f"broker (cache off) ready in {cold.startup_s:.2f} s")
-    out["servers"]["broker_cold"] = asdict(cold)
-    prime(ctx, cold)
-    log("token reads, cache off (A) vs bare (B):")
-    uncached, bare_2 = ab_rounds(ctx, cold, bare, args.rounds, "broker-cold", "bare")
-    ctx.children.stop("broker-cold")
-    ctx.children.stop("bare")
-
-    out["broker"] = summarize(cached)
-    out["bare_with_broker"] = summarize(bare_1)
-    out["cold"] = summarize(uncached)
-    out["bare_with_cold"] = summarize(bare_2)
-    out["bare"] = summarize(bare_1 + bare_2)
-    out["broker"]["ratio"] = round(out["broker"]["rps"] / out["bare_with_broker"]["rps"], 3)
-    out["cold"]["ratio"] = round(out["cold"]["rps"] / out["bare_with_cold"]["rps"], 3)
+    out: dict[str, Any] = {"servers": {}, "cells": [], "cache_size": cache_size()}
+    ceilings: list[Server] = []
+    for cache in ("on", "off"):
+        name = f"broker-cache-{cache}"
+        broker = start_broker(
+            ctx, name, **({} if cache == "on" else {"BROKER_TOKEN_CACHE_SIZE": "0"})
+        )
+        log(f"{name} ready in {broker.startup_s:.2f} s (process start -> /readyz 200)")
+        out["servers"][name] = asdict(broker)
+        if not ceilings:
+            body = token_reply(broker.url, ctx.api_key)
+            if not json.loads(body).get("access_token", "").startswith("APP_USR-"):
+                raise BenchError("the token reply does not carry the seeded access token")
+            out["body_bytes"] = len(body)
+            ceilings = [
+                start_ceiling(ctx, "bare", len(body)),
+                start_ceiling(ctx, "raw", len(body), "--raw"),
+            ]
+            out["servers"] |= {c.name: asdict(c) for c in ceilings}
+        warmed = 0
+        for sellers in args.sizes:
+            for dist in args.dists:
+                script = token_script(ctx, sellers, dist)
+                # Uniform reads need the cache filled to its steady state first (at a million
+                # sellers it holds a tenth of them whichever they are); Zipf's prime fills its
+                # hot set by itself.
+                need = min(sellers, out["cache_size"], args.warmup_max)
+                if cache == "on" and dist == "uniform" and need > warmed:
+                    took = warm_up(broker.url, need, ctx.api_key, args.threads, args.connections)
+                    log(f"warm-up: {need:,} sellers read once in {took:.1f} s")
+                    warmed = need
+                prime(ctx, broker, script)
+                label = f"cache {cache}, {sellers:,} sellers, {dist}"
+                log(f"token reads, {label}:")
+                loads = rounds_of(ctx, [broker, *ceilings], script, label)
+                cell: dict[str, Any] = {"cache": cache, "sellers": sellers, "dist": dist}
+                cell |= {server: summarize(runs) for server, runs in loads.items()}
+                cell["broker"] = cell.pop(name)
+                cell["broker"]["ratio_bare"] = round(cell["broker"]["rps"] / cell["bare"]["rps"], 3)
+                cell["broker"]["ratio_raw"] = round(cell["broker"]["rps"] / cell["raw"]["rps"], 3)
+                cell["broker_rss_kb"] = proc_status(broker.pid).get("VmRSS", 0)
+                if args.profile:
+                    cell["profile"] = profile(ctx, broker, script, label)
+                out["cells"].append(cell)
+        ctx.children.stop(name)
+    for ceiling in ceilings:
+        ctx.children.stop(ceiling.name)
     return out
+
+
+def cell_of(reads: dict[str, Any], cache: str, sellers: int, dist: str) -> dict[str, Any] | None:
+    return next(
+        (
+            c
+            for c in reads["cells"]
+            if (c["cache"], c["sellers"], c["dist"]) == (cache, sellers, dist)
+        ),
+        None,
+    )
 
 
 # -- 4. refresh wave ---------------------------------------------------------------------------
@@ -1015,6 +1113,83 @@ def artifact(output: Path, suffix: str) -> Path:
     return output.with_name(output.stem.lower() + suffix)
 
 
+def read_targets(reads: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """#14's read targets, each (benchmark, figure, target, met) from this run's cells."""
+    rows = []
+    size = reads["cache_size"]
+    for c in reads["cells"]:
+        b = c["broker"]
+        where = f"{c['sellers']:,} sellers, {c['dist']}"
+        if c["cache"] == "on" and c["sellers"] <= size:
+            rows.append(
+                (
+                    f"Cached read ({where})",
+                    f"{b['rps']:,.0f} req/s = {b['ratio_raw']:.2f} x raw; p99 {b['p99_ms']:.1f} ms",
+                    f"≥ {TARGETS['cached_ratio_raw']} x raw, p99 ≤ {TARGETS['cached_p99_ms']:g} ms",
+                    b["ratio_raw"] >= TARGETS["cached_ratio_raw"]
+                    and b["p99_ms"] <= TARGETS["cached_p99_ms"],
+                )
+            )
+        if c["cache"] == "on" and c["sellers"] >= MILLION:
+            ratio = TARGETS[
+                "zipf_1m_ratio_bare" if c["dist"] == "zipf" else "uniform_1m_ratio_bare"
+            ]
+            rows.append(
+                (
+                    f"Read ({where}, cache on)",
+                    f"{b['rps']:,.0f} req/s = {b['ratio_bare']:.2f} x bare; "
+                    f"p99 {b['p99_ms']:.1f} ms",
+                    f"≥ {ratio} x bare, p99 ≤ {TARGETS['p99_1m_ms']:g} ms",
+                    b["ratio_bare"] >= ratio and b["p99_ms"] <= TARGETS["p99_1m_ms"],
+                )
+            )
+        off = cell_of(reads, "off", c["sellers"], c["dist"])
+        if c["cache"] == "on" and off is not None:
+            o = off["broker"]
+            rows.append(
+                (
+                    f"Cache on vs off ({where})",
+                    f"{b['rps']:,.0f} vs {o['rps']:,.0f} req/s; p99 {b['p99_ms']:.1f} vs "
+                    f"{o['p99_ms']:.1f} ms",
+                    "never slower, nor a worse p99",
+                    b["rps"] >= o["rps"] and b["p99_ms"] <= o["p99_ms"],
+                )
+            )
+        errors = b["errors"]
+        if errors:
+            rows.append((f"Errors (cache {c['cache']}, {where})", f"{errors}", "0", False))
+    on_1m = cell_of(reads, "on", MILLION, "uniform")
+    on_100k = cell_of(reads, "on", 100_000, "uniform")
+    if on_1m and on_100k:
+        growth = on_1m["broker_rss_kb"] / max(on_100k["broker_rss_kb"], 1)
+        rows.append(
+            (
+                "Memory at 1,000,000 sellers, cache on",
+                f"RSS {mb(on_1m['broker_rss_kb'])} = {growth:.2f} x at 100,000 "
+                f"(the cache holds {size:,})",
+                f"≤ {TARGETS['rss_growth']} x: bounded by the cache size",
+                growth <= TARGETS["rss_growth"],
+            )
+        )
+    return rows
+
+
+def memory_per_entry(reads: dict[str, Any]) -> str | None:
+    """Bytes per cached seller: the cache-on broker's RSS over the cache-off one's, same cell."""
+    largest = max(c["sellers"] for c in reads["cells"])
+    on, off = (cell_of(reads, cache, largest, "uniform") for cache in ("on", "off"))
+    if not on or not off:
+        return None
+    entries = min(largest, reads["cache_size"])
+    extra = (on["broker_rss_kb"] - off["broker_rss_kb"]) * 1024
+    return (
+        f"Memory: after the {largest:,}-seller uniform reads the cache-on broker holds "
+        f"{mb(on['broker_rss_kb'])} and the cache-off one {mb(off['broker_rss_kb'])}: "
+        f"{extra / entries:,.0f} bytes per cached seller ({entries:,} entries, the cache "
+        "full), RSS included."
+    )
+
+
 def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
     m = results["machine"]
     s = results["settings"]
@@ -1041,23 +1216,26 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
         f"{results['seed']['rows_per_second']:,.0f} rows/s incl. VACUUM ANALYZE; table "
         f"{results['seed']['table_mb']:.0f} MB)",
         f"- Load: wrk -t{s['threads']} -c{s['connections']}, {s['duration']:g} s per run, "
-        f"{s['rounds']} rounds alternating broker / bare (A B A B); figures are medians "
-        "across rounds, errors are totals",
+        f"{s['rounds']} rounds alternating broker / bare / raw (A B C A B C) in each cell; "
+        "figures are medians across rounds, errors are totals",
         "- Broker: `python -m service serve`, BROKER_ENV=production, one process, "
         "`service.ops.server.uvicorn_config` (no access log, httptools), JSON logs, "
         "BROKER_RATE_LIMIT_PER_KEY_PER_SECOND=1e9",
     ]
     reads = results.get("reads")
     if reads:
-        servers = reads["servers"]
+        loops = ", ".join(f"{n} {v['event_loop']}" for n, v in reads["servers"].items())
         lines += [
-            f"- Bare: bench/bare.py, same `uvicorn_config`, one process, "
-            "`asyncio.run(server.serve())` on the loop the config names; constant body of "
-            f"{reads['body_bytes']} bytes (= the broker's token reply)",
-            f"- Event loop actually running: broker {servers['broker']['event_loop']}, "
-            f"bare {servers['bare']['event_loop']}",
-            f"- Warm-up: one pass over {reads['warmup']['sellers']:,} sellers before the cached "
-            f"runs ({reads['warmup']['seconds']:.1f} s); cold: BROKER_TOKEN_CACHE_SIZE=0",
+            "- Ceilings, each a constant body of "
+            f"{reads['body_bytes']} bytes (= the broker's token reply), served by the same "
+            "`uvicorn_config`, one process, `asyncio.run(server.serve())` (bench/bare.py): "
+            "**bare** = a FastAPI route, **raw** = a plain ASGI callable (no framework)",
+            f"- Event loop actually running: {loops}",
+            f"- Each cell: `token.lua` reads among the first N sellers, uniformly or by Zipf's law "
+            f"(s = {s.get('zipf_s', 1.1)}); cache on = the default BROKER_TOKEN_CACHE_SIZE "
+            f"({reads['cache_size']:,}), after a warm-up pass over min(N, cache) sellers for "
+            "uniform reads and an untimed prime run for every cell; cache off = 0 (every read "
+            "from PostgreSQL)",
         ]
     wave = results.get("wave")
     if wave:
@@ -1078,18 +1256,9 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
         "| --- | --- | --- | --- |",
     ]
     if reads:
-        b, c = reads["broker"], reads["cold"]
         lines += [
-            f"| Token read (cached) | {b['rps']:,.0f} req/s = {b['ratio']:.2f} x bare | "
-            f"≥ {TARGETS['read_ratio']} x bare | {mark(b['ratio'] >= TARGETS['read_ratio'])} |",
-            f"| Token read (cached) | p99 {b['p99_ms']:.1f} ms at {s['connections']} connections "
-            f"| ≤ {TARGETS['read_p99_ms']:g} ms | {mark(b['p99_ms'] <= TARGETS['read_p99_ms'])} |",
-            f"| Token read (cached) | {b['errors']} errors in {b['requests']:,} requests | 0 | "
-            f"{mark(b['errors'] == 0)} |",
-            f"| Cold read (cache off) | {c['rps']:,.0f} req/s = {c['ratio']:.2f} x bare | "
-            f"≥ {TARGETS['cold_ratio']} x bare | {mark(c['ratio'] >= TARGETS['cold_ratio'])} |",
-            f"| Cold read (cache off) | {c['errors']} errors in {c['requests']:,} requests | 0 | "
-            f"{mark(c['errors'] == 0)} |",
+            f"| {label} | {figure} | {target} | {mark(ok)} |"
+            for label, figure, target, ok in read_targets(reads)
         ]
     if wave:
         lines += [
@@ -1100,36 +1269,41 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
             f"{wave['invalid_grant']} invalid_grant | each exactly once | "
             f"{mark(bool(wave['exactly_once']))} |",
         ]
+        refresher_cpu = wave.get("cpu", {}).get("refresher")
+        if refresher_cpu is not None and wave["rate"]:
+            per = refresher_cpu / wave["rate"] * 1000
+            lines.append(
+                f"| Refresh wave | refresher CPU {per:.2f} ms per refresh | "
+                f"≤ {TARGETS['wave_cpu_ms']:g} ms | {mark(per <= TARGETS['wave_cpu_ms'])} |"
+            )
     if reads:
-        startup = reads["servers"]["broker"]["startup_s"]
+        startup = reads["servers"]["broker-cache-on"]["startup_s"]
         lines.append(
             f"| Startup | {startup:.2f} s process start → /readyz 200 (cache off: "
-            f"{reads['servers']['broker_cold']['startup_s']:.2f} s) | < {TARGETS['startup_s']:g} s"
-            f" | {mark(startup < TARGETS['startup_s'])} |"
+            f"{reads['servers']['broker-cache-off']['startup_s']:.2f} s) | "
+            f"< {TARGETS['startup_s']:g} s | {mark(startup < TARGETS['startup_s'])} |"
         )
-    if reads:
         lines += [
             "",
             "## Token reads",
             "",
-            f"![latency percentiles and throughput, broker vs bare]({png})",
+            f"![throughput and p99 against the number of sellers]({png})",
             "",
-            "| Server | Throughput | p50 | p95 | p99 | Errors (non-2xx + socket) | Peak RSS | "
-            "Ratio to bare |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "Medians of the rounds; ratios are the broker's throughput over each ceiling's in "
+            "the same rounds.",
+            "",
+            "| Cache | Sellers | Choice | Broker req/s | p50 | p99 | Errors | x bare | x raw "
+            "| bare req/s (p99) | raw req/s (p99) | Broker RSS after |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        rows = (
-            ("bare (A/B with cached)", reads["bare_with_broker"], None),
-            ("broker, token cache on", reads["broker"], reads["broker"]["ratio"]),
-            ("bare (A/B with cold)", reads["bare_with_cold"], None),
-            ("broker, cache off (cold)", reads["cold"], reads["cold"]["ratio"]),
-        )
-        for label, r, ratio in rows:
+        for c in reads["cells"]:
+            b = c["broker"]
             lines.append(
-                f"| {label} | {r['rps']:,.0f} req/s | {r['p50_ms']:.1f} ms | {r['p95_ms']:.1f} ms"
-                f" | {r['p99_ms']:.1f} ms | {r['errors']} ({r['status_errors']} + "
-                f"{r['socket_errors']}) | {mb(r['peak_rss_kb'])} | "
-                f"{'' if ratio is None else f'{ratio:.2f}'} |"
+                f"| {c['cache']} | {c['sellers']:,} | {c['dist']} | {b['rps']:,.0f} | "
+                f"{b['p50_ms']:.1f} ms | {b['p99_ms']:.1f} ms | {b['errors']} | "
+                f"{b['ratio_bare']:.2f} | {b['ratio_raw']:.2f} | {c['bare']['rps']:,.0f} "
+                f"({c['bare']['p99_ms']:.1f} ms) | {c['raw']['rps']:,.0f} "
+                f"({c['raw']['p99_ms']:.1f} ms) | {mb(c['broker_rss_kb'])} |"
             )
         lines += [
             "",
@@ -1139,24 +1313,37 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
             "| CPU server / PostgreSQL |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for key in ("broker", "bare_with_broker", "cold", "bare_with_cold"):
-            for r in reads[key]["rounds"]:
-                lines.append(
-                    f"| {r['target']} | {r['round']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | "
-                    f"{r['p99_ms']:.1f} | {r['p999_ms']:.1f} | {r['max_ms']:.1f} | "
-                    f"{r['status_errors'] + r['socket_errors']} | {mb(r['rss_start_kb'])} → "
-                    f"{mb(r['rss_end_kb'])} ({mb(r['rss_max_kb'])}) | {r['server_cpu']:.0%} / "
-                    f"{'n/a' if r['db_cpu'] is None else format(r['db_cpu'], '.0%')} |"
-                )
-        sv = reads["servers"]
-        lines += [
-            "",
-            f"Broker RSS: {mb(sv['broker']['idle_rss_kb'])} when ready, "
-            f"{mb(reads['broker_rss_after_warmup_kb'])} after the warm-up, peak (VmHWM) "
-            f"{mb(reads['broker']['peak_rss_kb'])}; cache off: "
-            f"{mb(sv['broker_cold']['idle_rss_kb'])} when ready, "
-            f"peak {mb(reads['cold']['peak_rss_kb'])}.",
-        ]
+        for c in reads["cells"]:
+            for key in ("broker", "bare", "raw"):
+                for r in c[key]["rounds"]:
+                    lines.append(
+                        f"| {r['target']} | {r['round']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | "
+                        f"{r['p99_ms']:.1f} | {r['p999_ms']:.1f} | {r['max_ms']:.1f} | "
+                        f"{r['status_errors'] + r['socket_errors']} | {mb(r['rss_start_kb'])} → "
+                        f"{mb(r['rss_end_kb'])} ({mb(r['rss_max_kb'])}) | {r['server_cpu']:.0%} /"
+                        f" {'n/a' if r['db_cpu'] is None else format(r['db_cpu'], '.0%')} |"
+                    )
+        memory = memory_per_entry(reads)
+        if memory:
+            lines += ["", memory]
+        profiled = [c for c in reads["cells"] if c.get("profile")]
+        if profiled:
+            lines += [
+                "",
+                "### Where the broker's CPU goes (py-spy, 200 Hz, one extra run per cell)",
+            ]
+        for c in profiled:
+            p = c["profile"]
+            lines += [
+                "",
+                f"Cache {c['cache']}, {c['sellers']:,} sellers, {c['dist']} "
+                f"({p['samples']:,} samples). Own time | total time:",
+                "",
+                "| Own | Frame | Total | Frame |",
+                "| --- | --- | --- | --- |",
+            ]
+            for (own, own_share), (tot, tot_share) in zip(p["own"], p["total"], strict=False):
+                lines.append(f"| {own_share:.1%} | `{own}` | {tot_share:.1%} | `{tot}` |")
     if wave:
         alone = wave["simulator_alone"]
         lines += [
@@ -1205,39 +1392,30 @@ def notes_for(results: dict[str, Any]) -> list[str]:
     reads = results.get("reads")
     if reads:
         parts = []
-        for key, label in (("bare", "bare"), ("broker", "broker (cache on)"), ("cold", "cold")):
-            r = reads[key]
+        first = reads["cells"][0]
+        for label, r in (
+            ("raw", first["raw"]),
+            ("bare", first["bare"]),
+            *(
+                (f"broker, cache {c['cache']}, {c['sellers']:,} {c['dist']}", c["broker"])
+                for c in reads["cells"]
+            ),
+        ):
             parts.append(
-                f"{label} {cpu_ms_per(r['server_cpu'], r['rps'])} of server CPU "
-                f"({r['server_cpu']:.0%} of a core)"
-                + ("" if r["db_cpu"] is None else f" + {cpu_ms_per(r['db_cpu'], r['rps'])} of "
-                   f"PostgreSQL ({r['db_cpu']:.0%})")
+                f"{label} {cpu_ms_per(r['server_cpu'], r['rps'])}"
+                + ("" if r["db_cpu"] is None else f" + {cpu_ms_per(r['db_cpu'], r['rps'])} "
+                   "PostgreSQL")
             )  # fmt: skip
         notes.append(
-            "CPU per request (medians): " + "; ".join(parts) + ". A server near 100% of one "
-            "core with PostgreSQL mostly idle is bound by Python in its own request path."
+            "Server CPU per request (medians): " + "; ".join(parts) + ". A server near 100% "
+            "of one core with PostgreSQL mostly idle is bound by Python in its own request path."
         )
         loops = {name: v["event_loop"] for name, v in reads["servers"].items()}
         if len(set(loops.values())) > 1:
             notes.append(
                 "NOT like for like: the servers run different event loops ("
                 + ", ".join(f"{name}: {loop}" for name, loop in loops.items())
-                + '). `uvicorn_config` sets loop="uvloop", which uvicorn applies only in its '
-                "own run(); under `asyncio.run(server.serve())` the process must install "
-                "uvloop itself (bench/bare.py does)."
-            )
-        elif "uvloop" not in set(loops.values()):
-            notes.append(
-                f"Every server ran the stock asyncio loop ({next(iter(loops.values()))}), "
-                'though `uvicorn_config` sets loop="uvloop".'
-            )
-        sellers, cached = results["settings"]["sellers"], cache_size()
-        if sellers > cached:
-            notes.append(
-                f"{sellers:,} sellers read at random, {cached:,} cached per process: at most "
-                f"{cached / sellers:.0%} of reads can hit the cache, so the 'cache on' run is "
-                "mostly cold reads and the cached-read targets (a working set that fits the "
-                "cache, as in the default run) do not apply to it; the cold run is its baseline."
+                + ")."
             )
     wave = results.get("wave")
     if wave:
@@ -1268,8 +1446,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--sellers", type=int, default=10_000, help="linked sellers to seed")
-    p.add_argument("--duration", type=int, default=15, help="seconds per wrk run")
+    p.add_argument(
+        "--sizes",
+        type=lambda text: sorted({int(n) for n in text.split(",")}),
+        default=[10_000, 100_000, MILLION],
+        help="comma-separated: read among the first N sellers (the largest is seeded)",
+    )
+    p.add_argument("--sellers", type=int, help="one size only (the same as --sizes N)")
+    p.add_argument(
+        "--dists",
+        type=lambda text: [d for d in text.split(",") if d],
+        default=["uniform", "zipf"],
+        help="how each read picks its seller: uniform, zipf",
+    )
+    p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf's exponent")
+    p.add_argument(
+        "--profile", action="store_true", help="py-spy the broker in each cell (one extra run)"
+    )
+    p.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="wrk threads")
     p.add_argument("--rounds", type=int, default=2, help="A B rounds per comparison")
@@ -1290,8 +1484,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run nothing: rewrite the report and plot from an earlier results.json",
     )
     args = p.parse_args(argv)
-    if args.sellers < 1 or args.sellers > 9_999_999 or args.wave < 1 or args.rounds < 1:
-        p.error("--sellers must be 1..9,999,999; --wave and --rounds at least 1")
+    if args.sellers is not None:
+        args.sizes = [args.sellers]
+    args.sellers = max(args.sizes)  # seeded; each cell reads among its first N
+    if min(args.sizes) < 1 or args.sellers > 9_999_999 or args.wave < 1 or args.rounds < 1:
+        p.error("sizes must be 1..9,999,999; --wave and --rounds at least 1")
+    if set(args.dists) - {"uniform", "zipf"} or not args.dists:
+        p.error("--dists takes uniform and/or zipf")
     return args
 
 

@@ -1,6 +1,12 @@
 -- wrk script: GET /sellers/seller-NNNNNNN/token for a random seller, with the API key.
 --
---   wrk -t2 -c64 -d15s --latency -s bench/token.lua http://127.0.0.1:PORT -- SELLERS API_KEY
+--   wrk -t2 -c64 -d15s --latency -s bench/token.lua http://127.0.0.1:PORT -- SELLERS API_KEY [zipf S]
+--
+-- The seller is drawn uniformly from 0..SELLERS-1, or by Zipf's law with exponent S (rank k
+-- with probability ~ 1/k^S: a few sellers are most of the reads, as on a real platform). Zipf
+-- ranks come from the inverse of the continuous approximation of its CDF (exact enough for a
+-- benchmark, and O(1) per draw: no million-entry table per wrk thread), and rank k is seller
+-- (k-1)*7919 mod SELLERS, so the hot sellers are spread over the table, not its first rows.
 --
 -- Each thread seeds its own generator. done() prints one machine-readable line:
 --   BENCH {"requests":..,"p50_us":..,...}
@@ -17,17 +23,33 @@ end
 
 local sellers = 1
 local headers = {}
+local zipf = nil -- {s, lo, span} when drawing by Zipf's law
 
 function init(args)
-   sellers = tonumber(args[1]) or error("usage: -- SELLERS API_KEY")
+   sellers = tonumber(args[1]) or error("usage: -- SELLERS API_KEY [zipf S]")
    headers["Authorization"] = "Bearer " .. (args[2] or "")
+   if args[3] == "zipf" then
+      local s = tonumber(args[4]) or 1.1
+      local function h(x) return (x ^ (1 - s) - 1) / (1 - s) end
+      zipf = {s = s, lo = h(0.5), span = h(sellers + 0.5) - h(0.5)}
+   end
    local index = thread_index or 0
    math.randomseed(os.time() * 1000 + index * 7919 + math.floor(os.clock() * 1e6))
    math.random() -- LuaJIT: the first draws right after seeding are poorly spread
 end
 
+local function draw()
+   if zipf == nil then
+      return math.random(0, sellers - 1)
+   end
+   local u = zipf.lo + math.random() * zipf.span
+   local rank = math.floor((1 + u * (1 - zipf.s)) ^ (1 / (1 - zipf.s)) + 0.5)
+   rank = math.max(1, math.min(sellers, rank))
+   return ((rank - 1) * 7919) % sellers
+end
+
 function request()
-   local path = string.format("/sellers/seller-%07d/token", math.random(0, sellers - 1))
+   local path = string.format("/sellers/seller-%07d/token", draw())
    return wrk.format("GET", path, headers)
 end
 
