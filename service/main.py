@@ -43,6 +43,16 @@ Errors are `application/problem+json` with a stable `code`.
 """
 
 
+class BrokerApp(FastAPI):
+    """FastAPI, with the token reads answered in front of its middleware stack."""
+
+    fast: TokenReads | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.fast is None or not await self.fast.answered(scope, receive, send):
+            await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -72,7 +82,7 @@ def create_app(
         finally:
             await background.stop()
 
-    app = FastAPI(
+    app = BrokerApp(
         title="Mercado Pago token broker",
         version=__version__,
         description=DESCRIPTION,
@@ -88,8 +98,8 @@ def create_app(
         for route in serving_routes.router.routes
         if isinstance(route, APIRoute) and route.path == serving_routes.TOKEN_ROUTE
     )
-    # Innermost: the hot path, inside the limits, the metrics and the catch-all.
-    app.add_middleware(TokenReads, route=token_route)
+    # The hot path, in front of everything below (service/serving/fast.py).
+    app.fast = TokenReads(app, token_route, settings.broker_max_header_bytes)
     app.add_middleware(RequestLimits, settings=settings)
     app.add_middleware(errors.CatchAll)
     app.add_middleware(pages.SellerPageHeaders)  # on every answer to a seller's browser

@@ -23,14 +23,36 @@ from service.serving.fast import _token_read
 from tests.support import Broker, FakeClock, Simulator, create_api_key, new_key, seed_sellers
 
 
-def scope(path: str, query: bytes = b"", method: str = "GET") -> dict[str, object]:
-    return {"type": "http", "method": method, "path": path, "query_string": query}
+def scope(
+    path: str,
+    query: bytes = b"",
+    method: str = "GET",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> dict[str, object]:
+    return {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": query,
+        "headers": headers,
+    }
+
+
+def token_read(request: dict[str, object]) -> tuple[str, int, str | None, bytes | None] | None:
+    return _token_read(request, max_header_bytes=1024)
 
 
 def test_only_well_formed_token_reads_take_the_fast_path() -> None:
-    assert _token_read(scope("/sellers/billing/s-1/token")) == ("billing/s-1", 0)
-    assert _token_read(scope("/sellers/s-1/token", b"min_ttl=600")) == ("s-1", 600)
-    assert _token_read(scope("/sellers/s-1/token", b"min_ttl=600&x=1")) is None  # routed
+    assert token_read(scope("/sellers/billing/s-1/token")) == ("billing/s-1", 0, None, None)
+    assert token_read(scope("/sellers/s-1/token", b"min_ttl=600")) == ("s-1", 600, None, None)
+    given = ((b"authorization", b"Bearer mpb_x"), (b"x-request-id", b"r-1"))
+    assert token_read(scope("/sellers/s-1/token", headers=given)) == (
+        "s-1",
+        0,
+        "Bearer mpb_x",
+        b"r-1",
+    )
+    assert token_read(scope("/sellers/s-1/token", b"min_ttl=600&x=1")) is None  # routed
     for odd in (
         scope("/sellers/s-1/token", method="POST"),
         scope("/sellers/s-1/token/invalid"),
@@ -40,8 +62,12 @@ def test_only_well_formed_token_reads_take_the_fast_path() -> None:
         scope("/sellers/s-1/token", b"min_ttl=\xc2\xb2"),  # a Unicode digit
         scope("/sellers/s-1/token", b"min_ttl=1&min_ttl=2"),
         scope("/sellers/s-1/token", b"other=1"),
+        # What the request limits judge: a body announced, headers past the limit.
+        scope("/sellers/s-1/token", headers=((b"content-length", b"5"),)),
+        scope("/sellers/s-1/token", headers=((b"transfer-encoding", b"chunked"),)),
+        scope("/sellers/s-1/token", headers=((b"x-big", b"x" * 1024),)),
     ):
-        assert _token_read(odd) is None, odd
+        assert token_read(odd) is None, odd
 
 
 @dataclass

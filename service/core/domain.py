@@ -95,6 +95,7 @@ class SellerView:
     scope: str | None
     access_token: str | None  # None once unlinked
     body: bytes  # the token reply, serialized once
+    head: tuple[tuple[bytes, bytes], ...] = ()  # and the headers of its 200, built once
 
 
 @dataclass(frozen=True, slots=True)

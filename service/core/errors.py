@@ -227,19 +227,20 @@ class CatchAll:
         try:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:  # noqa: BLE001 the last resort: anything becomes a bare 500
-            log.error("request.failed", extra={"fields": {"error": type(exc).__name__}})
-            if started:
-                return
-            if is_database_outage(exc):
-                failed = problem_response(
-                    503,
-                    DatabaseUnavailable.code,
-                    DatabaseUnavailable.title,
-                    "Try again shortly.",
-                    {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
-                )
-            else:
-                failed = problem_response(
-                    500, BrokerError.code, BrokerError.title, BrokerError.title
-                )
-            await failed(scope, receive, send)
+            failed = last_resort(exc)
+            if not started:
+                await failed(scope, receive, send)
+
+
+def last_resort(exc: Exception) -> JSONResponse:
+    """What an unexpected exception answers (logged by its type only, never its message)."""
+    log.error("request.failed", extra={"fields": {"error": type(exc).__name__}})
+    if is_database_outage(exc):
+        return problem_response(
+            503,
+            DatabaseUnavailable.code,
+            DatabaseUnavailable.title,
+            "Try again shortly.",
+            {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+        )
+    return problem_response(500, BrokerError.code, BrokerError.title, BrokerError.title)

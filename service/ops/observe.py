@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import time
@@ -37,6 +38,40 @@ REQUEST_ID_HEADER = b"x-request-id"
 VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
+# A request without a (valid) id gets `<process prefix><counter>`: unique, and far cheaper than
+# a uuid4 per request on the hot path (ids need to be unique, not unguessable).
+_PREFIX = uuid.uuid4().hex[:16]
+_COUNTER = itertools.count(1)
+
+
+def request_id_of(scope: Any) -> bytes:
+    given = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
+    return request_id_from(given)
+
+
+def request_id_from(given: bytes | None) -> bytes:
+    """The caller's `X-Request-ID` when it is short and printable, else a new one."""
+    if given is not None and VALID_REQUEST_ID.match(given):
+        return given
+    return f"{_PREFIX}{next(_COUNTER):016x}".encode()
+
+
+_counted: dict[tuple[str, int], Any] = {}
+_timed: dict[str, Any] = {}
+
+
+def record(template: str, status: int, seconds: float) -> None:
+    """Count one request by route template and status (label children resolved once)."""
+    counter = _counted.get((template, status))
+    if counter is None:
+        counter = _counted[template, status] = metrics.HTTP_REQUESTS.labels(template, str(status))
+    counter.inc()
+    timer = _timed.get(template)
+    if timer is None:
+        timer = _timed[template] = metrics.HTTP_SECONDS.labels(template)
+    timer.observe(seconds)
+
+
 class Observe:
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -45,8 +80,7 @@ class Observe:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
-        rid = given if given and VALID_REQUEST_ID.match(given) else uuid.uuid4().hex.encode()
+        rid = request_id_of(scope)
         token = request_id.set(rid.decode())
         status = 500
         started = time.perf_counter()
@@ -61,10 +95,8 @@ class Observe:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            metrics.HTTP_REQUESTS.labels(template, str(status)).inc()
-            metrics.HTTP_SECONDS.labels(template).observe(time.perf_counter() - started)
+            template = getattr(scope.get("route"), "path", None) or "unmatched"
+            record(template, status, time.perf_counter() - started)
             request_id.reset(token)
 
 

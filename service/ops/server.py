@@ -88,6 +88,8 @@ def uvicorn_config(
         log_config=None,
         # No access log: the callback's query string holds an authorization code and a state.
         access_log=False,
+        # No `server: uvicorn`: it tells an attacker what to try, and costs every reply a header.
+        server_header=False,
         # uvicorn would believe X-Forwarded-For from any loopback peer; the broker reads it
         # itself, only from BROKER_TRUSTED_PROXIES (service/serving/limits.py).
         proxy_headers=False,

@@ -41,6 +41,9 @@ class Callers:
     failures: Buckets  # failed authentications, per client address
     trusted: list[IPNetwork] = field(default_factory=list)  # BROKER_TRUSTED_PROXIES
     unknown: OrderedDict[str, float] = field(default_factory=OrderedDict)  # prefix -> until
+    # Presented key -> the cached view it was verified against: the same view again skips the
+    # digest (a revocation or any change replaces the cached view, so it no longer matches).
+    verified: dict[str, KeyView] = field(default_factory=dict)
 
     async def authenticate(self, authorization: str | None, scope: Any) -> KeyView:
         loop = asyncio.get_running_loop()
@@ -60,6 +63,8 @@ class Callers:
     async def _key(self, authorization: str | None, scope: Any, now: float) -> KeyView:
         prefix, presented = apikeys.parse(authorization)
         key = self.cache.key(prefix)
+        if key is not None and self.verified.get(presented) is key:
+            return key
         if key is None:
             if self.unknown.get(prefix, 0.0) > now:
                 raise Unauthorized(apikeys.UNKNOWN_KEY)
@@ -75,7 +80,12 @@ class Callers:
                 self.unknown[prefix] = now + UNKNOWN_SECONDS
                 while len(self.unknown) > UNKNOWN_MAX:
                     self.unknown.popitem(last=False)
-        return apikeys.verify(key, presented)
+        verified = apikeys.verify(key, presented)
+        if self.cache.key(prefix) is verified:  # only a view the cache holds (and drops)
+            if len(self.verified) >= UNKNOWN_MAX:
+                self.verified.clear()
+            self.verified[presented] = verified
+        return verified
 
 
 # What the lifespan (service/main.py) put on app.state, for the routes. Async on purpose:

@@ -84,7 +84,7 @@ class Serving:
 # Response header set when the token served is valid but its seller needs attention.
 WARNING_HEADER = "Broker-Token-Warning"
 WARNING = WARNING_HEADER.lower().encode()
-NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]  # never cache a token
+NO_STORE = ((b"cache-control", b"no-store"), (b"pragma", b"no-cache"))  # never cache a token
 POLL_SECONDS = 0.05
 
 
@@ -98,7 +98,7 @@ class Served:
 # statement, on the direct pool, prepared once per connection by asyncpg's statement cache).
 READ = Hot.compile(
     "token_read",
-    select(*(getattr(Seller, name) for name in SellerView.__slots__ if name != "body")).where(
+    select(*(getattr(Seller, n) for n in SellerView.__slots__ if n not in ("body", "head"))).where(
         Seller.seller_id == bindparam("seller_id")
     ),
 )
@@ -126,7 +126,12 @@ def view_of(flow: Serving, seller: asyncpg.Record) -> SellerView:
         if access_token is not None
         else b""
     )
-    return SellerView(**{**dict(seller), "access_token": access_token, "body": body})
+    head = (
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *NO_STORE,
+    )
+    return SellerView(**{**dict(seller), "access_token": access_token, "body": body, "head": head})
 
 
 async def _load(flow: Serving, seller_id: str, *, fresh: bool = False) -> SellerView:
@@ -165,19 +170,28 @@ def _warning(seller: SellerView) -> TokenWarning | None:
     return TokenWarning.REFRESH_FAILING if seller.refresh_failures else None
 
 
-async def serve(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) -> Response:
-    """A token read once the caller is known: the documented route and the fast path call it."""
+async def answer(
+    flow: Serving, key: KeyView, seller_id: str, min_ttl: int
+) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """A token read once the caller is known: the body and headers of its 200 (the documented
+    route wraps them in a Response, the fast path sends them as they are)."""
     apikeys.authorize(key, "tokens:read", seller_id)
     if min_ttl > flow.settings.broker_min_ttl_max_seconds:
         # Refused rather than lowered: the caller would believe it got what it asked for.
         raise InvalidRequest(f"min_ttl is at most {flow.settings.broker_min_ttl_max_seconds}.")
     served = await read_token(flow, key, seller_id, min_ttl)
     flow.reads.add(key.name, seller_id, flow.clock())
-    # The body was serialized once, when the seller was loaded: no per-read encoding.
-    response = Response(served.seller.body, media_type="application/json")
-    response.raw_headers += NO_STORE
+    # The body and its headers were built once, when the seller was loaded: no per-read work.
+    headers = list(served.seller.head)
     if served.warning:
-        response.raw_headers.append((WARNING, served.warning.encode()))
+        headers.append((WARNING, served.warning.encode()))
+    return served.seller.body, headers
+
+
+async def serve(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) -> Response:
+    body, headers = await answer(flow, key, seller_id, min_ttl)
+    response = Response(body)
+    response.raw_headers = headers
     return response
 
 
