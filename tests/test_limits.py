@@ -107,6 +107,19 @@ async def test_api_keys_are_rate_limited_per_key(broker: Broker, database_url: s
         assert (await caller.get("/sellers/nobody/token")).status_code == 404
 
 
+def counted_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The prefixes the broker looks up in the database from now on, in order."""
+    lookups: list[str] = []
+    find = apikeys.find
+
+    async def counted(connection: Any, prefix: str) -> Any:
+        lookups.append(prefix)
+        return await find(connection, prefix)
+
+    monkeypatch.setattr(apikeys, "find", counted)
+    return lookups
+
+
 def _unknown_key() -> str:
     return f"Bearer mpb_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}"
 
@@ -117,14 +130,7 @@ async def test_failed_authentications_are_limited_per_address_before_any_lookup(
 ) -> None:
     """Enumerating key prefixes costs a lookup each; after a few failures from one address the
     broker answers 429 without one (#13 finding 7). Keys already known are not slowed."""
-    lookups: list[str] = []
-    find = apikeys.find
-
-    async def counted(connection: Any, prefix: str) -> Any:
-        lookups.append(prefix)
-        return await find(connection, prefix)
-
-    monkeypatch.setattr(apikeys, "find", counted)
+    lookups = counted_lookups(monkeypatch)
     cache = broker.app.state.runtime.cache
 
     async def cache_live() -> bool:  # keys are kept in memory only while its listener is up
@@ -150,14 +156,7 @@ async def test_failed_authentications_are_limited_per_address_before_any_lookup(
 async def test_an_unknown_prefix_is_remembered_and_every_failure_takes_the_same_floor(
     broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lookups: list[str] = []
-    find = apikeys.find
-
-    async def counted(connection: Any, prefix: str) -> Any:
-        lookups.append(prefix)
-        return await find(connection, prefix)
-
-    monkeypatch.setattr(apikeys, "find", counted)
+    lookups = counted_lookups(monkeypatch)
     unknown = _unknown_key()
     last = "a" if broker.api_key[-1] != "a" else "b"
     known_wrong = f"Bearer {broker.api_key[:-1]}{last}"  # a known prefix, a wrong secret

@@ -89,8 +89,8 @@ class Transit:
         verify: str | bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.name = f"transit:{mount}/{key}"
         self.mount, self.key, self.auth = mount.strip("/"), key, auth
+        self.name = f"transit:{self.mount}/{key}"
         headers = {"X-Vault-Namespace": namespace} if namespace else {}
         self.http = httpx.AsyncClient(
             base_url=url.rstrip("/") + "/v1/",

@@ -58,30 +58,36 @@ class Buckets:
     def take(self, key: str, now: float | None = None) -> float:
         """Take one; 0 when allowed, else the seconds until one is available."""
         now = time.monotonic() if now is None else now
-        tokens, updated = self.buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - updated) * self.rate)
-        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
-        self.buckets[key] = (tokens - 1 if tokens >= 1 else tokens, now)
-        if len(self.buckets) > self.capacity:
-            self.buckets.popitem(last=False)
-        return wait
+        tokens = self._refilled(self.buckets.pop(key, None), now)
+        self._put(key, tokens - 1 if tokens >= 1 else tokens, now)
+        return self._wait(tokens)
 
     def due(self, key: str, now: float) -> float:
         """Seconds until `key` has one again (0: it has one now); takes nothing."""
-        tokens, updated = self.buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - updated) * self.rate)
-        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        return self._wait(self._refilled(self.buckets.get(key), now))
 
     def reserve(self, key: str, now: float) -> float:
         """Take one even before it is there (the bucket goes below zero); the seconds until it
         is. For callers that wait their turn rather than being refused: with a `burst` below
         one, every one of them waits."""
-        tokens, updated = self.buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - updated) * self.rate)
-        self.buckets[key] = (tokens - 1, now)
+        tokens = self._refilled(self.buckets.pop(key, None), now)
+        self._put(key, tokens - 1, now)
+        return self._wait(tokens)
+
+    def _refilled(self, bucket: tuple[float, float] | None, now: float) -> float:
+        """What a bucket holds at `now` (a key not seen yet: a full one)."""
+        if bucket is None:
+            return self.burst
+        tokens, updated = bucket
+        return min(self.burst, tokens + (now - updated) * self.rate)
+
+    def _wait(self, tokens: float) -> float:
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def _put(self, key: str, tokens: float, now: float) -> None:
+        self.buckets[key] = (tokens, now)  # the most recent last: the least recent goes first
         if len(self.buckets) > self.capacity:
             self.buckets.popitem(last=False)
-        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
 
 
 def client_address(
