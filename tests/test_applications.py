@@ -23,6 +23,7 @@ import httpx
 import pytest
 from alembic import command
 from alembic.config import Config
+from prometheus_client import REGISTRY
 from pydantic import SecretStr, ValidationError
 
 from bench.seed import copy_rows
@@ -60,6 +61,7 @@ from tests.test_browser import (  # the Chromium helpers, and its fixture
     launch,  # noqa: F401
     open_consent,
 )
+from tests.test_observability import scrape, value
 
 NO_CHROMIUM = "REAL-BROWSER TEST NOT RUN: install Debian's chromium and chromium-driver"
 
@@ -318,6 +320,7 @@ async def test_two_applications_link_and_refresh_each_seller_with_its_own_creden
     sql: asyncpg.Connection,
 ) -> None:
     broker, simulator = apps_broker, apps_simulator
+    before = await scrape(broker.http)
     async with SellerBrowser() as browser:
         authorization = await browser.open_link(await broker.start_link("ar-1", application="ar"))
         params = query_of(authorization)
@@ -364,6 +367,35 @@ async def test_two_applications_link_and_refresh_each_seller_with_its_own_creden
         reply = await broker.token(seller_id)
         assert reply.status_code == 200, reply.text
     assert await count(sql, "SELECT count(*) FROM app_breakers") == 0
+    # Each application's counters count its own seller: one of each, under its name.
+    after = await scrape(broker.http)
+    for name in ("ar", "br"):
+        for metric, labels in (
+            ("broker_link_attempts_total", {"outcome": "linked"}),
+            ("broker_token_exchanges_total", {"outcome": "linked"}),
+            ("broker_refreshes_total", {"outcome": "refreshed", "reason": ""}),
+            ("broker_events_emitted_total", {"type": "seller.linked"}),
+            ("broker_upstream_request_duration_seconds_count", {"endpoint": "oauth_token"}),
+        ):
+            counted = value(after, metric, application=name, **labels)
+            counted -= value(before, metric, application=name, **labels)
+            expected = 2 if metric.startswith("broker_upstream") else 1  # exchange + refresh
+            assert counted == expected, (name, metric, labels)
+
+
+async def test_a_read_that_needs_a_fresh_token_refreshes_with_its_sellers_application(
+    apps_broker: Broker,
+    apps_simulator: Simulator,
+    apps_settings: Settings,
+    clock: FakeClock,
+    sql: asyncpg.Connection,
+) -> None:
+    [seller] = await seed(sql, apps_simulator, apps_settings, clock, BR_ID, "br", 5300, 1)
+    clock.advance(seconds=SIM_EXPIRES_IN - 60)  # a minute of validity left
+    reply = await apps_broker.token(seller, min_ttl=600)
+    assert reply.status_code == 200, reply.text
+    assert refreshes(await apps_simulator.log()) == [(BR_ID, 5300, "ok")]
+    assert await sql.fetchval("SELECT version FROM sellers") == 2
 
 
 async def test_an_applications_own_callback_url_takes_only_its_own_attempts(
@@ -382,6 +414,55 @@ async def test_an_applications_own_callback_url_takes_only_its_own_attempts(
         page = await browser.callback(callback)
         assert page.status_code == 200, page.text
     assert await sql.fetchval("SELECT client_id FROM sellers") == AR_ID
+
+
+async def test_a_refused_callback_counts_for_the_attempts_application(
+    apps_broker: Broker, apps_simulator: Simulator
+) -> None:
+    """On the shared callback URL the application is known once the state names the attempt:
+    a refusal after that (here another browser's) is counted for it, not for "" ."""
+
+    def refused(application: str) -> float:
+        labels = {"application": application, "outcome": "unbound_browser"}
+        return REGISTRY.get_sample_value("broker_link_attempts_total", labels) or 0.0
+
+    before = refused("ar"), refused("")
+    async with SellerBrowser() as browser, SellerBrowser() as stranger:
+        callback = await browser.authorize(
+            await apps_broker.start_link("ar-3", application="ar"), user_id=1003
+        )
+        assert (await stranger.callback(callback)).status_code == 403
+    assert (refused("ar"), refused("")) == (before[0] + 1, before[1])
+    assert await apps_simulator.token_requests() == 0
+
+
+@pytest.mark.parametrize("spec_changes", [{"ar": {"refresh_rate_per_second": 4}}])
+@pytest.mark.parametrize("settings_overrides", [{"broker_refresh_concurrency": 16}])
+async def test_each_application_refreshes_within_its_own_rate_limit(
+    apps_broker: Broker,
+    apps_simulator: Simulator,
+    apps_settings: Settings,
+    clock: FakeClock,
+    sql: asyncpg.Connection,
+) -> None:
+    """ar's limit (4/s, bursts of one second) spaces ar's sends; br's (the default) does not
+    wait for ar's: both applications' sellers come due in one wave."""
+    await seed(sql, apps_simulator, apps_settings, clock, AR_ID, "ar", 7000, 8)
+    await seed(sql, apps_simulator, apps_settings, clock, BR_ID, "br", 8000, 8)
+
+    async def settled() -> bool:
+        return await count(sql, "SELECT count(*) FROM sellers WHERE version = 2") == 16
+
+    await wave(apps_broker, settled, "every seller of both applications refreshed")
+    sent = [e for e in await apps_simulator.log() if e["grant_type"] == "refresh_token"]
+    ar = sorted(e["at"] for e in sent if e["client_id"] == AR_ID)
+    br = sorted(e["at"] for e in sent if e["client_id"] == BR_ID)
+    assert (len(ar), len(br)) == (8, 8)
+    # A burst of 4, then one every 0.25 s: the 8th at least a second after the first.
+    # A burst of 4, then one every 0.25 s (20 ms for the timers): never ahead of the limit.
+    for k in range(4, 8):
+        assert ar[k] - ar[0] >= (k - 3) * 0.25 - 0.02, [round(t - ar[0], 3) for t in ar]
+    assert br[-1] < ar[5]  # all of br's sent while ar still waited for its turns
 
 
 # -- 2. one application's breaker does not pause another's ------------------------------------
@@ -577,8 +658,61 @@ async def test_a_key_limited_to_one_application_acts_only_within_it(
         own_seller = await caller.get(f"/sellers/{ar_seller}/token")
         assert own_seller.status_code == 200, own_seller.text
         assert own_seller.json()["mp_user_id"] == 5100
+
+        # Nothing of the other applications, not even their names: one that does not exist
+        # is the same 403 as br, and the list offered holds the key's own only.
+        no_such_app = await caller.post(
+            "/link/start", json={"seller_id": "new", "application": "mx"}
+        )
+        assert_problem(no_such_app, 403, "forbidden")
+        assert no_such_app.json() == other_app.json()
+        unnamed = await caller.post("/link/start", json={"seller_id": "new"})
+        assert_problem(unnamed, 422, "unknown_application")
+        assert "ar" in unnamed.json()["detail"]
+        assert "br" not in unnamed.json()["detail"]
+
+        # Every other route that names a seller or an application: br's are out of reach.
+        for method, path in (
+            ("GET", f"/sellers/{br_seller}"),
+            ("DELETE", f"/sellers/{br_seller}"),
+            ("POST", f"/sellers/{br_seller}/token/invalid"),
+            ("GET", f"/audit?seller_id={br_seller}"),
+            ("GET", "/audit?application=br"),
+            ("GET", "/audit"),
+        ):
+            refused = await caller.request(method, path)
+            assert_problem(refused, 403, "forbidden")
+        assert await count(sql, "SELECT count(*) FROM sellers WHERE status = 'linked'") == 2
+        listed = await caller.get("/sellers")
+        assert [s["seller_id"] for s in listed.json()["items"]] == [ar_seller]
+        assert [a["name"] for a in (await caller.get("/applications")).json()] == ["ar"]
+        assert (await caller.get(f"/sellers/{ar_seller}")).json()["application"] == "ar"
+
+        # Its own application's audit holds its token reads, each under its application.
+        runtime = apps_broker.app.state.runtime
+        await runtime.reads.flush(runtime.db.direct)
+        entries = (await caller.get("/audit?application=ar")).json()
+        reads = [e for e in entries if e["action"] == "token.read"]
+        assert [(e["seller_id"], e["application"]) for e in reads] == [(ar_seller, "ar")]
     # A key for every application still reads both.
     assert (await apps_broker.token(br_seller)).status_code == 200
+
+
+async def test_a_seller_of_an_application_no_longer_configured_can_be_unlinked_and_audited(
+    apps_broker: Broker, apps_settings: Settings, clock: FakeClock, sql: asyncpg.Connection
+) -> None:
+    """Its entries name it `unconfigured:<client_id>`, and a client_id may be 64 characters."""
+    gone = "9" * 64
+    ring, now = settings_keyring(apps_settings), clock.now
+    row = sealed_row(ring, gone, "old-1", 77, "APP_USR-a-77", "TG-r-77", now, now, now)
+    await copy_rows(sql, [row])
+    unlinked = await apps_broker.http.delete("/sellers/old-1")
+    assert unlinked.status_code == 200, unlinked.text
+    assert unlinked.json()["application"] == f"unconfigured:{gone}"
+    entries = (await apps_broker.http.get("/audit?seller_id=old-1")).json()
+    assert [(e["action"], e["application"]) for e in entries] == [
+        ("seller.unlinked", f"unconfigured:{gone}")
+    ]
 
 
 # -- 6. configuration ---------------------------------------------------------------------------
@@ -603,7 +737,7 @@ SECRET_VALUES = (AR_SECRET, BR_SECRET, AR_HOOK, BR_HOOK, KEYS)
 
 
 def _twice(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [specs[0], specs[1] | {"name": "ar"}]
+    return [specs[0], specs[1] | {"name": "ar", "redirect_uri": specs[0]["redirect_uri"]}]
 
 
 def _same_client(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -618,6 +752,10 @@ def _bad_country(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [specs[0], specs[1] | {"country": "zz"}]
 
 
+def _unserved_callback(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [specs[0], specs[1] | {"redirect_uri": f"{BROKER}/oauth/callback/ar"}]  # ar's URL
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -625,6 +763,7 @@ def _bad_country(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         (_same_client, ("'ar'", "'br'", "client_id")),
         (_no_secret, ("'br'", "client_secret")),
         (_bad_country, ("'br'", "country")),
+        (_unserved_callback, ("'br'", "redirect_uri", "/oauth/callback/br")),
     ],
 )
 def test_a_wrong_declaration_names_the_application_and_the_field_and_no_secret(
@@ -637,6 +776,43 @@ def test_a_wrong_declaration_names_the_application_and_the_field_and_no_secret(
         assert part in message, message
     for secret in SECRET_VALUES:
         assert secret not in message, message
+
+
+def test_applications_may_come_from_a_json_file(tmp_path: Path) -> None:
+    path = tmp_path / "applications.json"
+    path.write_text(json.dumps(declared(BROKER, SIM)))
+    settings = base(BROKER, broker_applications_file=path)
+    assert [(a.name, a.client_id) for a in settings.apps.values()] == [("ar", AR_ID), ("br", BR_ID)]
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (None, "cannot be read"),
+        ('[{"name": "ar", "client_secret": "' + AR_SECRET + '", ', "not valid json"),
+    ],
+)
+def test_an_unreadable_or_broken_file_is_named_and_its_content_never_shown(
+    tmp_path: Path, content: str | None, said: str
+) -> None:
+    path = tmp_path / "applications.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValidationError) as raised:
+        base(BROKER, broker_applications_file=path)
+    message = str(raised.value)
+    assert "BROKER_APPLICATIONS_FILE" in message, message
+    assert said in message, message
+    assert AR_SECRET not in message, message
+
+
+def test_the_file_and_the_variable_are_not_both_set(tmp_path: Path) -> None:
+    path = tmp_path / "applications.json"
+    path.write_text(json.dumps(declared(BROKER, SIM)))
+    with pytest.raises(ValidationError, match="not both"):
+        base(
+            BROKER, broker_applications_file=path, broker_applications=as_env(declared(BROKER, SIM))
+        )
 
 
 def test_applications_may_come_from_a_toml_file(tmp_path: Path) -> None:
@@ -706,6 +882,11 @@ def test_production_accepts_real_declarations() -> None:
     [
         ({"redirect_uri": "http://broker.example/oauth/callback/br"}, "redirect_uri (https)"),
         ({"client_secret": "changeme"}, "client_secret"),
+        ({"client_id": "2234567890123456"}, "client_id"),  # the demo's br
+        ({"webhook_secret": "changeme"}, "webhook_secret"),
+        ({"auth_url": "http://auth.mercadopago.com.br/authorization"}, "auth_url (https)"),
+        ({"token_url": "http://api.mercadopago.com/oauth/token"}, "token_url (https)"),
+        ({"api_url": "http://api.mercadopago.com"}, "api_url (https)"),
     ],
 )
 def test_production_refuses_a_declared_application_with_an_unfit_value_naming_it(
@@ -724,7 +905,7 @@ def test_production_refuses_a_declared_application_with_an_unfit_value_naming_it
 
 
 async def test_a_plain_token_reply_is_completed_by_users_me(
-    apps_broker: Broker, apps_simulator: Simulator, sql: asyncpg.Connection
+    apps_broker: Broker, apps_simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
 ) -> None:
     await apps_simulator.faults(plain_reply=True)
     page = await link(apps_broker, "plain-1", "ar", 7007)
@@ -735,6 +916,17 @@ async def test_a_plain_token_reply_is_completed_by_users_me(
     assert token["mp_user_id"] == 7007
     assert not token["access_token"].endswith("-7007")  # opaque: only /users/me could tell
     assert await sql.fetchval("SELECT outcome FROM link_attempts") == "linked"
+
+    # A plain refresh reply keeps the account the link found (no /users/me call for it).
+    clock.advance(days=DUE_AFTER_DAYS)
+
+    async def refreshed() -> bool:
+        return await count(sql, "SELECT count(*) FROM sellers WHERE version = 2") == 1
+
+    await wave(apps_broker, refreshed, "the seller refreshed with a plain reply")
+    row = await sql.fetchrow("SELECT mp_user_id, status FROM sellers")
+    assert tuple(row) == (7007, "linked")
+    assert refreshes(await apps_simulator.log()) == [(AR_ID, 7007, "ok")]
 
 
 async def test_an_account_nobody_names_is_not_linked(
@@ -832,6 +1024,18 @@ async def _rows(sql: asyncpg.Connection, table: str) -> list[dict[str, Any]]:
     return [dict(r) for r in await sql.fetch(f"SELECT * FROM {table} ORDER BY 1")]  # noqa: S608
 
 
+async def _old_seller(sql: asyncpg.Connection, seller_id: str) -> None:
+    """A linked seller as a 0006 replica writes it (sealed values are opaque to the schema)."""
+    await sql.execute(
+        "INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token, "
+        "refresh_token, scope, live_mode, expires_at, next_refresh_at, version, linked_at, "
+        "updated_at) VALUES ($1, $2, 42, 'linked', 'v1.k1.a', 'v1.k1.r', 'read', true, "
+        "now() + interval '180 days', now() + interval '150 days', 3, now(), now())",
+        seller_id,
+        CLIENT_ID,
+    )
+
+
 async def test_revision_0007_keeps_rows_and_moves_the_work_queue_index(
     database_url: str, sql: asyncpg.Connection
 ) -> None:
@@ -845,13 +1049,7 @@ async def test_revision_0007_keeps_rows_and_moves_the_work_queue_index(
         "INSERT INTO api_keys (id, name, prefix, digest, scopes, namespace, created_at) VALUES "
         "('k-1', 'old-key', 'aaaaaaaa', 'd', '{tokens:read}', NULL, now())"
     )
-    await sql.execute(
-        "INSERT INTO sellers (seller_id, client_id, mp_user_id, status, access_token, "
-        "refresh_token, scope, live_mode, expires_at, next_refresh_at, version, linked_at, "
-        "updated_at) VALUES ('s-1', $1, 42, 'linked', 'v1.k1.a', 'v1.k1.r', 'read', true, "
-        "now() + interval '180 days', now() + interval '150 days', 3, now(), now())",
-        CLIENT_ID,
-    )
+    await _old_seller(sql, "s-1")
     await sql.execute(
         "INSERT INTO links (id_hash, seller_id, client_id, return_url, test, created_by, "
         "created_at, expires_at) VALUES ('h-1', 's-1', $1, NULL, false, 'k-1', now(), "
@@ -898,3 +1096,51 @@ async def test_revision_0007_keeps_rows_and_moves_the_work_queue_index(
     assert "client_ids" not in {c["column_name"] for c in columns}
     assert await _rows(sql, "sellers") == before["sellers"]
     assert await _rows(sql, "api_keys") == before["api_keys"]
+
+
+async def test_revision_0007_lets_sellers_be_written_while_it_runs(
+    database_url: str, sql: asyncpg.Connection
+) -> None:
+    """A rolling upgrade: old replicas keep writing sellers while 0007 runs. A transaction of
+    theirs still open on `sellers` makes the index build wait for it (CONCURRENTLY), and
+    meanwhile every other write goes through: the migration holds no lock that blocks them."""
+    await asyncio.to_thread(_alembic, database_url, "downgrade", "0006")
+    for seller_id in ("s-1", "s-2"):
+        await _old_seller(sql, seller_id)
+    in_flight = await asyncpg.connect(**db.asyncpg_params(database_url))
+    writer = await asyncpg.connect(**db.asyncpg_params(database_url))
+    try:
+        await in_flight.execute("BEGIN")
+        await in_flight.execute("UPDATE sellers SET version = version + 1 WHERE seller_id = 's-1'")
+        upgrade = asyncio.ensure_future(
+            asyncio.to_thread(_alembic, database_url, "upgrade", "0007")
+        )
+
+        async def building() -> bool:
+            return bool(
+                await sql.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'CREATE INDEX CONCURRENTLY%'"
+                )
+            )
+
+        await wait_until(building, "0007 waits for the open transaction to build its index", 20)
+        held = await sql.fetch(
+            "SELECT l.mode FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE c.relname = 'sellers' "
+            "AND a.query LIKE 'CREATE INDEX CONCURRENTLY%' AND l.granted"
+        )
+        assert {r["mode"] for r in held} == {"ShareUpdateExclusiveLock"}  # writes go on
+        await writer.execute("SET statement_timeout = '2s'")
+        await writer.execute("UPDATE sellers SET version = version + 1 WHERE seller_id = 's-2'")
+        await _old_seller(writer, "s-3")
+        assert not upgrade.done()
+        await in_flight.execute("COMMIT")
+        await asyncio.wait_for(upgrade, 30)
+    finally:
+        await in_flight.close()
+        await writer.close()
+    assert await sql.fetchval("SELECT version_num FROM alembic_version") == "0007"
+    assert (await _indexes(sql))["ix_sellers_client_id_next_refresh_at_linked"][0]
+    versions = await sql.fetch("SELECT seller_id, version FROM sellers ORDER BY 1")
+    assert [tuple(r) for r in versions] == [("s-1", 4), ("s-2", 4), ("s-3", 3)]

@@ -53,7 +53,7 @@ async def test_read_counts_that_could_not_be_written_are_kept_for_the_next_flush
     counter = audit.ReadCounter()
     minute = broker.app.state.runtime.clock()
     for n in range(2500):  # more than one COPY slice
-        counter.add("billing", f"seller-{n % 1250}", minute)
+        counter.add("billing", f"seller-{n % 1250}", "client", minute)
     with socket.socket() as unused:  # a port nothing listens on: the database is unreachable
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]

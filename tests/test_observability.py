@@ -91,7 +91,7 @@ async def test_metrics_count_requests_links_and_stored_state(broker: Broker) -> 
     assert (
         delta("broker_upstream_request_duration_seconds_count", **app, endpoint="oauth_token") == 1
     )
-    assert delta("broker_events_emitted_total", type="seller.linked") == 1
+    assert delta("broker_events_emitted_total", **app, type="seller.linked") == 1
 
     async def counted() -> bool:
         samples = await scrape(broker.http)

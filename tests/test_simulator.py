@@ -997,6 +997,8 @@ async def test_log_records_each_token_request_without_secrets(client: httpx.Asyn
     refreshed = (await refresh(client, tokens["refresh_token"])).json()
 
     entries = await log(client)
+    arrived = [entry.pop("at") for entry in entries]
+    assert arrived == sorted(arrived)  # when each arrived, in order
 
     assert entries == [
         {

@@ -33,6 +33,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from service.core.mercadopago import OAuthApp
@@ -110,6 +111,18 @@ class ApplicationSpec(BaseModel):
     @classmethod
     def _urls(cls, value: str | None) -> str | None:
         return None if value is None else _is_url(value)
+
+    @model_validator(mode="after")
+    def _served_callback(self) -> ApplicationSpec:
+        # Mercado Pago sends the seller back to exactly this URL: one the broker does not serve
+        # would be found out only at the first seller's callback (a 404). A prefix before it
+        # is a proxy's business.
+        path = urlsplit(self.redirect_uri).path.rstrip("/")
+        if not path.endswith(("/oauth/callback", f"/oauth/callback/{self.name}")):
+            raise ValueError(
+                f"redirect_uri must end in /oauth/callback or /oauth/callback/{self.name}"
+            )
+        return self
 
 
 @dataclass(frozen=True, repr=False)

@@ -56,7 +56,9 @@ UPSTREAM_SECONDS = Histogram(
     ["application", "endpoint"],
     buckets=UPSTREAM,
 )
-EVENTS_EMITTED = Counter("broker_events_emitted", "Events written to the outbox.", ["type"])
+EVENTS_EMITTED = Counter(
+    "broker_events_emitted", "Events about sellers written to the outbox.", ["application", "type"]
+)
 EVENT_DELIVERIES = Counter(
     "broker_event_deliveries",
     "Event delivery attempts by subscriber and outcome (delivered, retry, failed).",

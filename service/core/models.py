@@ -181,7 +181,7 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(40))
     seller_id: Mapped[str | None] = mapped_column(String(128), index=True)
     detail: Mapped[str | None] = mapped_column(String(200))
-    application: Mapped[str | None] = mapped_column(String(32))  # its name when it happened
+    application: Mapped[str | None] = mapped_column(String(100))  # its name when it happened
     count: Mapped[int] = mapped_column(Integer, server_default=text("1"))
 
 

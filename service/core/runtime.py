@@ -148,7 +148,7 @@ class Runtime:
     key_buckets: Buckets
     cache: Cache
     key_service: keyservice.KeyService | None  # None: BROKER_ENCRYPTION_KEYS (or dev's key)
-    reads: ReadCounter = field(default_factory=ReadCounter)
+    reads: ReadCounter
 
     @classmethod
     async def build(
@@ -184,6 +184,7 @@ class Runtime:
                 burst=settings.broker_rate_limit_per_key_per_second,
             ),
             cache=Cache(settings.broker_token_cache_size),
+            reads=ReadCounter(settings.apps.name_of),
         )
 
     async def close(self, seconds: float) -> None:

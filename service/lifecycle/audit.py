@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -51,25 +52,29 @@ def record(
 
 
 class ReadCounter:
-    def __init__(self) -> None:
-        self.counts: Counter[tuple[str, str, datetime]] = Counter()
+    """Token reads per (API key, seller, application, minute); the application is counted by
+    `client_id`, as the cached view has it, and written by name, as `/audit` filters it."""
+
+    def __init__(self, name_of: Callable[[str], str] = str) -> None:
+        self.name_of = name_of
+        self.counts: Counter[tuple[str, str, str, datetime]] = Counter()
         # The current minute, one object while it lasts: a datetime caches its hash, so every
         # read of the minute hashes it once, and none pays for replace() (the hot path).
         self.minute = self.minute_end = datetime.min.replace(tzinfo=UTC)
 
-    def add(self, actor: str, seller_id: str, now: datetime) -> None:
+    def add(self, actor: str, seller_id: str, client_id: str, now: datetime) -> None:
         if not self.minute <= now < self.minute_end:
             self.minute = now.replace(second=0, microsecond=0)
             self.minute_end = self.minute + timedelta(minutes=1)
-        self.counts[(actor, seller_id, self.minute)] += 1
+        self.counts[(actor, seller_id, client_id, self.minute)] += 1
 
     async def flush(self, pool: asyncpg.Pool) -> int:
         counts, self.counts = self.counts, Counter()
         if not counts:
             return 0
         rows = (
-            (minute, actor, "token.read", seller, n)
-            for (actor, seller, minute), n in counts.items()
+            (minute, actor, "token.read", seller, n, self.name_of(client_id))
+            for (actor, seller, client_id, minute), n in counts.items()
         )
         try:
             # Binary COPY (asyncpg encodes in C; the ORM's bulk insert cost 6% of a million-
@@ -80,7 +85,7 @@ class ReadCounter:
                     await connection.copy_records_to_table(
                         "audit_events",
                         records=chunk,
-                        columns=("at", "actor", "action", "seller_id", "count"),
+                        columns=("at", "actor", "action", "seller_id", "count", "application"),
                     )
                     await asyncio.sleep(0)
         except Exception as exc:  # noqa: BLE001 a failed flush keeps its counts for the next

@@ -80,7 +80,7 @@ def emit(
                 give_up_at=give_up_at,
             )
         )
-    metrics.EVENTS_EMITTED.labels(type_).inc()
+    metrics.EVENTS_EMITTED.labels(str(data.get("application", "")), type_).inc()
 
 
 def emit_for(

@@ -152,11 +152,7 @@ async def list_applications(admin: AdminDep, key: ApiKeyDep) -> list[Application
     if key.namespace:
         # The counts span every seller of an application, most of them outside the namespace.
         raise Forbidden("A key limited to a namespace cannot see application-wide counts.")
-    visible = [
-        app
-        for app in admin.settings.apps.values()
-        if key.client_ids is None or app.client_id in key.client_ids
-    ]
+    visible = [app for app in admin.settings.apps.values() if apikeys.may_use(key, app.client_id)]
     async with admin.db.sessions() as session:
         return await applications.summaries(session, visible, admin.clock())
 

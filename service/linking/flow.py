@@ -165,10 +165,17 @@ def with_status(return_url: str, outcome: str, seller_id: str) -> str:
 
 
 def chosen_application(flow: Linking, key: KeyView, name: str | None) -> Application:
-    """The application a link is for: named, or the only one; and one the key may use."""
-    app = flow.upstream.apps.chosen(name)
+    """The application a link is for: named, or the only one; and one the key may use.
+
+    A key limited to applications learns nothing of the others: a name outside them is the
+    same 403 whether it exists or not, and the list it is offered holds only its own."""
+    apps = flow.upstream.apps
+    app = apps.chosen(name)
+    if name is not None:
+        apikeys.authorize_application(key, None if app is None else app.client_id)
     if app is None:
-        known = ", ".join(sorted(flow.upstream.apps))
+        usable = [a.name for a in apps.values() if apikeys.may_use(key, a.client_id)]
+        known = ", ".join(sorted(usable))
         if name is None:
             raise UnknownApplication(f"Name the application to link through: one of {known}.")
         raise UnknownApplication(f"No application {name!r}; the broker serves: {known}.")
@@ -335,8 +342,8 @@ async def _handle_callback(
         return CallbackResult(Refusal.INVALID_CALLBACK), callback
     # Past the check above, a callback without a code carries an error: the seller said no.
     claimed = await _claim_attempt(flow, state, binder, callback, denied=not code)
-    if isinstance(claimed, CallbackResult):
-        return claimed, callback
+    if isinstance(claimed, tuple):
+        return claimed
     if not code:
         _event("callback.outcome", outcome=Outcome.DENIED, seller_id=claimed.seller_id)
         return CallbackResult(Outcome.DENIED, claimed.seller_id, claimed.return_url), claimed.app
@@ -348,8 +355,9 @@ async def _handle_callback(
 
 async def _claim_attempt(
     flow: Linking, state: str, binder: str | None, callback: Application | None, *, denied: bool
-) -> _Claimed | CallbackResult:
-    """Consume the attempt exactly once and commit that before anything is sent upstream."""
+) -> _Claimed | tuple[CallbackResult, Application | None]:
+    """Consume the attempt exactly once and commit that before anything is sent upstream; a
+    refusal comes with the application it counts for (the attempt's, once it is known)."""
     now = flow.clock()
     async with transaction(flow.db.sessions) as session:
         attempt = await session.scalar(
@@ -363,10 +371,10 @@ async def _claim_attempt(
             # Unknown here, of an application no longer configured, or come back on another
             # application's callback URL (whose redirect_uri the exchange would not match).
             _event("callback.refused", reason=Refusal.UNKNOWN_STATE)
-            return CallbackResult(Refusal.UNKNOWN_STATE)
+            return CallbackResult(Refusal.UNKNOWN_STATE), callback
         if binder is None or not secrets.compare_digest(pkce.digest(binder), attempt.binder_hash):
             _event("callback.refused", reason=Refusal.UNBOUND_BROWSER, attempt=attempt.id)
-            return CallbackResult(Refusal.UNBOUND_BROWSER, attempt.seller_id)
+            return CallbackResult(Refusal.UNBOUND_BROWSER, attempt.seller_id), app
         # Locked: of two attempts of one link (a forwarded copy), one claims at a time.
         link = await session.get(Link, attempt.link_id_hash, with_for_update=True)
         return_url = link.return_url if link else None
@@ -374,7 +382,7 @@ async def _claim_attempt(
             # A resubmitted callback shows what happened the first time.
             recorded = Outcome(attempt.outcome or Outcome.EXCHANGE_FAILED)
             _event("callback.replayed", outcome=recorded, attempt=attempt.id)
-            return CallbackResult(recorded, attempt.seller_id, return_url)
+            return CallbackResult(recorded, attempt.seller_id, return_url), app
         # The link itself must still be usable: one that linked (through another attempt, say
         # a forwarded copy left at the consent page) or expired completes nothing, before any
         # code reaches Mercado Pago.
@@ -386,19 +394,19 @@ async def _claim_attempt(
         )
         if link_refusal is not None:
             _event("callback.refused", reason=link_refusal, attempt=attempt.id)
-            return CallbackResult(link_refusal, attempt.seller_id)
+            return CallbackResult(link_refusal, attempt.seller_id), app
         if not denied and await _another_exchanging(flow, session, attempt, now):
             # Another attempt of this link is exchanging its code: this one waits its turn
             # (reload: the link is then used, or free again if that exchange failed).
             _event("callback.refused", reason="link_exchanging", attempt=attempt.id)
-            return CallbackResult(Outcome.EXCHANGING, attempt.seller_id, return_url)
+            return CallbackResult(Outcome.EXCHANGING, attempt.seller_id, return_url), app
         if not denied and crosses_applications(
             flow, await session.get(Seller, attempt.seller_id), attempt.client_id
         ):
             # Linked through another application since the link was opened: nothing changes
             # and the code is not exchanged (the attempt stays unconsumed, so says the same).
             _event("callback.refused", reason=Refusal.APPLICATION_MISMATCH, attempt=attempt.id)
-            return CallbackResult(Refusal.APPLICATION_MISMATCH, attempt.seller_id)
+            return CallbackResult(Refusal.APPLICATION_MISMATCH, attempt.seller_id), app
         attempt.consumed_at = now
         attempt.outcome = Outcome.DENIED if denied else Outcome.EXCHANGING
         verifier = (

@@ -151,9 +151,13 @@ def authorize(key: KeyView, scope: str, seller_id: str | None = None) -> None:
 OUTSIDE_APPLICATIONS = "This seller or application is outside the key's applications."
 
 
-def authorize_application(key: KeyView, client_id: str | None) -> None:
+def may_use(key: KeyView, client_id: str | None) -> bool:
     """A key limited to applications acts only in them (`client_id` None: no such seller)."""
-    if key.client_ids is not None and client_id not in key.client_ids:
+    return key.client_ids is None or client_id in key.client_ids
+
+
+def authorize_application(key: KeyView, client_id: str | None) -> None:
+    if not may_use(key, client_id):
         raise Forbidden(OUTSIDE_APPLICATIONS)
 
 

@@ -180,7 +180,7 @@ async def answer(
         # Refused rather than lowered: the caller would believe it got what it asked for.
         raise InvalidRequest(f"min_ttl is at most {flow.settings.broker_min_ttl_max_seconds}.")
     served = await read_token(flow, key, seller_id, min_ttl)
-    flow.reads.add(key.name, seller_id, flow.clock())
+    flow.reads.add(key.name, seller_id, served.seller.client_id, flow.clock())
     # The body and its headers were built once, when the seller was loaded: no per-read work.
     headers = list(served.seller.head)
     if served.warning:

@@ -16,7 +16,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -176,6 +176,8 @@ class LogEntry:
     content_type: Literal["form", "json"]
     outcome: str = "pending"  # "held" while an after_rotate=hold reply waits
     user_id: int | None = None  # the grant's seller, once the reply is "ok"
+    # When it arrived (time.monotonic(), seconds): tests read the spacing of requests from it.
+    at: float = field(default_factory=time.monotonic)
 
 
 def fingerprint(token: str) -> str:
