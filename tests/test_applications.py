@@ -459,9 +459,10 @@ async def test_each_application_refreshes_within_its_own_rate_limit(
     br = sorted(e["at"] for e in sent if e["client_id"] == BR_ID)
     assert (len(ar), len(br)) == (8, 8)
     # A burst of 4, then one every 0.25 s: the 8th at least a second after the first.
-    # A burst of 4, then one every 0.25 s (20 ms for the timers): never ahead of the limit.
+    # A burst of 4, then one every 0.25 s: never ahead of the limit. 60 ms for the loop's
+    # jitter (a send of the burst may reach the simulator late); unlimited, they all come at 0.
     for k in range(4, 8):
-        assert ar[k] - ar[0] >= (k - 3) * 0.25 - 0.02, [round(t - ar[0], 3) for t in ar]
+        assert ar[k] - ar[0] >= (k - 3) * 0.25 - 0.06, [round(t - ar[0], 3) for t in ar]
     assert br[-1] < ar[5]  # all of br's sent while ar still waited for its turns
 
 
