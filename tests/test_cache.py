@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +29,7 @@ from tests.support import (
     Simulator,
     bound_socket,
     create_api_key,
+    seed_sellers,
     wait_until,
 )
 from tests.support.processes import env_for, run_cli
@@ -104,6 +106,7 @@ def test_nothing_is_served_or_stored_while_the_listener_is_down_and_it_is_bounde
     cache = live_cache(size=2)
     for n in range(3):
         cache.store_seller(view(f"s-{n}"), cache.begin())
+        cache.store_seller(view(f"s-{n}"), cache.begin())  # its second miss: admitted when full
     assert [cache.seller(f"s-{n}") is not None for n in range(3)] == [False, True, True]
     begun = cache.begin()
     cache.live = False
@@ -114,6 +117,25 @@ def test_nothing_is_served_or_stored_while_the_listener_is_down_and_it_is_bounde
     cache.store_seller(view("s-9"), begun)  # began before the flush: may be stale
     assert cache.seller("s-9") is None
     assert Cache(0).seller("s-1") is None
+
+
+def test_when_full_a_seller_displaces_another_only_on_its_second_miss() -> None:
+    cache = live_cache(size=2)
+    cache.store_seller(view("s-0"), cache.begin())
+    cache.store_seller(view("s-1"), cache.begin())  # room: in on the first miss
+    assert cache.seller("s-0") is not None  # read: s-1 is now the least recently read
+    cache.store_seller(view("s-2"), cache.begin())  # full: a first miss changes nothing
+    assert list(cache.sellers) == ["s-1", "s-0"]
+    cache.store_seller(view("s-2"), cache.begin())  # the second: in, for the least read
+    assert list(cache.sellers) == ["s-0", "s-2"]
+    # A newer version of a cached seller is never held at the door.
+    cache.store_seller(view("s-2", version=2), cache.begin())
+    assert cache.seller("s-2") == view("s-2", version=2)
+    # The door remembers at most one cache's worth of first misses.
+    for n in range(3, 8):
+        cache.store_seller(view(f"s-{n}"), cache.begin())
+        assert len(cache.seen) <= cache.size
+    assert list(cache.sellers) == ["s-0", "s-2"]
 
 
 def test_a_key_is_never_served_or_stored_while_the_listener_is_down_whatever_the_size() -> None:
@@ -413,3 +435,40 @@ async def test_without_a_cache_every_read_goes_to_the_database(
             for _ in range(5):
                 assert (await http.get("/sellers/nobody/token")).status_code == 404
         assert counting.opened >= 5  # the seller, every time (the key from memory)
+
+
+async def test_reads_that_miss_together_are_read_together(
+    broker: Broker, simulator: Simulator, sql: asyncpg.Connection
+) -> None:
+    """Forty reads of forty uncached sellers arriving in one turn of the event loop (as a
+    busy server's sockets deliver them): one statement on one connection, not forty."""
+    runtime: Runtime = broker.app.state.runtime
+    await wait_until(_live(runtime), "the broker listens", 10)
+    sellers = await seed_sellers(sql, simulator, broker.settings, 40, expires_in=3600, due=False)
+    assert (await broker.token("nobody")).status_code == 404  # the key, cached
+    authorization = f"Bearer {broker.api_key}".encode()
+
+    async def read(seller_id: str) -> dict[str, Any]:
+        sent: list[MutableMapping[str, Any]] = []
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        request = {
+            "type": "http",
+            "method": "GET",
+            "path": f"/sellers/{seller_id}/token",
+            "query_string": b"",
+            "headers": [(b"authorization", authorization)],
+        }
+        await broker.app(request, receive, send)
+        return {"status": sent[0]["status"], "body": json.loads(sent[1]["body"])}
+
+    with CountingDatabase(runtime) as counting:
+        replies = await asyncio.gather(*(read(s) for s in sellers))
+    assert [r["status"] for r in replies] == [200] * len(sellers)
+    assert len({r["body"]["access_token"] for r in replies}) == len(sellers)  # each its own
+    assert counting.opened == 1

@@ -401,8 +401,8 @@ async def test_each_hot_statement_prepares_against_the_migrated_schema(
 
 def test_a_hot_statement_takes_exactly_its_named_arguments() -> None:
     read = tokens.READ
-    assert read.args(seller_id="s") == ("s",)
+    assert read.args(seller_ids=["s"]) == (["s"],)
     with pytest.raises(TypeError, match="token_read takes"):
-        read.args(seller="s")
+        read.args(seller_id="s")
     with pytest.raises(TypeError):
-        Hot.args(read, seller_id="s", extra=1)
+        Hot.args(read, seller_ids=["s"], extra=1)

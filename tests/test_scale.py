@@ -59,7 +59,10 @@ async def test_due_work_and_token_reads_use_indexes_with_a_million_sellers(
     assert "ix_sellers_expires_at_at_risk" in expiring_plan, expiring_plan
     assert "Seq Scan on sellers" not in expiring_plan, expiring_plan
 
-    for read in ((READ.sql, "seller-0500000"), ("SELECT * FROM sellers WHERE seller_id = $1", "x")):
+    for read in (
+        (READ.sql, ["seller-0500000"]),
+        ("SELECT * FROM sellers WHERE seller_id = $1", "x"),
+    ):
         read_plan = await plan(sql, *read)  # the token read, and what session.get runs
         assert "pk_sellers" in read_plan, read_plan
         assert "Seq Scan" not in read_plan, read_plan

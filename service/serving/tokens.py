@@ -8,13 +8,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import asyncpg
-from sqlalchemy import bindparam, select
+from sqlalchemy import any_, bindparam, select
 from starlette.responses import Response
 
 from service.core import db
+from service.core.batches import Batches
 from service.core.config import LEASE_MARGIN_SECONDS, Settings
 from service.core.crypto import Keyring
 from service.core.db import Hot
@@ -79,6 +81,10 @@ class Serving:
     refresher: Refresher
     upstream: Upstream
     reports: Reports = field(default_factory=Reports)
+    misses: Batches[str, SellerView] = field(init=False)  # the cache's misses, read together
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "misses", Batches(partial(_read, self), MISSES_PER_READ))
 
 
 # Response header set when the token served is valid but its seller needs attention.
@@ -94,14 +100,16 @@ class Served:
     warning: TokenWarning | None
 
 
-# A token read: one primary-key lookup of the columns a view needs (the hot path's one
-# statement, on the direct pool, prepared once per connection by asyncpg's statement cache).
+# Token reads: primary-key lookups of the columns a view needs (the hot path's one statement,
+# on the direct pool, prepared once per connection by asyncpg's statement cache), for one
+# seller or for the cache misses of one turn of the event loop (`Batches`).
 READ = Hot.compile(
     "token_read",
     select(*(getattr(Seller, n) for n in SellerView.__slots__ if n not in ("body", "head"))).where(
-        Seller.seller_id == bindparam("seller_id")
+        Seller.seller_id == any_(bindparam("seller_ids"))
     ),
 )
+MISSES_PER_READ = 256
 
 
 def view_of(flow: Serving, seller: asyncpg.Record) -> SellerView:
@@ -134,18 +142,28 @@ def view_of(flow: Serving, seller: asyncpg.Record) -> SellerView:
     return SellerView(**{**dict(seller), "access_token": access_token, "body": body, "head": head})
 
 
-async def _load(flow: Serving, seller_id: str, *, fresh: bool = False) -> SellerView:
-    """The seller from the cache, or (`fresh`, or a miss) from PostgreSQL."""
-    view = None if fresh else flow.cache.seller(seller_id)
-    if view is None:
-        begun = flow.cache.begin()
-        async with db.direct(flow.db.direct) as connection:
-            seller = await connection.fetchrow(READ.sql, *READ.args(seller_id=seller_id))
-        if seller is None:
-            raise SellerNotFound(f"No linked seller {seller_id!r}.")
-        view = view_of(flow, seller)
+async def _read(flow: Serving, seller_ids: list[str]) -> dict[str, SellerView]:
+    """These sellers from PostgreSQL, into the cache (a load that began before a change to a
+    row does not store it: `Cache.begin`)."""
+    begun = flow.cache.begin()
+    async with db.direct(flow.db.direct) as connection:
+        rows = await connection.fetch(READ.sql, *READ.args(seller_ids=seller_ids))
+    views = {}
+    for row in rows:
+        view = views[row["seller_id"]] = view_of(flow, row)
         flow.cache.store_seller(view, begun)
-    if view.status == Status.UNLINKED or view.access_token is None:
+    return views
+
+
+async def _load(flow: Serving, seller_id: str, *, fresh: bool = False) -> SellerView:
+    """The seller from the cache, else from PostgreSQL: a miss is read with the other misses
+    of its turn of the event loop; `fresh` (a decision to take) reads now, on its own, what
+    PostgreSQL says after this moment."""
+    if fresh:
+        view = (await _read(flow, [seller_id])).get(seller_id)
+    else:
+        view = flow.cache.seller(seller_id) or await flow.misses.get(seller_id)
+    if view is None or view.status == Status.UNLINKED or view.access_token is None:
         raise SellerNotFound(f"No linked seller {seller_id!r}.")
     return view
 
