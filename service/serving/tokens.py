@@ -94,7 +94,7 @@ NO_STORE = ((b"cache-control", b"no-store"), (b"pragma", b"no-cache"))  # never 
 POLL_SECONDS = 0.05
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Served:
     seller: SellerView
     warning: TokenWarning | None
