@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.core import metrics
@@ -278,3 +278,30 @@ async def test_sellers_cli_lists_shows_and_unlinks(
     assert await sql.fetchval("SELECT type FROM events") == "seller.unlinked"
     code, _, _ = await run_cli("sellers", "unlink", "seller-00001", env=env)
     assert code == 1
+
+
+def test_request_counts_export_what_a_prometheus_counter_and_histogram_would() -> None:
+    """`metrics.Requests` replaces a Counter and a Histogram on the hot path: same samples."""
+    seconds = [0.0004, 0.001, 0.0011, 0.003, 0.02, 0.7, 2.5, 9.0]
+    ours = metrics.Requests(metrics.FAST)
+    registry = CollectorRegistry()
+    counter = Counter("broker_http_requests", "d", ["route", "status"], registry=registry)
+    histogram = Histogram(
+        "broker_http_request_duration_seconds", "d", ["route"], buckets=metrics.FAST,
+        registry=registry,
+    )  # fmt: skip
+    for n, value in enumerate(seconds):
+        status = 200 if n % 3 else 404
+        ours.record(TOKEN_ROUTE, status, value)
+        counter.labels(TOKEN_ROUTE, str(status)).inc()
+        histogram.labels(TOKEN_ROUTE).observe(value)
+
+    def samples(families: Any) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+            for family in families
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(ours.collect()) == samples(registry.collect())

@@ -41,7 +41,7 @@ def defined_families() -> dict[str, str]:
     """Every metric declared in service/core/metrics.py: family name -> type."""
     found: dict[str, str] = {}
     for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
+        if isinstance(value, MetricWrapperBase | metrics.Requests):
             for family in value.describe():
                 found[family.name] = family.type
     return found

@@ -8,10 +8,15 @@ expiring tokens, outbox, refresher lag) are computed by one periodic query batch
 
 from __future__ import annotations
 
+import itertools
+from bisect import bisect_left
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,12 +32,59 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 UPSTREAM = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-HTTP_REQUESTS = Counter(
-    "broker_http_requests", "HTTP requests by route template and status.", ["route", "status"]
-)
-HTTP_SECONDS = Histogram(
-    "broker_http_request_duration_seconds", "HTTP request latency.", ["route"], buckets=FAST
-)
+
+class Requests:
+    """HTTP requests by route template and status, and their latency: `broker_http_requests`
+    and `broker_http_request_duration_seconds`, as a Counter and a Histogram would export them,
+    kept in plain dicts of numbers. Every request is counted from the event loop's thread, so
+    nothing needs their locks: a lock per counter and per histogram bucket, and the calls around
+    them, cost about 1 µs of a cached token read (10% of the broker's own time for it)."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.bounds = [*(floatToGoString(b) for b in buckets), "+Inf"]  # type: ignore[no-untyped-call]
+        self.counts: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, list[float]] = {}  # per bucket (then +Inf), then the sum
+
+    def record(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        row = self.latency.get(route)
+        if row is None:
+            row = self.latency[route] = [0.0] * (len(self.buckets) + 2)
+        row[bisect_left(self.buckets, seconds)] += 1  # the first bucket whose bound holds it
+        row[-1] += seconds
+
+    def describe(self) -> list[Metric]:
+        return list(self._families([], []))
+
+    def collect(self) -> Iterator[Metric]:
+        # Copied first (each copy one step under the GIL): a scrape on another thread (the
+        # refresher's metrics port) reads a snapshot while the loop goes on counting.
+        latency = [(route, list(row)) for route, row in list(self.latency.items())]
+        return self._families(list(self.counts.items()), latency)
+
+    def _families(
+        self, counts: list[tuple[tuple[str, int], int]], latency: list[tuple[str, list[float]]]
+    ) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "broker_http_requests", "HTTP requests by route template and status.",
+            labels=["route", "status"],
+        )  # fmt: skip
+        for (route, status), n in counts:
+            requests.add_metric([route, str(status)], n)
+        seconds = HistogramMetricFamily(
+            "broker_http_request_duration_seconds", "HTTP request latency.", labels=["route"]
+        )
+        for route, row in latency:
+            cumulative = list(itertools.accumulate(row[:-1]))
+            seconds.add_metric([route], list(zip(self.bounds, cumulative, strict=True)), row[-1])
+        yield requests
+        yield seconds
+
+
+REQUESTS = Requests(FAST)
+REGISTRY.register(REQUESTS)
 # Everything about sellers, links, exchanges and refreshes is labelled by `application` (its
 # name; "" for a callback refused before its application was known).
 LINK_ATTEMPTS = Counter(

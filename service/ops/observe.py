@@ -56,20 +56,9 @@ def request_id_from(given: bytes | None) -> bytes:
     return f"{_PREFIX}{next(_COUNTER):016x}".encode()
 
 
-_counted: dict[tuple[str, int], Any] = {}
-_timed: dict[str, Any] = {}
-
-
 def record(template: str, status: int, seconds: float) -> None:
-    """Count one request by route template and status (label children resolved once)."""
-    counter = _counted.get((template, status))
-    if counter is None:
-        counter = _counted[template, status] = metrics.HTTP_REQUESTS.labels(template, str(status))
-    counter.inc()
-    timer = _timed.get(template)
-    if timer is None:
-        timer = _timed[template] = metrics.HTTP_SECONDS.labels(template)
-    timer.observe(seconds)
+    """Count one request by route template and status, and its latency."""
+    metrics.REQUESTS.record(template, status, seconds)
 
 
 class Observe:
