@@ -41,9 +41,10 @@ class Callers:
     failures: Buckets  # failed authentications, per client address
     trusted: list[IPNetwork] = field(default_factory=list)  # BROKER_TRUSTED_PROXIES
     unknown: OrderedDict[str, float] = field(default_factory=OrderedDict)  # prefix -> until
-    # Presented key -> the cached view it was verified against: the same view again skips the
-    # digest (a revocation or any change replaces the cached view, so it no longer matches).
-    verified: dict[str, KeyView] = field(default_factory=dict)
+    # Authorization header -> (key prefix, the cached view the key was verified against): the
+    # same view again skips parsing and the digest (a revocation or any change replaces the
+    # cached view, so it no longer matches).
+    verified: dict[str, tuple[str, KeyView]] = field(default_factory=dict)
 
     async def authenticate(self, authorization: str | None, scope: Any) -> KeyView:
         loop = asyncio.get_running_loop()
@@ -61,10 +62,11 @@ class Callers:
         return key
 
     async def _key(self, authorization: str | None, scope: Any, now: float) -> KeyView:
+        known = self.verified.get(authorization or "")
+        if known is not None and self.cache.key(known[0]) is known[1]:
+            return known[1]
         prefix, presented = apikeys.parse(authorization)
-        key = self.cache.key(prefix)
-        if key is not None and self.verified.get(presented) is key:
-            return key
+        key: KeyView | None = self.cache.key(prefix)
         if key is None:
             if self.unknown.get(prefix, 0.0) > now:
                 raise Unauthorized(apikeys.UNKNOWN_KEY)
@@ -84,7 +86,7 @@ class Callers:
         if self.cache.key(prefix) is verified:  # only a view the cache holds (and drops)
             if len(self.verified) >= UNKNOWN_MAX:
                 self.verified.clear()
-            self.verified[presented] = verified
+            self.verified[authorization or ""] = (prefix, verified)
         return verified
 
 

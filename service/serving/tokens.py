@@ -7,7 +7,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -92,12 +92,14 @@ WARNING_HEADER = "Broker-Token-Warning"
 WARNING = WARNING_HEADER.lower().encode()
 NO_STORE = ((b"cache-control", b"no-store"), (b"pragma", b"no-cache"))  # never cache a token
 POLL_SECONDS = 0.05
+ONE_SECOND = timedelta(seconds=1)  # what a read asks at least (min_ttl 0 or 1)
 
 
 @dataclass(slots=True)
 class Served:
     seller: SellerView
     warning: TokenWarning | None
+    at: datetime  # when it was decided (the audit counts the read in that minute)
 
 
 # Token reads: primary-key lookups of the columns a view needs (the hot path's one statement,
@@ -198,7 +200,7 @@ async def answer(
         # Refused rather than lowered: the caller would believe it got what it asked for.
         raise InvalidRequest(f"min_ttl is at most {flow.settings.broker_min_ttl_max_seconds}.")
     served = await read_token(flow, key, seller_id, min_ttl)
-    flow.reads.add(key.name, seller_id, served.seller.client_id, flow.clock())
+    flow.reads.add(key.name, seller_id, served.seller.client_id, served.at)
     # The body and its headers were built once, when the seller was loaded: no per-read work.
     headers = list(served.seller.head)
     if served.warning:
@@ -215,10 +217,11 @@ async def serve(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) -> Re
 
 async def read_token(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) -> Served:
     """The seller's token, refreshed first when less than `min_ttl` seconds remain."""
-    wanted = timedelta(seconds=max(min_ttl, 1))
+    wanted = ONE_SECOND if min_ttl <= 1 else timedelta(seconds=min_ttl)
     first = await _load_for(flow, key, seller_id)
-    if first.expires_at - flow.clock() >= wanted:
-        return Served(first, _warning(first))  # the hot path: usually from memory
+    now = flow.clock()
+    if first.expires_at - now >= wanted:
+        return Served(first, _warning(first), now)  # the hot path: usually from memory
     # Something to decide: from here on, only what PostgreSQL says now.
     first = await _load(flow, seller_id, fresh=True)
     seller = first
@@ -234,16 +237,16 @@ async def read_token(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) 
             and seller.status == Status.LINKED
             and seller.expires_at > now
         ):
-            return Served(seller, None)  # a fresh pair, even if it cannot meet min_ttl
+            return Served(seller, None, now)  # a fresh pair, even if it cannot meet min_ttl
     now = flow.clock()
     if seller.expires_at - now >= wanted:
-        return Served(seller, _warning(seller))
+        return Served(seller, _warning(seller), now)
     cooldown = timedelta(seconds=flow.settings.broker_on_read_cooldown_seconds)
     refreshed_lately = (
         seller.last_refreshed_at is not None and seller.last_refreshed_at > now - cooldown
     )
     if seller.status == Status.LINKED and refreshed_lately and seller.expires_at > now:
-        return Served(seller, None)  # the pair another caller just got; no second refresh
+        return Served(seller, None, now)  # the pair another caller just got; no second refresh
     if seller.status == Status.RELINK_REQUIRED:
         raise RelinkRequired(f"Send the seller a new link (reason: {seller.status_reason}).")
     retry_after = cooldown.total_seconds()
