@@ -18,7 +18,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from service.main import create_app
-from service.serving import deps, routes
+from service.serving import deps, fast, routes
 from service.serving.fast import _token_read
 from tests.support import Broker, FakeClock, Simulator, create_api_key, new_key, seed_sellers
 
@@ -68,6 +68,18 @@ def test_only_well_formed_token_reads_take_the_fast_path() -> None:
         scope("/sellers/s-1/token", headers=((b"x-big", b"x" * 1024),)),
     ):
         assert token_read(odd) is None, odd
+
+
+def test_checked_paths_are_remembered_within_a_bound() -> None:
+    fast._seller_of.clear()
+    assert token_read(scope("/sellers/s-1/token")) == ("s-1", 0, None, None)
+    assert fast._seller_of == {"/sellers/s-1/token": "s-1"}
+    assert token_read(scope("/sellers/s-1/token")) == ("s-1", 0, None, None)  # remembered
+    assert token_read(scope("/sellers/-bad/token")) is None
+    assert "/sellers/-bad/token" not in fast._seller_of  # only what passed the checks
+    for n in range(fast.PATHS_REMEMBERED + 5):
+        token_read(scope(f"/sellers/s-{n}/token"))
+        assert len(fast._seller_of) <= fast.PATHS_REMEMBERED
 
 
 @dataclass
