@@ -33,6 +33,7 @@ from tests.support import (
     wait_until,
 )
 from tests.support.processes import env_for, run_cli
+from tests.test_fast_path import scope
 
 STALE_BOUND = 1.0  # seconds: the promise
 
@@ -457,13 +458,7 @@ async def test_reads_that_miss_together_are_read_together(
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": b""}
 
-        request = {
-            "type": "http",
-            "method": "GET",
-            "path": f"/sellers/{seller_id}/token",
-            "query_string": b"",
-            "headers": [(b"authorization", authorization)],
-        }
+        request = scope(f"/sellers/{seller_id}/token", headers=((b"authorization", authorization),))
         await broker.app(request, receive, send)
         return {"status": sent[0]["status"], "body": json.loads(sent[1]["body"])}
 

@@ -38,7 +38,7 @@ class Requests:
     and `broker_http_request_duration_seconds`, as a Counter and a Histogram would export them,
     kept in plain dicts of numbers. Every request is counted from the event loop's thread, so
     nothing needs their locks: a lock per counter and per histogram bucket, and the calls around
-    them, cost about 1 µs of a cached token read (10% of the broker's own time for it)."""
+    them, cost 2.3 µs of a cached token read (of the broker's own 10.3 µs, in process)."""
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.buckets = buckets

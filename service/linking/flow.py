@@ -171,7 +171,7 @@ def chosen_application(flow: Linking, key: KeyView, name: str | None) -> Applica
     same 403 whether it exists or not, and the list it is offered holds only its own."""
     apps = flow.upstream.apps
     app = apps.chosen(name)
-    if name is not None:
+    if name is not None or app is not None:  # a name, or the only application
         apikeys.authorize_application(key, None if app is None else app.client_id)
     if app is None:
         usable = [a.name for a in apps.values() if apikeys.may_use(key, a.client_id)]
@@ -179,7 +179,6 @@ def chosen_application(flow: Linking, key: KeyView, name: str | None) -> Applica
         if name is None:
             raise UnknownApplication(f"Name the application to link through: one of {known}.")
         raise UnknownApplication(f"No application {name!r}; the broker serves: {known}.")
-    apikeys.authorize_application(key, app.client_id)
     return app
 
 

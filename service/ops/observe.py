@@ -56,9 +56,9 @@ def request_id_from(given: bytes | None) -> bytes:
     return f"{_PREFIX}{next(_COUNTER):016x}".encode()
 
 
-def record(template: str, status: int, seconds: float) -> None:
-    """Count one request by route template and status, and its latency."""
-    metrics.REQUESTS.record(template, status, seconds)
+# Count one request by route template and status, and its latency: record(template, status,
+# seconds). The bound method itself, not a function around it: one call less per token read.
+record = metrics.REQUESTS.record
 
 
 class Observe:

@@ -35,8 +35,8 @@ SELLER_ID = re.compile(SELLER_ID_PATTERN)
 DIGITS = re.compile(r"^[0-9]{1,12}$")
 BODY_HEADERS = (b"content-length", b"transfer-encoding")  # a GET with a body: the limits decide
 # Token-read paths already checked -> their seller id: the same sellers are read again and again,
-# and two regular expressions were a tenth of a hit's own time. Strings only: the collector
-# never tracks it; forgotten all at once when full.
+# and the two regular expressions cost 0.4 µs of a hit's 7.4 (in process). Strings only: the
+# collector never tracks it; forgotten all at once when full.
 PATHS_REMEMBERED = 10_000
 _seller_of: dict[str, str] = {}
 
