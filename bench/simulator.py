@@ -8,6 +8,7 @@ with the broker's uvicorn flags and no access log.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 from bench.bare import run
@@ -25,6 +26,11 @@ def main() -> None:
         redirect_uris=(os.environ["MP_REDIRECT_URI"],),
     )
     app = create_simulator_app(SimulatorConfig(clients=[client]))
+    # Mercado Pago stands in here, not a process under test: no cyclic collector. It holds
+    # every grant it issued and every request it logged, and its full collections over them
+    # held every request in flight (the refresh wave's p99: 149 ms with, 57 ms without, for
+    # the simulator alone). It lives one wave; its few garbage cycles wait for its exit.
+    gc.disable()
     run(app, args.host, args.port)
 
 

@@ -56,7 +56,7 @@ RATE = 100.0
 # machine; a reply later than it would (rightly) end as a lost rotation, not a refresh.
 TIMEOUT = 2.0
 LIFETIME = 3600  # the seeded tokens stay valid for the whole test
-BUCKET = RATE  # the refresher's token bucket holds one second of sends
+BUCKET = 1.0  # the refresher's token bucket at RATE >= 1: one send at once, then 1/RATE s apart
 # How much later than it left the limiter a request may be seen arriving at the probe (two
 # event loops on a busy 2-core machine): the requests a conforming sender may seem ahead by.
 LAG = 0.2

@@ -39,8 +39,7 @@ REPLY = {
 
 
 def client(handler: Any) -> MercadoPagoClient:
-    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return MercadoPagoClient(http, timeout=1.0, clock=lambda: NOW)
+    return MercadoPagoClient(httpx.MockTransport(handler), timeout=1.0, clock=lambda: NOW)
 
 
 async def test_the_code_exchange_is_one_form_post_with_every_parameter() -> None:

@@ -33,7 +33,7 @@ from service.serving.limits import Buckets
 log = logging.getLogger("broker")
 
 Clock = Callable[[], datetime]
-UPSTREAM_SHARD = 8  # refreshes in flight per upstream HTTP client (see MercadoPagoClient)
+UPSTREAM_SHARD = 8  # refreshes in flight per upstream connection pool (see MercadoPagoClient)
 T = TypeVar("T")
 
 
@@ -86,21 +86,20 @@ class Upstream:
     def open(
         cls, settings: Settings, clock: Clock, transport: httpx.AsyncBaseTransport | None
     ) -> Upstream:
-        # About 8 connections per upstream client at full refresh concurrency. No httpx
-        # timeout: each call runs under one asyncio deadline (MP_TIMEOUT_SECONDS, see
-        # mercadopago.py), which httpx's 5 s per-phase default would otherwise cut short.
-        clients = [
-            httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=None)  # noqa: S113
-            for _ in range(max(1, settings.broker_refresh_concurrency // UPSTREAM_SHARD))
-        ]
-        return cls(
-            settings.apps,
-            MercadoPagoClient(clients, settings.mp_timeout_seconds, clock),
+        # About 8 connections per pool at full refresh concurrency. No httpx timeout: each
+        # call runs under one asyncio deadline (MP_TIMEOUT_SECONDS, see mercadopago.py).
+        pools: list[httpx.AsyncBaseTransport] = (
+            [transport]
+            if transport is not None
+            else [
+                httpx.AsyncHTTPTransport()
+                for _ in range(max(1, settings.broker_refresh_concurrency // UPSTREAM_SHARD))
+            ]
         )
+        return cls(settings.apps, MercadoPagoClient(pools, settings.mp_timeout_seconds, clock))
 
     async def close(self) -> None:
-        for client in self.mercadopago.clients:
-            await client.aclose()
+        await self.mercadopago.aclose()
 
 
 @dataclass

@@ -109,7 +109,9 @@ def create_simulator_app(config: SimulatorConfig) -> FastAPI:
     return app
 
 
-def _simulator(request: Request) -> Simulator:
+async def _simulator(request: Request) -> Simulator:
+    # async: FastAPI runs a plain `def` dependency on a worker thread, one hop per request
+    # (the simulator's token endpoint spent more time handing off than working).
     sim: Simulator = request.app.state.sim
     return sim
 
