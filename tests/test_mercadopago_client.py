@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl
 import httpx
 import pytest
 
+from service.core.config import Settings
 from service.core.mercadopago import (
     ApplicationError,
     MercadoPagoClient,
@@ -21,6 +22,8 @@ from service.core.mercadopago import (
     classify_error,
     parse_token_reply,
 )
+from service.core.runtime import Upstream, utcnow
+from tests.support.servers import Simulator
 
 APP = OAuthApp(
     "123", ("s3cr3t-value",), "https://b.example/oauth/callback", "https://a/x", "https://t/y"
@@ -261,3 +264,22 @@ async def test_invalid_grant_is_not_retried_with_another_secret() -> None:
     with pytest.raises(PermanentGrantError):
         await client(handler).refresh(app, "TG-1")
     assert calls == 1
+
+
+async def test_calls_to_mercado_pago_ignore_the_environments_proxy(
+    settings: Settings, simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stray HTTP(S)_PROXY must not route seller tokens and client secrets elsewhere: the
+    broker's own pools (Upstream.open) go straight to MP_API_URL, here the loopback simulator.
+    (Through the proxy, a closed port, the check could not be made at all.)"""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    upstream = Upstream.open(settings, utcnow, None)
+    try:
+        assert await upstream.mercadopago.check_token(settings.mp_api_url, "not-a-token") == (
+            TokenCheck.REVOKED
+        )
+    finally:
+        await upstream.close()
