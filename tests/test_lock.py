@@ -94,8 +94,11 @@ def test_runtime_dependencies_are_only_what_production_runs() -> None:
 def test_every_install_goes_through_the_lock() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "pip install -e" not in makefile
-    assert re.search(r"\$\(UV\) sync .*--locked --extra dev\b", makefile)
-    assert re.search(r"\$\(UV\) sync .*--locked --extra dev --extra bench\b", makefile)
+    # Locked, and with bytecode written, as the Dockerfile installs: no start recompiles them.
+    assert re.search(r"\$\(UV\) sync .*--locked --compile-bytecode --extra dev\b", makefile)
+    assert re.search(
+        r"\$\(UV\) sync .*--locked --compile-bytecode --extra dev --extra bench\b", makefile
+    )
     # The Dockerfile's `broker` is the console script pyproject.toml declares.
     scripts = pyproject()["project"]
     assert isinstance(scripts, dict)
