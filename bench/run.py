@@ -1736,11 +1736,7 @@ def notes_for(results: dict[str, Any]) -> list[str]:
                 f"({cap['max_over_cap']:.2f} x); the later half of them came at {later:,.0f}/s "
                 f"({later / cap_rate:.2f} x)"
                 + (
-                    ": the excess is at the start, a burst beyond the cap before the pace "
-                    "settles to it."
-                    if cap["max_over_cap"] > TARGETS["cap_ratio"]
-                    and later <= cap_rate * TARGETS["cap_ratio"]
-                    else "."
+                    "."
                     if cap_reached(cap)
                     else ": below the cap, so the machine, not the cap, set the pace and the "
                     "cap was not tested (a lower --cap-rate would test it)."

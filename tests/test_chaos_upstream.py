@@ -41,7 +41,7 @@ from service.core.config import Settings
 from service.core.crypto import context
 from service.ops.cli import QuietServer
 from service.simulator.state import fingerprint as simulator_fingerprint
-from tests.support import Simulator, create_api_key, seed_sellers, settings_keyring
+from tests.support import Simulator, busiest, create_api_key, seed_sellers, settings_keyring
 from tests.support.processes import api_process, broker_process, enter_all, env_for, free_port
 
 pytestmark = pytest.mark.chaos
@@ -175,13 +175,7 @@ class Probe:
 
     def busiest(self, window: float, phase: str | None = None) -> int:
         """Most requests that arrived within any `window` seconds (of one phase)."""
-        starts = sorted(r.start for r in self.requests if phase in (None, r.phase))
-        most = low = 0
-        for high, t in enumerate(starts):
-            while starts[low] < t - window:
-                low += 1
-            most = max(most, high - low + 1)
-        return most
+        return busiest((r.start for r in self.requests if phase in (None, r.phase)), window)
 
     def over_rate(self) -> float:
         """How far the arrivals ran ahead of a token bucket of RATE per second holding BUCKET

@@ -42,7 +42,7 @@ class TokenCheck(StrEnum):
     FORBIDDEN = "forbidden"  # 403: this call is not allowed; it says nothing about the grant
 
 
-ACCEPT_JSON = {"Accept": "application/json", "User-Agent": "mp-token-broker"}
+HEADERS = {"Accept": "application/json", "User-Agent": "mp-token-broker"}  # every call's
 TOKEN_CHECKS = {200: TokenCheck.WORKS, 401: TokenCheck.REVOKED, 403: TokenCheck.FORBIDDEN}
 
 
@@ -174,7 +174,7 @@ def _timed(application: str, endpoint: str) -> Iterator[None]:
 class MercadoPagoClient:
     """Calls on httpx transports (connection pools), not `httpx.AsyncClient`s: the client's own
     layers (request building and merging, cookies, auth, redirects, hooks), none of which a
-    call to Mercado Pago uses, cost a third of a refresh's CPU. For the same reason, and so
+    call to Mercado Pago uses, cost a third of a bare POST's CPU. For the same reason, and so
     that a stray HTTPS_PROXY cannot send seller tokens through an unconfigured proxy, the
     environment's proxy variables are not read: an egress proxy is an MP_*_URL of its own.
     """
@@ -259,7 +259,7 @@ class MercadoPagoClient:
             with _timed(app.name, "oauth_token"):
                 async with asyncio.timeout(self.timeout):
                     reply = await self._send(
-                        httpx.Request("POST", app.token_url, data=form, headers=ACCEPT_JSON)
+                        httpx.Request("POST", app.token_url, data=form, headers=HEADERS)
                     )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             # No connection, so nothing was sent.
@@ -309,7 +309,7 @@ class MercadoPagoClient:
                         httpx.Request(
                             "GET",
                             f"{api_url.rstrip('/')}/users/me",
-                            headers={"Authorization": f"Bearer {access_token}", **ACCEPT_JSON},
+                            headers={"Authorization": f"Bearer {access_token}", **HEADERS},
                         )
                     )
         except (TimeoutError, httpx.HTTPError) as exc:

@@ -5,7 +5,7 @@
 
 from tests.support.api import assert_problem, calling_with, new_key
 from tests.support.browser import SellerBrowser, query_of
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, busiest
 from tests.support.config import CLIENT_ID, CLIENT_SECRET, ROOT, SIM_EXPIRES_IN
 from tests.support.db import admin_connect, execute, with_database
 from tests.support.polling import wait_until
@@ -25,6 +25,7 @@ __all__ = [
     "admin_connect",
     "assert_problem",
     "bound_socket",
+    "busiest",
     "calling_with",
     "create_api_key",
     "execute",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -15,3 +16,14 @@ class FakeClock:
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
+
+
+def busiest(times: Iterable[float], window: float) -> int:
+    """Most of `times` (seconds) within any `window` seconds, both ends included."""
+    starts = sorted(times)
+    most = low = 0
+    for high, t in enumerate(starts):
+        while starts[low] < t - window:
+            low += 1
+        most = max(most, high - low + 1)
+    return most
