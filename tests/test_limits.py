@@ -283,6 +283,10 @@ def test_a_bucket_refills_at_its_rate_and_forgets_the_least_recent() -> None:
     buckets.take("b", now=2)
     buckets.take("c", now=2)
     assert "a" not in buckets.buckets
+    buckets.take("b", now=3)  # read again: now the most recent
+    buckets.take("d", now=3)
+    assert list(buckets.buckets) == ["b", "d"]
+    assert buckets.take("c", now=3) == 0  # forgotten: a full bucket again
 
 
 def test_a_reservation_waits_its_turn_and_a_rate_below_one_always_waits() -> None:

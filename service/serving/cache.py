@@ -74,10 +74,8 @@ class Cache:
     # -- reads -------------------------------------------------------------------------------
 
     def seller(self, seller_id: str) -> SellerView | None:
-        if not self.usable:
-            return None
-        entry = self.sellers.get(seller_id)
-        if entry is None:
+        entry = self.sellers.get(seller_id)  # never filled at size 0, flushed when not live
+        if entry is None or not self.live:
             return None
         self.sellers.move_to_end(seller_id)  # least recently read goes first
         return SellerView(*entry)

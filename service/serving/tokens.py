@@ -165,7 +165,7 @@ async def _load(flow: Serving, seller_id: str, *, fresh: bool = False) -> Seller
         view = (await _read(flow, [seller_id])).get(seller_id)
     else:
         view = flow.cache.seller(seller_id) or await flow.misses.get(seller_id)
-    if view is None or view.status == Status.UNLINKED or view.access_token is None:
+    if view is None or not _servable(view):
         raise SellerNotFound(f"No linked seller {seller_id!r}.")
     return view
 
@@ -184,10 +184,37 @@ async def _load_for(
     return view
 
 
+def _servable(seller: SellerView) -> bool:
+    return seller.status != Status.UNLINKED and seller.access_token is not None
+
+
+def _wanted(min_ttl: int) -> timedelta:
+    return ONE_SECOND if min_ttl <= 1 else timedelta(seconds=min_ttl)
+
+
 def _warning(seller: SellerView) -> TokenWarning | None:
     if seller.status == Status.RELINK_REQUIRED:
         return TokenWarning.RELINK_REQUIRED
     return TokenWarning.REFRESH_FAILING if seller.refresh_failures else None
+
+
+def answer_at_once(
+    flow: Serving, key: KeyView, seller_id: str, min_ttl: int
+) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    """`answer` when the cache holds what it needs, decided without awaiting anything (the hot
+    path: no coroutine per step); None for anything else, which `answer` then reads and
+    decides. A refusal it can tell at once (scope, namespace, min_ttl) it raises itself."""
+    apikeys.authorize(key, "tokens:read", seller_id)
+    if min_ttl > flow.settings.broker_min_ttl_max_seconds:
+        # Refused rather than lowered: the caller would believe it got what it asked for.
+        raise InvalidRequest(f"min_ttl is at most {flow.settings.broker_min_ttl_max_seconds}.")
+    seller = flow.cache.seller(seller_id)
+    if seller is None or not _servable(seller) or not apikeys.may_use(key, seller.client_id):
+        return None
+    now = flow.clock()
+    if seller.expires_at - now < _wanted(min_ttl):
+        return None
+    return _reply(flow, key, Served(seller, _warning(seller), now))
 
 
 async def answer(
@@ -195,12 +222,14 @@ async def answer(
 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """A token read once the caller is known: the body and headers of its 200 (the documented
     route wraps them in a Response, the fast path sends them as they are)."""
-    apikeys.authorize(key, "tokens:read", seller_id)
-    if min_ttl > flow.settings.broker_min_ttl_max_seconds:
-        # Refused rather than lowered: the caller would believe it got what it asked for.
-        raise InvalidRequest(f"min_ttl is at most {flow.settings.broker_min_ttl_max_seconds}.")
-    served = await read_token(flow, key, seller_id, min_ttl)
-    flow.reads.add(key.name, seller_id, served.seller.client_id, served.at)
+    reply = answer_at_once(flow, key, seller_id, min_ttl)
+    if reply is not None:
+        return reply
+    return _reply(flow, key, await read_token(flow, key, seller_id, min_ttl))
+
+
+def _reply(flow: Serving, key: KeyView, served: Served) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    flow.reads.add(key.name, served.seller.seller_id, served.seller.client_id, served.at)
     # The body and its headers were built once, when the seller was loaded: no per-read work.
     headers = list(served.seller.head)
     if served.warning:
@@ -217,7 +246,7 @@ async def serve(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) -> Re
 
 async def read_token(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) -> Served:
     """The seller's token, refreshed first when less than `min_ttl` seconds remain."""
-    wanted = ONE_SECOND if min_ttl <= 1 else timedelta(seconds=min_ttl)
+    wanted = _wanted(min_ttl)
     first = await _load_for(flow, key, seller_id)
     now = flow.clock()
     if first.expires_at - now >= wanted:
