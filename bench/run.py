@@ -618,7 +618,7 @@ def summarize(loads: Sequence[Load]) -> dict[str, Any]:
 def rounds_of(
     ctx: Context, servers: Sequence[Server], script_args: list[str], label: str
 ) -> dict[str, list[Load]]:
-    """`--rounds` rounds over `servers` in turn (A B C A B C): drift hits each alike."""
+    """`--rounds` rounds over `servers` in turn (A B C D A B C D): drift hits each alike."""
     args = ctx.args
     loads: dict[str, list[Load]] = {server.name: [] for server in servers}
     for n in range(1, args.rounds + 1):
@@ -754,55 +754,57 @@ def start_ceiling(ctx: Context, name: str, body_bytes: int, *flags: str) -> Serv
 
 
 def read_benchmarks(ctx: Context) -> dict[str, Any]:
-    """Every (cache, sellers, choice) cell: the broker beside both ceilings, in turn."""
+    """Every (sellers, choice): the broker with its cache on and off beside both ceilings, all
+    four in the same rounds (A B C D A B C D), so that "the cache never makes a read slower" is
+    decided on figures that drift alike; one cell per cache setting."""
     args = ctx.args
     out: dict[str, Any] = {"servers": {}, "cells": [], "cache_size": cache_size()}
-    ceilings: list[Server] = []
+    brokers: dict[str, Server] = {}
     for cache in ("on", "off"):
         name = f"broker-cache-{cache}"
-        broker = start_broker(
+        brokers[cache] = start_broker(
             ctx, name, **({} if cache == "on" else {"BROKER_TOKEN_CACHE_SIZE": "0"})
         )
-        log(f"{name} ready in {broker.startup_s:.2f} s (process start -> /readyz 200)")
-        out["servers"][name] = asdict(broker)
-        if not ceilings:
-            body = token_reply(broker.url, ctx.api_key)
-            if not json.loads(body).get("access_token", "").startswith("APP_USR-"):
-                raise BenchError("the token reply does not carry the seeded access token")
-            out["body_bytes"] = len(body)
-            ceilings = [
-                start_ceiling(ctx, "bare", len(body)),
-                start_ceiling(ctx, "raw", len(body), "--raw"),
-            ]
-            out["servers"] |= {c.name: asdict(c) for c in ceilings}
-        warmed = 0
-        for sellers in args.sizes:
-            for dist in args.dists:
-                script = token_script(ctx, sellers, dist)
-                # Uniform reads need the cache filled to its steady state first (at a million
-                # sellers it holds a tenth of them whichever they are); Zipf's prime fills its
-                # hot set by itself.
-                need = min(sellers, out["cache_size"], args.warmup_max)
-                if cache == "on" and dist == "uniform" and need > warmed:
-                    took = warm_up(broker.url, need, ctx.api_key, args.threads, args.connections)
-                    log(f"warm-up: {need:,} sellers read once in {took:.1f} s")
-                    warmed = need
+        log(f"{name} ready in {brokers[cache].startup_s:.2f} s (process start -> /readyz 200)")
+        out["servers"][name] = asdict(brokers[cache])
+    body = token_reply(brokers["on"].url, ctx.api_key)
+    if not json.loads(body).get("access_token", "").startswith("APP_USR-"):
+        raise BenchError("the token reply does not carry the seeded access token")
+    out["body_bytes"] = len(body)
+    ceilings = [
+        start_ceiling(ctx, "bare", len(body)),
+        start_ceiling(ctx, "raw", len(body), "--raw"),
+    ]
+    out["servers"] |= {c.name: asdict(c) for c in ceilings}
+    warmed = 0
+    for sellers in args.sizes:
+        for dist in args.dists:
+            script = token_script(ctx, sellers, dist)
+            # Uniform reads need the cache filled to its steady state first (at a million
+            # sellers it holds a tenth of them whichever they are); Zipf's prime fills its hot
+            # set by itself.
+            need = min(sellers, out["cache_size"], args.warmup_max)
+            if dist == "uniform" and need > warmed:
+                took = warm_up(brokers["on"].url, need, ctx.api_key, args.threads, args.connections)
+                log(f"warm-up: {need:,} sellers read once in {took:.1f} s")
+                warmed = need
+            for broker in brokers.values():
                 prime(ctx, broker, script)
-                label = f"cache {cache}, {sellers:,} sellers, {dist}"
-                log(f"token reads, {label}:")
-                loads = rounds_of(ctx, [broker, *ceilings], script, label)
+            label = f"{sellers:,} sellers, {dist}"
+            log(f"token reads, {label}:")
+            loads = rounds_of(ctx, [*brokers.values(), *ceilings], script, label)
+            for cache, broker in brokers.items():
                 cell: dict[str, Any] = {"cache": cache, "sellers": sellers, "dist": dist}
-                cell |= {server: summarize(runs) for server, runs in loads.items()}
-                cell["broker"] = cell.pop(name)
+                cell["broker"] = summarize(loads[broker.name])
+                cell |= {c.name: summarize(loads[c.name]) for c in ceilings}
                 cell["broker"]["ratio_bare"] = round(cell["broker"]["rps"] / cell["bare"]["rps"], 3)
                 cell["broker"]["ratio_raw"] = round(cell["broker"]["rps"] / cell["raw"]["rps"], 3)
                 cell["broker_rss_kb"] = proc_status(broker.pid).get("VmRSS", 0)
                 if args.profile:
-                    cell["profile"] = profile(ctx, broker, script, label)
+                    cell["profile"] = profile(ctx, broker, script, f"cache {cache}, {label}")
                 out["cells"].append(cell)
-        ctx.children.stop(name)
-    for ceiling in ceilings:
-        ctx.children.stop(ceiling.name)
+    for server in [*brokers.values(), *ceilings]:
+        ctx.children.stop(server.name)
     return out
 
 
@@ -1469,7 +1471,8 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
         f"{results['seed']['rows_per_second']:,.0f} rows/s incl. VACUUM ANALYZE; table "
         f"{results['seed']['table_mb']:.0f} MB)",
         f"- Load: wrk -t{s['threads']} -c{s['connections']}, {s['duration']:g} s per run, "
-        f"{s['rounds']} rounds alternating broker / bare / raw (A B C A B C) in each cell; "
+        f"{s['rounds']} rounds alternating broker cache on / off / bare / raw (A B C D A B C D) "
+        "for each size and choice; "
         "figures are medians across rounds, errors are totals",
         "- Broker: `python -m service serve`, BROKER_ENV=production, one process, "
         "`service.ops.server.uvicorn_config` (no access log, httptools), JSON logs, "
@@ -1587,9 +1590,13 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
             "| CPU server / PostgreSQL |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
+        listed: set[tuple[str, int]] = set()  # the ceilings' runs serve both cache cells
         for c in reads["cells"]:
             for key in ("broker", "bare", "raw"):
                 for r in c[key]["rounds"]:
+                    if (r["target"], r["round"]) in listed:
+                        continue
+                    listed.add((r["target"], r["round"]))
                     lines.append(
                         f"| {r['target']} | {r['round']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | "
                         f"{r['p99_ms']:.1f} | {r['p999_ms']:.1f} | {r['max_ms']:.1f} | "
