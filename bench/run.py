@@ -661,21 +661,41 @@ def prime(ctx: Context, server: Server, script_args: list[str]) -> None:
     )
 
 
+class Spy:
+    """py-spy sampling one process for `seconds` (200 Hz, without pausing it)."""
+
+    def __init__(self, ctx: Context, pid: int, seconds: int) -> None:
+        self.seconds = seconds
+        self.raw = ctx.workdir / f"profile-{len(list(ctx.workdir.glob('profile-*')))}.txt"
+        spy_path = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if spy_path is None:
+            raise BenchError("py-spy is not installed (make bench installs it)")
+        self.proc = subprocess.Popen(
+            [spy_path, "record", "--pid", str(pid), "--duration", str(seconds), "--rate",
+             "200", "--format", "raw", "--nonblocking", "--output", str(self.raw)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    def frames(self) -> dict[str, Any]:
+        """Wait for it; the top frames by own and by total time."""
+        try:
+            _, err = self.proc.communicate(timeout=self.seconds + 60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.returncode != 0 or not self.raw.exists():
+            raise BenchError(f"py-spy failed ({self.proc.returncode}): {err[-500:]}")
+        return top_frames(self.raw.read_text())
+
+
 def profile(ctx: Context, server: Server, script_args: list[str], label: str) -> dict[str, Any]:
-    """Where `server`'s CPU goes under this cell's load: py-spy samples it (200 Hz, without
-    pausing it) through one extra, untimed wrk run; the top frames by own and by total time."""
+    """Where `server`'s CPU goes under this cell's load: py-spy samples it through one extra,
+    untimed wrk run; the top frames by own and by total time."""
     seconds = ctx.args.duration
-    raw = ctx.workdir / f"profile-{len(list(ctx.workdir.glob('profile-*')))}.txt"
-    spy_path = shutil.which("py-spy", path=str(Path(sys.executable).parent))
-    if spy_path is None:
-        raise BenchError("py-spy is not installed (make bench installs it)")
-    spy = subprocess.Popen(
-        [spy_path, "record", "--pid", str(server.pid), "--duration", str(seconds), "--rate",
-         "200", "--format", "raw", "--nonblocking", "--output", str(raw)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    spy = Spy(ctx, server.pid, seconds)
     try:
         run_wrk(
             "token.lua",
@@ -688,14 +708,9 @@ def profile(ctx: Context, server: Server, script_args: list[str], label: str) ->
             target=f"profile {label}",
             round_no=0,
         )
-        _, err = spy.communicate(timeout=seconds + 60)
     finally:
-        if spy.poll() is None:
-            spy.kill()
-            spy.wait(5)
-    if spy.returncode != 0 or not raw.exists():
-        raise BenchError(f"py-spy failed ({spy.returncode}): {err[-500:]}")
-    return top_frames(raw.read_text())
+        frames = spy.frames()
+    return frames
 
 
 def top_frames(collapsed: str, most: int = 15) -> dict[str, Any]:
@@ -888,6 +903,9 @@ def refresh_wave(ctx: Context) -> dict[str, Any]:
     return out
 
 
+WAVE_PROFILE_SECONDS = 15  # within the 20,000-seller wave's 35-40 s on the bench machine
+
+
 def run_wave(
     ctx: Context,
     http: httpx.Client,
@@ -924,8 +942,13 @@ def run_wave(
         due_at,
     )
     t0 = time.monotonic()
+    # The refresher's own samples through the wave's first seconds (its steady state; py-spy
+    # does not pause it), in the uncapped wave only.
+    spy = Spy(ctx, procs[0].pid, WAVE_PROFILE_SECONDS) if args.profile and name == "wave" else None
     out["progress"] = wait_for_wave(ctx, ids, names, procs, rate)
     wall = time.monotonic() - t0
+    if spy is not None:
+        out["profile"] = spy.frames()
     cpu_after = wave_cpu(ctx, procs, sim)
     out["cpu"] = {
         part: round((cpu_after[part] - cpu_before[part]) / wall, 2)
@@ -1614,17 +1637,9 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
                 "### Where the broker's CPU goes (py-spy, 200 Hz, one extra run per cell)",
             ]
         for c in profiled:
-            p = c["profile"]
-            lines += [
-                "",
-                f"Cache {c['cache']}, {c['sellers']:,} sellers, {c['dist']} "
-                f"({p['samples']:,} samples). Own time | total time:",
-                "",
-                "| Own | Frame | Total | Frame |",
-                "| --- | --- | --- | --- |",
-            ]
-            for (own, own_share), (tot, tot_share) in zip(p["own"], p["total"], strict=False):
-                lines.append(f"| {own_share:.1%} | `{own}` | {tot_share:.1%} | `{tot}` |")
+            lines += profile_table(
+                c["profile"], f"Cache {c['cache']}, {c['sellers']:,} sellers, {c['dist']}"
+            )
     if wave:
         alone = wave["simulator_alone"]
         lines += ["", "## Refresh wave", "", "| Figure | Value |", "| --- | --- |"]
@@ -1644,6 +1659,11 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
                 f"httpx {httpx_['cpu_ms_per_request']:.3f} ms CPU per request at "
                 f"{httpx_['rate']:,.0f}/s; raw asyncio streams {raw['cpu_ms_per_request']:.3f} "
                 f"ms at {raw['rate']:,.0f}/s ({httpx_['errors'] + raw['errors']} errors) |"
+            )
+        if wave.get("profile"):
+            lines += ["", "### Where the refresher's CPU goes (py-spy, 200 Hz, during the wave)"]
+            lines += profile_table(
+                wave["profile"], f"The first {WAVE_PROFILE_SECONDS} s of the wave's refresher"
             )
         cap = wave.get("cap")
         if cap:
@@ -1666,6 +1686,19 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def profile_table(p: dict[str, Any], title: str) -> list[str]:
+    lines = [
+        "",
+        f"{title} ({p['samples']:,} samples). Own time | total time:",
+        "",
+        "| Own | Frame | Total | Frame |",
+        "| --- | --- | --- | --- |",
+    ]
+    for (own, own_share), (tot, tot_share) in zip(p["own"], p["total"], strict=False):
+        lines.append(f"| {own_share:.1%} | `{own}` | {tot_share:.1%} | `{tot}` |")
+    return lines
 
 
 def cpu_ms_per(share: float | None, rate: float) -> str:
