@@ -61,6 +61,7 @@ WAVE_USER_BASE = 200_000_000
 SIM_ALONE_USER_BASE = 300_000_000
 CAP_WAVE_USER_BASE = 400_000_000
 CLIENT_FLOOR_USER_BASE = 500_000_000
+PROFILE_WAVE_USER_BASE = 600_000_000
 ISSUE_CHUNK = 5_000
 
 TARGETS = {
@@ -894,6 +895,13 @@ def refresh_wave(ctx: Context) -> dict[str, Any]:
         out |= simulator_alone(ctx, http, sim)
         if args.floor_requests:
             out["client_floor"] = client_floor(ctx, http)
+        if args.profile:
+            # Its own, untimed wave: py-spy's sampling shares the two cores, and the timed
+            # wave's figures must not pay for it.
+            out["profile"] = run_wave(
+                ctx, http, sim, name="profile wave", size=PROFILE_WAVE, rate=args.wave_rate,
+                user_base=PROFILE_WAVE_USER_BASE, prefix="prof-", spy_seconds=PROFILE_SECONDS,
+            )["profile"]  # fmt: skip
         if args.cap_wave:
             out["cap"] = run_wave(
                 ctx, http, sim, name="cap wave", size=args.cap_wave, rate=args.cap_rate,
@@ -903,7 +911,8 @@ def refresh_wave(ctx: Context) -> dict[str, Any]:
     return out
 
 
-WAVE_PROFILE_SECONDS = 15  # within the 20,000-seller wave's 35-40 s on the bench machine
+PROFILE_WAVE = 6_000  # 10-15 s on the bench machine
+PROFILE_SECONDS = 8  # from its start: the refresher's steady state, not the last stragglers
 
 
 def run_wave(
@@ -916,10 +925,12 @@ def run_wave(
     rate: float,
     user_base: int,
     prefix: str,
+    spy_seconds: int = 0,
 ) -> dict[str, Any]:
     """`size` sellers (`<prefix>0000000`…, simulator users from `user_base` on) due at one
     instant, refreshed by `--refreshers` processes capped at `rate`/s: progress, CPU, time
-    overdue, the pace the simulator saw, and exactly-once from both sides."""
+    overdue, the pace the simulator saw, and exactly-once from both sides; with `spy_seconds`,
+    py-spy's samples of the (first) refresher from the instant they are due."""
     args = ctx.args
     out: dict[str, Any] = {"sellers": size, "latency_ms": args.wave_latency_ms}
     started = time.perf_counter()
@@ -942,9 +953,7 @@ def run_wave(
         due_at,
     )
     t0 = time.monotonic()
-    # The refresher's own samples through the wave's first seconds (its steady state; py-spy
-    # does not pause it), in the uncapped wave only.
-    spy = Spy(ctx, procs[0].pid, WAVE_PROFILE_SECONDS) if args.profile and name == "wave" else None
+    spy = Spy(ctx, procs[0].pid, spy_seconds) if spy_seconds else None
     out["progress"] = wait_for_wave(ctx, ids, names, procs, rate)
     wall = time.monotonic() - t0
     if spy is not None:
@@ -1661,9 +1670,14 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
                 f"ms at {raw['rate']:,.0f}/s ({httpx_['errors'] + raw['errors']} errors) |"
             )
         if wave.get("profile"):
-            lines += ["", "### Where the refresher's CPU goes (py-spy, 200 Hz, during the wave)"]
+            lines += [
+                "",
+                "### Where the refresher's CPU goes (py-spy, 200 Hz, an extra untimed wave)",
+            ]
             lines += profile_table(
-                wave["profile"], f"The first {WAVE_PROFILE_SECONDS} s of the wave's refresher"
+                wave["profile"],
+                f"The first {PROFILE_SECONDS} s of a wave of {PROFILE_WAVE:,} sellers, "
+                "the same settings",
             )
         cap = wave.get("cap")
         if cap:

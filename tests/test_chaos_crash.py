@@ -80,8 +80,9 @@ REPLICA_SELLERS = 10  # sellers the surviving replica serves throughout
 
 def victim_refresher_env(point: Point) -> dict[str, str]:
     if point == "before_send":
-        # Its first send waits (1 - 0.05) / 0.05 = 19 s for the rate limiter, longer than the
-        # lease (then refused as lease_too_short): it is parked between claim and POST.
+        # Its first send waits 1 / (0.05 x 0.98) - 1 = 19.4 s for the rate limiter (the rate
+        # less its headroom, engine.RateLimiter), longer than the lease (then refused as
+        # lease_too_short): it is parked between claim and POST.
         return {"BROKER_REFRESH_RATE_PER_SECOND": "0.05"}
     return {}
 
