@@ -67,10 +67,6 @@ class Cache:
         self.floor = 0  # loads begun before this generation never store
         self.touched: dict[str, int] = {}  # row -> generation of its last notification
 
-    @property
-    def usable(self) -> bool:
-        return self.live and self.size > 0
-
     # -- reads -------------------------------------------------------------------------------
 
     def seller(self, seller_id: str) -> SellerView | None:

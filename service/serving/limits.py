@@ -65,7 +65,7 @@ class Buckets:
         # `_bucket`, `_refilled` and `_wait` written out: a call each was a third of it.
         bucket = self.buckets.get(key)
         if bucket is None:
-            bucket = self._bucket(key, now)
+            bucket = self._new(key, now)
         else:
             self.buckets.move_to_end(key)
         tokens = bucket[0] + (now - bucket[1]) * self.rate
@@ -95,9 +95,13 @@ class Buckets:
     def _bucket(self, key: str, now: float) -> list[float]:
         """`key`'s bucket, now the most recent (a key not seen yet: a full one)."""
         bucket = self.buckets.get(key)
-        if bucket is not None:
-            self.buckets.move_to_end(key)  # the least recent goes first
-            return bucket
+        if bucket is None:
+            return self._new(key, now)
+        self.buckets.move_to_end(key)  # the least recent goes first
+        return bucket
+
+    def _new(self, key: str, now: float) -> list[float]:
+        """A full bucket for a key not seen yet, the most recent; the least recent forgotten."""
         bucket = self.buckets[key] = [self.burst, now]
         if len(self.buckets) > self.capacity:
             self.buckets.popitem(last=False)
