@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -49,6 +50,7 @@ from fastapi import FastAPI, Request, Response
 from service.core.config import Settings
 from service.core.crypto import Keyring, context, fingerprint
 from service.lifecycle.sellers import STORE_HEALTHY
+from service.refresh import owners
 from service.simulator.state import fingerprint as simulator_fingerprint
 from tests.support import Loopback, Simulator, create_api_key, seed_sellers, settings_keyring
 from tests.support.processes import api_process, broker_process, enter_all, env_for, free_port
@@ -87,16 +89,22 @@ def victim_refresher_env(point: Point) -> dict[str, str]:
     return {}
 
 
-def broker_env(point: Point, receiver_url: str) -> dict[str, str]:
-    return {
-        "MP_TIMEOUT_SECONDS": str(TIMEOUTS[point]),
-        "BROKER_LEASE_SECONDS": str(lease_seconds(point)),
-        "BROKER_REFRESH_POLL_SECONDS": "0.2",
+def broker_env(point: Point, receiver_url: str, *, defaults: bool = False) -> dict[str, str]:
+    """The brokers' settings; with `defaults`, the deadline, lease and poll are the shipped
+    ones (MP_TIMEOUT_SECONDS 10, BROKER_LEASE_SECONDS 60, BROKER_REFRESH_POLL_SECONDS 1)."""
+    env = {
         "BROKER_BACKOFF_BASE_SECONDS": "1",
         "BROKER_BACKOFF_MAX_SECONDS": "4",
         "BROKER_EVENT_SUBSCRIBERS": json.dumps(
             [{"name": "chaos", "url": f"{receiver_url}/events", "secret": SECRET}]
         ),
+    }
+    if defaults:
+        return env
+    return env | {
+        "MP_TIMEOUT_SECONDS": str(TIMEOUTS[point]),
+        "BROKER_LEASE_SECONDS": str(lease_seconds(point)),
+        "BROKER_REFRESH_POLL_SECONDS": "0.2",
     }
 
 
@@ -162,6 +170,11 @@ async def stop_together(processes: list[asyncio.subprocess.Process]) -> None:
     for process in running:
         process.send_signal(signal.SIGINT)
     await asyncio.gather(*(asyncio.wait_for(p.wait(), 30) for p in running), return_exceptions=True)
+
+
+def resume(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it has already exited
+        process.send_signal(signal.SIGCONT)
 
 
 async def stored(sql: asyncpg.Connection, ring: Keyring, seller_id: str) -> dict[str, Any]:
@@ -332,6 +345,8 @@ async def crash(
     database_url: str,
     sql: asyncpg.Connection,
     tmp_path: Path,
+    *,
+    defaults: bool = False,
 ) -> dict[str, Any]:
     """Run one crash point end to end; returns what happened, for the test's assertions."""
     sellers = await seed_sellers(
@@ -354,7 +369,7 @@ async def crash(
         stack.callback(hook_sock.close)
         hook_sock.bind(("127.0.0.1", 0))
         hooks = await stack.enter_async_context(Loopback(receiver.app(), hook_sock))
-        env = broker_env(point, hooks.url)
+        env = broker_env(point, hooks.url, defaults=defaults)
         victim_port, replica_port = free_port(), free_port()
         victim_api, victim_refresher, survivor = await enter_all(
             stack,
@@ -491,7 +506,7 @@ async def crash(
         stack.push_async_callback(
             stop_together, [victim_api, victim_refresher, survivor, await replacement]
         )
-        await asyncio.sleep(1.0)  # the replacement polls every 0.2 s: time for a 2nd refresh
+        await asyncio.sleep(1.5)  # the replacement polls every 0.2 s (1 s): time for a 2nd
         result["served"] = {
             s: (await http.get(f"{replica}/sellers/{s}/token")) for s in (seller_r, seller_a)
         }
@@ -507,15 +522,17 @@ async def crash(
         load.stop.set()
         await load_task
 
+    # The first refresh request after the kill: the dead owners' sellers were taken over.
+    log = [e for e in await simulator.log() if e["grant_type"] == "refresh_token"]
+    resent = [e["at"] - killed_at for e in log if e["at"] > killed_at]
     result |= {
+        "resent_after": min(resent, default=float("nan")),
         "sellers": (seller_r, seller_a),
         "before": before,
         "after": {s: await stored(sql, ring, s) for s in (seller_r, seller_a)},
         "recovery": {"refresher": recovered_r, "replica": recovered_a},
         "grants": await grants(simulator),
-        "log": Counter(
-            e["outcome"] for e in await simulator.log() if e["grant_type"] == "refresh_token"
-        ),
+        "log": Counter(e["outcome"] for e in log),
         "events": await sql.fetch(
             "SELECT seller_id, data->>'reason' AS reason FROM events "
             "WHERE type = 'seller.relink_required' ORDER BY seller_id"
@@ -552,6 +569,7 @@ def report(result: dict[str, Any]) -> None:
     on_read = result["on_read"]
     print(f"  A's caller asking the survivor again with min_ttl: {on_read.status_code}")
     print(f"  upstream refresh requests by outcome: {dict(result['log'])}")
+    print(f"  first refresh request after the kill: {result['resent_after']:.2f} s")
     print(f"  sellers silently broken: {len(result['broken'])}")
 
 
@@ -599,10 +617,10 @@ async def test_kill_9_before_the_upstream_call_then_the_next_owner_refreshes_onc
     result = await crash("before_send", settings, sockets, simulator, database_url, sql, tmp_path)
     assert_refreshed_once(result)
     assert result["log"] == {"ok": 2}  # only the next owners' requests ever left
-    # Nobody could take over before the dead owner's lease, and then the late-reply grace (one
-    # lease more: its outcome was never recorded), had lapsed; then the next owner did.
+    # The dead owners' leases were taken over (their owner locks had gone with their sessions)
+    # long before the lease and the late-reply grace after it (18 s here) could have lapsed.
     for rec in result["recovery"].values():
-        assert rec.seconds < 2 * lease_seconds("before_send") + TIMEOUTS["before_send"] + 5
+        assert rec.seconds < owners.ABSENT_SECONDS + 8 < 2 * lease_seconds("before_send")
     assert_replica_kept_serving(result)
 
 
@@ -662,3 +680,109 @@ async def test_kill_9_at_the_commit_keeps_the_new_pair_and_refreshes_no_more(
     for s in result["sellers"]:
         assert result["after"][s]["lease_owner"] is None  # the store's commit freed the lease
     assert_replica_kept_serving(result)
+
+
+async def test_kill_9_at_default_settings_is_taken_over_within_seconds_not_minutes(
+    settings: Settings,
+    sockets: tuple[socket.socket, socket.socket],
+    simulator: Simulator,
+    database_url: str,
+    sql: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    """The shipped lease (60 s) and deadline (10 s): before owner liveness, a seller whose
+    rotation died with its owner waited out the lease and the grace, 117 s after the restart."""
+    result = await crash(
+        "after_rotate", settings, sockets, simulator, database_url, sql, tmp_path, defaults=True
+    )
+    assert result["log"] == {"ok": 2, "invalid_grant": 2}
+    assert result["resent_after"] < 10  # taken over: the next attempt left within 10 s
+    for rec in result["recovery"].values():
+        assert rec.outcome == "relink_required"
+        assert rec.seconds < 15
+    assert [r["reason"] for r in result["events"]] == ["rotation_lost", "rotation_lost"]
+    assert_replica_kept_serving(result)
+
+
+PAUSE_TIMEOUT, PAUSE_LEASE = 1, 8  # the shortest lease start-up accepts, and 1 s to claim
+
+
+async def test_an_owner_paused_past_its_lease_is_not_taken_over_and_nothing_is_sent_twice(
+    settings: Settings,
+    sockets: tuple[socket.socket, socket.socket],
+    simulator: Simulator,
+    database_url: str,
+    sql: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP: alive but slow. Its session (so its owner lock) stays, so no looker calls it
+    dead, and the late-reply grace keeps everyone off its seller while its reply may land."""
+    [seller] = await seed_sellers(sql, simulator, settings, 1, expires_in=LIFETIME, due=False)
+    ring = settings_keyring(settings)
+    before = await stored(sql, ring, seller)
+    await simulator.faults(after_rotate="hold", count=1)
+    sockets[0].close()
+    receiver = Receiver()
+    async with AsyncExitStack() as stack:
+        hook_sock = socket.socket()
+        stack.callback(hook_sock.close)
+        hook_sock.bind(("127.0.0.1", 0))
+        hooks = await stack.enter_async_context(Loopback(receiver.app(), hook_sock))
+        env = env_for(
+            settings,
+            database_url,
+            **broker_env("after_rotate", hooks.url, defaults=True),
+            MP_TIMEOUT_SECONDS=str(PAUSE_TIMEOUT),
+            BROKER_LEASE_SECONDS=str(PAUSE_LEASE),
+        )
+        owner = await stack.enter_async_context(
+            broker_process(["refresher"], env, None, tmp_path / "owner.log")
+        )
+        stack.push_async_callback(simulator.release)
+        await sql.execute(
+            "UPDATE sellers SET next_refresh_at = now() - interval '1 second' WHERE seller_id = $1",
+            seller,
+        )
+        await simulator.wait_until_held(1)  # rotated at Mercado Pago, the reply on its way
+        owner.send_signal(signal.SIGSTOP)
+        stack.callback(resume, owner)  # on the way out too, so that it can be stopped
+        paused_at = time.monotonic()
+        leased = await sql.fetchrow(
+            "SELECT lease_owner, lease_until FROM sellers WHERE seller_id = $1", seller
+        )
+        assert leased["lease_owner"] is not None
+        other = await stack.enter_async_context(
+            broker_process(["refresher"], env, None, tmp_path / "other.log")
+        )
+        await simulator.release()  # the reply waits in the paused owner's socket
+        # Past the lease, and long enough after it for the other refresher to have called the
+        # owner dead had its lock gone (ABSENT_SECONDS and two looks), yet inside the grace.
+        lapse = (leased["lease_until"] - datetime.now(UTC)).total_seconds()
+        watch_until = paused_at + max(lapse, 0) + owners.ABSENT_SECONDS + 2 * owners.LOOK_SECONDS
+        assert watch_until - paused_at < 2 * PAUSE_LEASE - 1  # still inside the grace
+        while time.monotonic() < watch_until:  # bounded: a few seconds past the lease
+            assert await simulator.token_requests("refresh_token") == 1
+            row = await sql.fetchrow("SELECT lease_owner FROM sellers WHERE seller_id = $1", seller)
+            assert row["lease_owner"] == leased["lease_owner"], "a live owner was taken over"
+            await asyncio.sleep(0.2)
+        resume(owner)
+        # Awake, the owner stores the reply it was sent, or (its deadline passed while it
+        # slept) the next attempt after the grace learns the token was spent: never silent.
+        for _ in range(300):  # 30 s at most
+            row = await stored(sql, ring, seller)
+            if row["version"] == 2 or receiver.of(seller, "seller.relink_required"):
+                break
+            await asyncio.sleep(0.1)
+        assert await silently_broken(sql, simulator, ring, receiver) == []
+        log = [e for e in await simulator.log() if e["grant_type"] == "refresh_token"]
+        assert Counter(e["outcome"] for e in log) in ({"ok": 1}, {"ok": 1, "invalid_grant": 1})
+        if len(log) == 2:  # the second send came only once the grace had run
+            assert log[1]["at"] - paused_at > PAUSE_LEASE
+        assert row["access"] != before["access"] or row["status"] == "relink_required"
+        outcomes = dict(Counter(e["outcome"] for e in log))
+        print(
+            f"\n== owner paused (SIGSTOP) for {watch_until - paused_at:.1f} s, its lease lapsed"
+            f" {max(lapse, 0):.1f} s in: taken over no; refresh requests {outcomes};"
+            f" after SIGCONT the seller is {row['status']} at version {row['version']}"
+        )
+        await stop_together([owner, other])

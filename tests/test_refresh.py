@@ -4,9 +4,11 @@ Fault points are driven through the simulator's control API, never by sleeping."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -20,7 +22,7 @@ from service.core.config import LEASE_MARGIN_SECONDS
 from service.core.crypto import context
 from service.core.runtime import Runtime
 from service.lifecycle.sellers import STORE_HEALTHY
-from service.refresh.engine import Outcome, RateLimiter
+from service.refresh.engine import Outcome, RateLimiter, Refresher
 from service.serving.tokens import read_token
 from tests.support import (
     CLIENT_SECRET,
@@ -38,6 +40,13 @@ from tests.support.api import ANY_KEY
 
 SELLER = "seller-1"
 MONTH = 30 * 24 * 3600
+
+
+@pytest.fixture
+async def other(broker: Broker) -> AsyncIterator[Refresher]:
+    """Another replica's refresher: its own owner (and owner lock) and single-flight map."""
+    async with contextlib.aclosing(broker.refresher.replica()) as refresher:
+        yield refresher
 
 
 async def link(broker: Broker, seller_id: str = SELLER, user_id: int = 4242) -> str:
@@ -189,14 +198,17 @@ async def test_a_reply_slower_than_five_seconds_but_within_the_deadline_is_store
 
 
 async def test_a_lease_that_lapses_while_the_reply_is_held_still_stores_the_late_success(
-    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+    broker: Broker,
+    other: Refresher,
+    simulator: Simulator,
+    clock: FakeClock,
+    sql: asyncpg.Connection,
 ) -> None:
     first_reader = await start_held_refresh(broker, simulator, clock, count=1)
     # The lease lapses while the reply is on its way (a paused owner, a clock running ahead).
     clock.advance(seconds=broker.settings.broker_lease_seconds + 1)
     # Another replica (its own owner and single-flight map) neither takes the seller in its
     # background claim, though the seller is due, nor refreshes it on demand.
-    other = broker.refresher.replica()
     assert (await other._claim_round(10))[0] == []
     assert await other.refresh(SELLER) == Outcome.BUSY
     assert await simulator.token_requests("refresh_token") == 1
@@ -288,18 +300,21 @@ async def test_a_late_success_recovers_a_seller_marked_relink_required_meanwhile
 
 
 async def test_invalid_grant_after_someone_else_rotated_is_a_race_not_a_revocation(
-    broker: Broker, simulator: Simulator, clock: FakeClock, sql: asyncpg.Connection
+    broker: Broker,
+    other: Refresher,
+    simulator: Simulator,
+    clock: FakeClock,
+    sql: asyncpg.Connection,
 ) -> None:
     await link(broker)
     clock.advance(days=160)
-    other_replica = broker.refresher.replica()
-    claims = (await other_replica._claim_round(10))[0]  # it read version 1 and the current token
+    claims = (await other._claim_round(10))[0]  # it read version 1 and the current token
     assert len(claims) == 1
     await sql.execute("UPDATE sellers SET lease_until = NULL")  # its lease lapsed
     # Its claim counts as an attempt: on-read refreshes wait out the cooldown after it.
     clock.advance(seconds=broker.settings.broker_on_read_cooldown_seconds + 1)
     assert (await broker.token(SELLER, min_ttl=MONTH)).status_code == 200  # we rotate first
-    outcome = await other_replica._refresh_claimed(claims[0])  # its old token: invalid_grant
+    outcome = await other._refresh_claimed(claims[0])  # its old token: invalid_grant
     assert outcome == Outcome.RACED
     row = await seller_row(sql)
     assert (row["status"], row["version"]) == ("linked", 2)

@@ -108,6 +108,10 @@ UPSTREAM_SECONDS = Histogram(
     ["application", "endpoint"],
     buckets=UPSTREAM,
 )
+LEASES_TAKEN_OVER = Counter(
+    "broker_leases_taken_over",
+    "Leases freed because their owner's process was found dead (service/refresh/owners.py).",
+)
 EVENTS_EMITTED = Counter(
     "broker_events_emitted", "Events about sellers written to the outbox.", ["application", "type"]
 )

@@ -141,6 +141,12 @@ class Seller(Base):
             "expires_at",
             postgresql_where=text(f"status = '{Status.RELINK_REQUIRED}' OR refresh_failures > 0"),
         ),
+        # The dead-owner look (refresh/owners.py): only the sellers leased now.
+        Index(
+            "ix_sellers_lease_owner_leased",
+            "lease_owner",
+            postgresql_where=text("lease_owner IS NOT NULL"),
+        ),
     )
 
 

@@ -9,7 +9,8 @@ for up to `REQUEST_GRACE_SECONDS` (`server.uvicorn_config`):
 1. stop the loops: no new claims, no new deliveries;
 2. drain: exchanges and refreshes the process owns may hold a reply Mercado Pago already
    sent, so they get to store it (a refresh's own deadline is `MP_TIMEOUT_SECONDS`);
-3. give back every lease whose request was surely not sent (a replacement claims at once);
+3. give back every lease whose request was surely not sent (a replacement claims at once),
+   then the owner lock: the leases left are taken over within seconds (`refresh/owners.py`);
 4. flush the token-read counts, close the clients and pools (a statement still running by
    the end of the budget is cut off).
 """
@@ -26,6 +27,7 @@ from service.core import keys, logs
 from service.core.runtime import Runtime
 from service.lifecycle.events import Dispatcher
 from service.ops import observe
+from service.refresh import owners
 from service.refresh.engine import Refresher
 
 log = logging.getLogger("broker")
@@ -48,7 +50,9 @@ class Background:
         self.stopping = asyncio.Event()
         settings = rt.settings
         loops: dict[str, Coroutine[Any, Any, None]] = {
-            "health": observe.watch(health, settings, rt.clock, rt.db.sessions, self.stopping)
+            "health": observe.watch(health, settings, rt.clock, rt.db.sessions, self.stopping),
+            # Every process may claim leases (refresh on read): it says it is alive.
+            "owner_lock": refresher.liveness.watch(self.stopping),
         }
         if rt.key_service is not None:
             watch = keys.KeyWatch(
@@ -65,6 +69,7 @@ class Background:
             dispatcher = Dispatcher(settings, rt.clock, rt.db.sessions, rt.http)
             loops["refresher"] = refresher.run(self.stopping)
             loops["events"] = dispatcher.run(self.stopping)
+            loops["takeover"] = owners.Takeover(rt.db.direct).run(rt.clock, self.stopping)
         self.loops = [asyncio.create_task(work, name=name) for name, work in loops.items()]
         for task in self.loops:
             task.add_done_callback(self._ended)
@@ -97,6 +102,7 @@ class Background:
             await asyncio.wait_for(
                 self.refresher.release_leases(), max(deadline - 1.0 - loop.time(), 0.1)
             )
+        await self.refresher.aclose()  # what it still leases is now taken over in seconds
         for task in self.loops:
             task.cancel()
         await self.rt.close(deadline - loop.time())

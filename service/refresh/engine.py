@@ -19,6 +19,9 @@ the background loop or a token read (`min_ttl`) started it:
    application's credentials, under that application's breaker and rate limit, so a broken
    secret in one pauses that one only while the others' sellers go on being refreshed.
 6. Transient errors: release the lease, back off `next_refresh_at`.
+7. A dead owner's leases: every claimer holds an owner lock in the database while it lives,
+   and refreshers take over the leases of an owner whose lock is gone within seconds
+   (`owners.py`); a live owner, however slow, keeps its leases and their grace.
 
 Every refresh runs as a task of the process: a caller that disconnects or times out cannot
 cancel it between Mercado Pago's reply and the write; shutdown waits for it.
@@ -28,9 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -57,7 +57,7 @@ from service.core.models import Seller
 from service.core.runtime import Clock, Database, Tasks, Upstream
 from service.lifecycle import audit, events, sellers
 from service.lifecycle.sellers import Stored
-from service.refresh import breaker
+from service.refresh import breaker, owners
 from service.refresh.sql import CLAIM_DUE, CLAIM_ONE, IS_FREE, RECORD_ATTEMPT
 
 log = logging.getLogger("broker.refresh")
@@ -141,7 +141,9 @@ class Refresher:
     ) -> None:
         self.settings, self.clock, self.db = settings, clock, database
         self.keyring, self.upstream, self.tasks = keyring, upstream, tasks
-        self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = owners.owner_name()
+        # Held while this process lives; a claim takes it first (owners.py: dead-owner takeover).
+        self.liveness = owners.Liveness(self.owner, database.url)
         self.inflight: dict[str, asyncio.Task[Outcome]] = {}
         self.joined = 0  # callers that joined a refresh already in flight (single-flight)
         self.apps = upstream.apps
@@ -164,6 +166,10 @@ class Refresher:
         return Refresher(
             self.settings, self.clock, self.db, self.keyring, self.upstream, self.tasks
         )
+
+    async def aclose(self) -> None:
+        """The process is leaving: let its owner lock go (what it still leases is taken over)."""
+        await self.liveness.close()
 
     # -- entry points ----------------------------------------------------------------------
 
@@ -345,6 +351,7 @@ class Refresher:
         before anything is sent. A claim that ends up not sending sets `not_sent` again."""
         lease_until = now + timedelta(seconds=self.settings.broker_lease_seconds)
         claims = []
+        await self.liveness.ensure()  # never a lease that a looker could call dead
         async with (
             db.direct(self.db.direct) as connection,
             connection.transaction(),
