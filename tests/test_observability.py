@@ -145,6 +145,35 @@ async def test_not_ready_while_the_schema_is_behind_the_code(
         await execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.mark.parametrize(
+    ("revision", "ready"),
+    [("0009", False), ("9999_a_newer_release", True)],
+    ids=["an older revision: behind", "a revision this code does not know: ahead"],
+)
+async def test_ready_on_a_schema_a_newer_release_migrated_not_on_an_older_one(
+    settings: Settings,
+    database_url: str,
+    sql: asyncpg.Connection,
+    sockets: tuple[socket.socket, socket.socket],
+    revision: str,
+    ready: bool,
+) -> None:
+    """A rolling upgrade runs `broker migrate` while the previous release still serves: its
+    replicas must stay in the balancer (migrations only expand), not drop out all at once."""
+    await sql.execute("UPDATE alembic_version SET version_num = $1", revision)
+    quick = settings.model_copy(update={"broker_db_check_seconds": 0.05})
+    app = create_app(quick, database_url=database_url)
+    async with Loopback(app, sockets[0]) as server, httpx.AsyncClient(base_url=server.url) as http:
+        # Each check takes 0.05 s: 20 replies span several, the last one after the first.
+        replies = []
+        for _ in range(20):
+            reply = await http.get("/readyz")
+            replies.append((reply.status_code, reply.json()["status"]))
+            await asyncio.sleep(0.02)
+        expected = (200, "ok") if ready else (503, "schema_behind")
+        assert replies[-5:] == [expected] * 5, replies
+
+
 async def test_a_database_blip_shorter_than_the_grace_keeps_the_replica_ready(
     settings: Settings,
     database_url: str,

@@ -215,3 +215,39 @@ def test_the_vault_token_or_approle_comes_from_files(
         assert settings.broker_vault_role_id == "role-from-a-file"
         assert secret_id is not None
         assert secret_id.get_secret_value() == "secret-id-file"
+
+
+@pytest.mark.parametrize(
+    ("given", "read", "hosts"),
+    [
+        # libpq's several hosts, as Patroni and the cloud consoles write them; a missing port
+        # is PostgreSQL's (asyncpg needs every one).
+        (
+            "postgresql://broker:pw@db-a:5432,db-b/broker?target_session_attrs=read-write",
+            "postgresql+asyncpg://broker:pw@/broker"
+            "?host=db-a:5432&host=db-b:5432&target_session_attrs=read-write",
+            (["db-a", "db-b"], [5432, 5432]),
+        ),
+        # SQLAlchemy's own form, and one host, as they were.
+        (
+            "postgresql+asyncpg://broker@/broker?host=db-a:5432&host=db-b:5433",
+            "postgresql+asyncpg://broker@/broker?host=db-a:5432&host=db-b:5433",
+            (["db-a", "db-b"], [5432, 5433]),
+        ),
+        (
+            "postgres://broker@db:6432/broker",
+            "postgresql+asyncpg://broker@db:6432/broker",
+            ("db", 6432),
+        ),
+    ],
+)
+def test_a_database_url_may_name_several_hosts(
+    given: str, read: str, hosts: tuple[object, object]
+) -> None:
+    from service.core import db
+
+    url = make(database_url=given).database_url
+    assert url == read
+    # The direct pool, the cache's listener and the owner lock see the same servers.
+    params = db.asyncpg_params(url, "tests")
+    assert (params["host"], params["port"]) == hosts

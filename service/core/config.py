@@ -51,6 +51,22 @@ class Subscriber(BaseModel):
     secret: SecretStr = Field(min_length=16)
 
 
+def _hosts_as_query(url: str) -> str:
+    """libpq's several hosts (`postgresql://user@a:5432,b:5432/db`, as Patroni and the cloud
+    consoles write them) as SQLAlchemy reads them: `?host=a:5432&host=b:5432`, every port
+    given (asyncpg tries the hosts in turn; `target_session_attrs=read-write` keeps the one
+    that takes writes)."""
+    scheme, rest = url.split("://", 1)
+    netloc, slash, tail = rest.partition("/")
+    user, at, hosts = netloc.rpartition("@")
+    if "," not in hosts:
+        return url
+    path, _, query = tail.partition("?")
+    named = [host if ":" in host else f"{host}:5432" for host in hosts.split(",")]
+    params = "&".join([*(f"host={host}" for host in named), *([query] if query else [])])
+    return f"{scheme}://{user}{at}{slash}{path}?{params}"
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a start-up error must never print the environment (it holds secrets).
     model_config = SettingsConfigDict(
@@ -199,10 +215,10 @@ class Settings(BaseSettings):
     @classmethod
     def _async_driver(cls, value: str | None) -> str | None:
         if value and value.startswith(("postgresql://", "postgres://")):
-            return "postgresql+asyncpg://" + value.split("://", 1)[1]
+            value = "postgresql+asyncpg://" + value.split("://", 1)[1]
         if value and not value.startswith("postgresql+asyncpg://"):
             raise ValueError("DATABASE_URL must be a postgresql+asyncpg:// URL")
-        return value
+        return value and _hosts_as_query(value)
 
     @field_validator("broker_event_subscribers")
     @classmethod

@@ -101,12 +101,13 @@ def is_database_outage(exc: BaseException) -> bool:
     cause = exc.orig if isinstance(exc, DBAPIError) else exc
     # asyncpg's own classes, raw from the direct pool: ConnectionDoesNotExistError, and the
     # server's connection-exception (08xxx) and operator-intervention (57P01-03: a terminated
-    # backend, a shutdown, a server starting) SQLSTATEs.
+    # backend, a shutdown, a server starting) SQLSTATEs, and 25006: a write on a session whose
+    # server is now a standby (a switchover demoted it; a new connection finds the primary).
     sqlstate = str(getattr(cause, "sqlstate", None) or "")
     return (
         isinstance(cause, (OSError, TimeoutError))
         or sqlstate.startswith("08")
-        or sqlstate in ("57P01", "57P02", "57P03")
+        or sqlstate in ("57P01", "57P02", "57P03", "25006")
         or any(name in type(cause).__name__ for name in ("Connection", "CannotConnect"))
         or isinstance(cause, BROKEN_CONNECTION)
     )
@@ -151,17 +152,27 @@ async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterat
 
 
 @cache
-def head_revision() -> str:
-    """The newest Alembic revision this code ships (what `broker migrate` brings a schema to)."""
+def revisions() -> tuple[str, ...]:
+    """The Alembic revisions this code ships, newest (its head: what `broker migrate` brings a
+    schema to) first."""
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
     config = Config()
     config.set_main_option("script_location", str(ROOT / "alembic"))
-    head = ScriptDirectory.from_config(config).get_current_head()
-    if head is None:
+    known = tuple(s.revision for s in ScriptDirectory.from_config(config).walk_revisions())
+    if not known:
         raise RuntimeError(f"no Alembic revision under {ROOT / 'alembic'}")
-    return head
+    return known
+
+
+def schema_behind(revision: str | None) -> bool:
+    """Whether the schema lacks something this code needs: never migrated, or at one of this
+    code's older revisions. A revision this code does not know is a newer release's (during a
+    rolling upgrade, `broker migrate` runs before the old replicas leave): migrations only
+    expand while a release before them still runs (tests/test_rolling_upgrade.py), so this
+    code serves on it as it did on its own head."""
+    return revision is None or revision in revisions()[1:]
 
 
 async def schema_revision(session: AsyncSession) -> str | None:
@@ -174,19 +185,14 @@ async def schema_revision(session: AsyncSession) -> str | None:
 
 
 def asyncpg_params(url: str, application_name: str = "broker-cache") -> dict[str, Any]:
-    """`connect()` keywords for a raw asyncpg connection (the cache's LISTEN, `direct_pool`)."""
-    parsed = make_url(url)
-    host = parsed.query.get("host")  # the embedded server's Unix socket directory
-    params: dict[str, Any] = {
-        "user": parsed.username or "postgres",
-        "password": parsed.password,
-        "database": parsed.database,
-        "host": host if isinstance(host, str) else parsed.host or "127.0.0.1",
-        "server_settings": {"application_name": application_name},
-    }
-    if parsed.port:
-        params["port"] = parsed.port
-    return params
+    """`connect()` keywords for a raw asyncpg connection (the cache's LISTEN, `direct_pool`,
+    the owner lock): SQLAlchemy's own reading of the URL, so that both see the same servers,
+    also several (`?host=a:5432&host=b:5432&target_session_attrs=read-write`)."""
+    _, params = _ASYNCPG.create_connect_args(make_url(url))  # type: ignore[no-untyped-call]
+    params.setdefault("user", "postgres")
+    params.setdefault("host", "127.0.0.1")
+    params["server_settings"] = {"application_name": application_name}
+    return dict(params)
 
 
 async def _stateless(_connection: asyncpg.Connection) -> None:

@@ -112,6 +112,10 @@ LEASES_TAKEN_OVER = Counter(
     "broker_leases_taken_over",
     "Leases freed because their owner's process was found dead (service/refresh/owners.py).",
 )
+ROTATIONS_RESTORED = Counter(
+    "broker_rotations_restored",
+    "Rotations stored again after a database failover lost them (service/refresh/failover.py).",
+)
 EVENTS_EMITTED = Counter(
     "broker_events_emitted", "Events about sellers written to the outbox.", ["application", "type"]
 )

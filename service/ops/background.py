@@ -53,6 +53,7 @@ class Background:
             "health": observe.watch(health, settings, rt.clock, rt.db.sessions, self.stopping),
             # Every process may claim leases (refresh on read): it says it is alive.
             "owner_lock": refresher.liveness.watch(self.stopping),
+            "failover": refresher.failover.watch(self.stopping),
         }
         if rt.key_service is not None:
             watch = keys.KeyWatch(

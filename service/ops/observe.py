@@ -94,7 +94,7 @@ class Health:
     """What `/readyz` answers from; updated by `watch`, never by a request."""
 
     grace_seconds: float
-    schema_at_head: bool = False
+    schema_at_head: bool = False  # or ahead: a newer release's (db.schema_behind)
     stopping: bool = False
     database_ok_at: float = field(default_factory=time.monotonic)
     keys: KeyWatch | None = None  # with a key service (service/core/keys.py)
@@ -123,7 +123,6 @@ async def watch(
     stop: asyncio.Event,
 ) -> None:
     """Checks the database every `BROKER_DB_CHECK_SECONDS`; refreshes the database gauges."""
-    head = db.head_revision()
     next_gauges = 0.0
     loop = asyncio.get_running_loop()
     while not stop.is_set():
@@ -134,7 +133,7 @@ async def watch(
                 sessions() as session,
             ):
                 revision = await db.schema_revision(session)
-            health.schema_at_head = revision == head
+            health.schema_at_head = not db.schema_behind(revision)
             health.database_ok_at = time.monotonic()
             up = True
         except Exception as exc:  # noqa: BLE001 any failure to answer is "down"

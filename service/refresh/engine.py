@@ -57,7 +57,7 @@ from service.core.models import Seller
 from service.core.runtime import Clock, Database, Tasks, Upstream
 from service.lifecycle import audit, events, sellers
 from service.lifecycle.sellers import Stored
-from service.refresh import breaker, owners
+from service.refresh import breaker, failover, owners
 from service.refresh.sql import CLAIM_DUE, CLAIM_ONE, IS_FREE, RECORD_ATTEMPT
 
 log = logging.getLogger("broker.refresh")
@@ -144,6 +144,8 @@ class Refresher:
         self.owner = owners.owner_name()
         # Held while this process lives; a claim takes it first (owners.py: dead-owner takeover).
         self.liveness = owners.Liveness(self.owner, database.url)
+        # The rotations it stored lately, stored again if a failover lost them (failover.py).
+        self.failover = failover.Failover(settings, clock, database.sessions, database.direct)
         self.inflight: dict[str, asyncio.Task[Outcome]] = {}
         self.joined = 0  # callers that joined a refresh already in flight (single-flight)
         self.apps = upstream.apps
@@ -350,12 +352,23 @@ class Refresher:
         The attempt (fingerprint of the refresh token about to be sent, `sent_at`) is durable
         before anything is sent. A claim that ends up not sending sets `not_sent` again."""
         lease_until = now + timedelta(seconds=self.settings.broker_lease_seconds)
-        claims = []
         await self.liveness.ensure()  # never a lease that a looker could call dead
-        async with (
-            db.direct(self.db.direct) as connection,
-            connection.transaction(),
-        ):
+        async with db.direct(self.db.direct) as connection:
+            # On a new server (a failover), what it may have lost is stored again first: no
+            # claim may send a refresh token whose rotation this process already holds.
+            await self.failover.check(connection)
+            return await self._claim_in(connection, statement, now, lease_until, where)
+
+    async def _claim_in(
+        self,
+        connection: asyncpg.Connection,
+        statement: db.Hot,
+        now: datetime,
+        lease_until: datetime,
+        where: dict[str, object],
+    ) -> list[Claim]:
+        claims = []
+        async with connection.transaction():
             rows = await connection.fetch(
                 statement.sql,
                 *statement.args(
@@ -504,6 +517,7 @@ class Refresher:
             # A relink stored a newer pair meanwhile; ours is older and not needed.
             _event("refresh.superseded", logging.WARNING, seller_id=claim.seller_id)
             return Outcome.RACED
+        self.failover.journal.keep(claim.seller_id, app.name, claim.version, pair)
         outcome = Outcome.RECOVERED if stored == Stored.RECOVERED else Outcome.REFRESHED
         metrics.REFRESHES.labels(app.name, outcome, "").inc()
         _event(

@@ -1,16 +1,16 @@
 """Whether a lease's owner is alive, and taking over the leases of one that is not.
 
 A lease alone cannot tell a dead owner from a slow one, so it has to outlive both: a crashed
-process's sellers waited out its lease and then the late-reply grace (`sql.free`), two minutes
-at the default settings, before anyone refreshed them again. The database can tell them apart:
-every process that claims leases (a `broker serve` replica refreshing on read, a `broker
-refresher`) holds, on a connection of its own, the session advisory lock
-`hashtextextended(owner, 0)` for as long as it lives (`Liveness`), and claims nothing without it.
-PostgreSQL drops that lock the moment the session ends: a process killed with SIGKILL (the
-kernel closes its socket), a backend terminated, a host gone silent (once the server's TCP
-keepalive gives up: `tcp_keepalives_idle` and friends, hours by the OS's defaults). A process that is alive but slow (paused, swapping, its event loop stuck) keeps its
-connection, so its lock, so every protection its leases have today: nobody sends for its
-sellers until its lease and the grace after it have run, as before.
+process's sellers waited out its lease and then the late-reply grace (`sql.free`), two minutes at
+the default settings, before anyone refreshed them again. The database can tell them apart: every
+process that claims leases (a `broker serve` replica refreshing on read, a `broker refresher`)
+holds, on a connection of its own, the session advisory lock `hashtextextended(owner, 0)` for as
+long as it lives (`Liveness`), and claims nothing without it. PostgreSQL drops that lock the moment
+the session ends: a process killed with SIGKILL (the kernel closes its socket), a backend
+terminated, a host gone silent (once the server's TCP keepalive gives up: `tcp_keepalives_idle` and
+friends, hours by the OS's defaults). A process that is alive but slow (paused, swapping, its event
+loop stuck) keeps its connection, so its lock, so every protection its leases have today: nobody
+sends for its sellers until its lease and the grace after it have run, as before.
 
 Every refresher looks, once a second, for owners of leases whose lock nobody holds (`Takeover`).
 One found absent in every look for ABSENT_SECONDS is dead: its leases are freed at once and its

@@ -36,9 +36,10 @@ GRACE = bindparam("grace", type_=Interval())  # the late-reply grace (see `free`
 def free() -> ColumnElement[bool]:
     """Whether nobody may be refreshing the seller. A lease that lapsed over an attempt still
     marked `sent` (its owner never said how it ended: it may be paused, or its clock may lag;
-    an owner that died is taken over sooner, `owners.py`) stays taken for one grace more. The request's own deadline is shorter than a
-    lease, so by then any reply to it has landed or been dropped, and re-sending that refresh
-    token cannot burn a pair that is still on its way to be stored."""
+    an owner that died is taken over sooner, `owners.py`) stays taken for one grace more. The
+    request's own deadline is shorter than a lease, so by then any reply to it has landed or
+    been dropped, and re-sending that refresh token cannot burn a pair that is still on its way
+    to be stored."""
     still_sent = case(
         (Seller.attempt_outcome == const(AttemptOutcome.SENT), GRACE),
         else_=literal_column("interval '0'"),

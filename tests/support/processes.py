@@ -22,16 +22,20 @@ T = TypeVar("T")
 
 @asynccontextmanager
 async def broker_process(
-    args: list[str], env: dict[str, str], health_url: str | None, output: Path
+    args: list[str],
+    env: dict[str, str],
+    health_url: str | None,
+    output: Path,
+    code: Path = ROOT,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """Start `python -m service ARGS`, wait (bounded) until it is ready, stop it with SIGINT.
 
     Ready means `health_url` answers 200, or (a process without HTTP, `health_url=None`) its
-    log says the refresher started.
+    log says the refresher started. `code`: the checkout it runs (another release's, say).
     """
     with output.open("wb") as sink:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service", *args, cwd=ROOT, env=env, stdout=sink, stderr=sink
+            sys.executable, "-m", "service", *args, cwd=code, env=env, stdout=sink, stderr=sink
         )
         try:
             async with httpx.AsyncClient() as http:
@@ -80,13 +84,13 @@ def base_env(**extra: str) -> dict[str, str]:
     return env | {"BROKER_REFRESHER_METRICS_PORT": "0"} | extra
 
 
-async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+async def run_cli(*args: str, env: dict[str, str], code: Path = ROOT) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "service",
         *args,
-        cwd=ROOT,
+        cwd=code,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -119,11 +123,19 @@ def api_process(
     settings: Settings, database_url: str, port: int, output: Path, **env: str
 ) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
     """`broker serve` on `port`, configured like `settings`."""
+    return api_process_of(ROOT, settings, database_url, port, output, **env)
+
+
+def api_process_of(
+    code: Path, settings: Settings, database_url: str, port: int, output: Path, **env: str
+) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    """The same, running the checkout at `code` (another release's)."""
     return broker_process(
         ["serve"],
         env_for(settings, database_url, BROKER_PORT=str(port), **env),
         f"http://127.0.0.1:{port}/healthz",
         output,
+        code,
     )
 
 
