@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import socket
 import time
@@ -37,6 +36,7 @@ import pytest
 from service.core.config import Settings
 from service.ops.cli import migrate
 from tests.support import Simulator, create_api_key, seed_sellers, settings_keyring
+from tests.support.balancer import Balancer
 from tests.support.db import admin_connect, execute
 from tests.support.processes import (
     api_process,
@@ -67,43 +67,6 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
         yield servers
     finally:
         servers.close()
-
-
-class Reads:
-    """Bounded read loops through every API replica; (replica, monotonic, status) each."""
-
-    def __init__(self, http: httpx.AsyncClient, urls: list[str], sellers: list[str]) -> None:
-        self.http, self.urls, self.sellers = http, urls, sellers
-        self.replies: list[tuple[int, float, int]] = []
-        self.stop = asyncio.Event()
-
-    async def run(self, replica: int) -> None:
-        pick = random.Random(replica)
-        for _ in range(20_000):  # bounded in count as well as by `stop`
-            if self.stop.is_set():
-                return
-            seller = pick.choice(self.sellers)
-            try:
-                reply = await self.http.get(f"{self.urls[replica]}/sellers/{seller}/token")
-                status = reply.status_code
-            except httpx.TransportError:
-                status = 0  # no answer at all
-            self.replies.append((replica, time.monotonic(), status))
-            await asyncio.sleep(0.01)
-
-    async def close(self, loops: list[asyncio.Task[None]]) -> None:
-        self.stop.set()
-        await asyncio.gather(*loops, return_exceptions=True)  # their outcomes: the replies
-
-    def statuses(self) -> Counter[int]:
-        return Counter(status for _, _, status in self.replies)
-
-    def serving_again(self, replica: int, after: float) -> float:
-        """Seconds from `after` to the replica's first 200 answered after it."""
-        for who, at, status in self.replies:
-            if who == replica and at > after and status == 200:
-                return at - after
-        return float("inf")
 
 
 async def versions(url: str) -> dict[str, int]:
@@ -141,7 +104,7 @@ class Cluster:
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
-    async def up(self, sockets: tuple[socket.socket, socket.socket], **env: str) -> Reads:
+    async def up(self, sockets: tuple[socket.socket, socket.socket], **env: str) -> Balancer:
         primary = self.pair.primary.url("broker")
         await execute(self.pair.primary.url("postgres"), "CREATE DATABASE broker")
         await asyncio.to_thread(migrate, primary)
@@ -171,9 +134,9 @@ class Cluster:
         http = await self.stack.enter_async_context(
             httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
         )
-        reads = Reads(http, [f"http://127.0.0.1:{port}" for port in ports], self.sellers)
-        loops = [asyncio.create_task(reads.run(n)) for n in range(len(ports))]
-        self.stack.push_async_callback(reads.close, loops)  # on the way out too (a failure)
+        reads = Balancer(http, self.sellers, [f"http://127.0.0.1:{port}" for port in ports])
+        reads.start()
+        self.stack.push_async_callback(reads.close)  # on the way out too (a failure)
         sql = await admin_connect(primary)
         await sql.execute("UPDATE sellers SET next_refresh_at = now() - interval '1 second'")
         await sql.close()
@@ -296,14 +259,14 @@ async def test_a_failover_under_a_refresh_wave_loses_no_rotation(
         await asyncio.to_thread(pair.replica.promote)
         promoted_at = time.monotonic()
         await cluster.settled()
-        await reads.close([])
+        await reads.close()
         after = await outcome(cluster)
         restored = cluster.restored()
         for process in cluster.processes:
             assert process.returncode is None  # no process died of it
 
     mode = "synchronous" if pair.synchronous else "asynchronous"
-    again = [reads.serving_again(n, promoted_at) for n in range(len(reads.urls))]
+    again = [reads.serving_again(backend, promoted_at) for backend in reads.backends]
     print(
         f"\n== failover, {mode} replication ==\n"
         f"  promoted {promoted_at - killed_at:.2f} s after the kill; replicas serving again"
@@ -360,7 +323,7 @@ async def test_a_refresher_killed_with_the_primary_leaves_its_lost_rotations_to_
         code, out, err = await run_cli("refresher", "resume", env=env)
         assert code == 0, out + err
         await cluster.settled()
-        await reads.close([])
+        await reads.close()
         after = await outcome(cluster)
 
     print(

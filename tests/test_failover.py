@@ -7,12 +7,15 @@ start time the watch has not seen.
 
 from __future__ import annotations
 
-from datetime import timedelta
+import time
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from prometheus_client import REGISTRY
 
 from service.core import db
+from service.lifecycle import sellers
+from service.refresh import failover
 from tests.support import Broker, FakeClock, Simulator
 from tests.test_refresh import MONTH, SELLER, link
 
@@ -41,13 +44,13 @@ async def test_a_rotation_the_new_server_lost_is_stored_again_and_one_it_has_is_
         SELLER,
         *before.values(),
     )
-    failover = broker.refresher.failover
+    watch = broker.refresher.failover
     counted = restored_total()
     async with db.direct(broker.refresher.db.direct) as connection:
-        assert await failover.check(connection) == 0  # the same server: nothing to do
-        assert failover.server is not None
-        failover.server -= timedelta(hours=1)  # pretend it saw another server until now
-        assert await failover.check(connection) == 1
+        assert await watch.check(connection) == 0  # the same server: nothing to do
+        assert watch.server is not None
+        watch.server -= timedelta(hours=1)  # pretend it saw another server until now
+        assert await watch.check(connection) == 1
     row = await sql.fetchrow(ROW, SELLER)
     assert dict(row) == dict(after)  # the pair Mercado Pago issued, back where it belongs
     assert restored_total() == counted + 1
@@ -59,10 +62,27 @@ async def test_a_rotation_the_new_server_lost_is_stored_again_and_one_it_has_is_
     clock.advance(days=160)
     assert (await broker.token(SELLER, min_ttl=MONTH)).status_code == 200
     async with db.direct(broker.refresher.db.direct) as connection:
-        assert failover.server is not None
-        failover.server -= timedelta(hours=1)
-        assert await failover.check(connection) == 0
-        failover.server -= timedelta(hours=1)
-        assert await failover.check(connection) == 0
+        assert watch.server is not None
+        watch.server -= timedelta(hours=1)
+        assert await watch.check(connection) == 0
+        watch.server -= timedelta(hours=1)
+        assert await watch.check(connection) == 0
     assert restored_total() == counted + 1
     assert await simulator.token_requests("refresh_token") == 2
+
+
+def test_the_journal_forgets_a_store_only_once_the_same_server_outlived_it_by_the_window() -> None:
+    now = datetime.now(UTC)
+    pair = sellers.Pair("sealed-a", "sealed-r", now, now, None, None, None)
+    journal = failover.Journal()
+    journal.keep("s1", "default", 1, pair)
+    # The database was last seen (the same server) less than the window after s1's store:
+    # s1 may not have replicated yet, whatever the clock says now (an outage stops the checks).
+    journal.confirmed_at = time.monotonic() + failover.JOURNAL_SECONDS - 5
+    journal.keep("s2", "default", 1, pair)
+    assert [kept.seller_id for kept in journal.kept] == ["s1", "s2"]
+    journal.confirmed_at = time.monotonic() + failover.JOURNAL_SECONDS + 5
+    journal.keep("s3", "default", 1, pair)
+    assert [kept.seller_id for kept in journal.kept] == ["s3"]
+    assert [kept.seller_id for kept in journal.take()] == ["s3"]
+    assert not journal.kept

@@ -77,7 +77,8 @@ async def test_a_dead_owner_is_taken_over_after_absent_seconds_and_a_live_one_ne
     await liveness.ensure()
     await lease(sql, [s3], liveness.owner)
     clock = Monotonic()
-    takeover = owners.Takeover(pool, clock)
+    woken: list[int] = []  # the refresher is woken to claim what a takeover made due
+    takeover = owners.Takeover(pool, clock, freed=lambda: woken.append(1))
     before = taken_over()
 
     assert await takeover.look(NOW) == 0  # first seen absent now
@@ -85,7 +86,9 @@ async def test_a_dead_owner_is_taken_over_after_absent_seconds_and_a_live_one_ne
     assert await takeover.look(NOW) == 0  # not yet
     assert await leases(sql) == {s1: dead, s2: dead, s3: liveness.owner}
     clock.now += 0.5
+    assert woken == []
     assert await takeover.look(NOW) == 2
+    assert woken == [1]
     assert await leases(sql) == {s1: None, s2: None, s3: liveness.owner}
     assert taken_over() == before + 2
     rows = await sql.fetch(
@@ -103,6 +106,7 @@ async def test_a_dead_owner_is_taken_over_after_absent_seconds_and_a_live_one_ne
     clock.now += 3600  # the live owner, however long it holds its lease
     assert await takeover.look(NOW) == 0
     assert (await leases(sql))[s3] == liveness.owner
+    assert woken == [1]
 
 
 async def test_only_an_owner_absent_in_every_look_is_dead_and_old_owners_are_left_alone(

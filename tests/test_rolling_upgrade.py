@@ -19,7 +19,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import io
-import random
 import signal
 import socket
 import subprocess
@@ -35,6 +34,7 @@ import pytest
 from service.core import db
 from service.core.config import Settings
 from tests.support import Simulator, create_api_key, seed_sellers, settings_keyring
+from tests.support.balancer import Balancer
 from tests.support.config import ROOT
 from tests.support.db import admin_connect, execute, with_database
 from tests.support.processes import (
@@ -72,34 +72,6 @@ def export(commit: str, into: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
     return into
-
-
-class Balancer:
-    """Bounded reads spread over the API replicas in the balancer now; (url, status) each."""
-
-    def __init__(self, http: httpx.AsyncClient, sellers: list[str]) -> None:
-        self.http, self.sellers = http, sellers
-        self.backends: list[str] = []
-        self.replies: list[tuple[str, int]] = []
-        self.stop = asyncio.Event()
-
-    async def run(self, worker: int) -> None:
-        pick = random.Random(worker)
-        for _ in range(20_000):  # bounded in count as well as by `stop`
-            if self.stop.is_set():
-                return
-            backend = pick.choice(self.backends)
-            try:
-                reply = await self.http.get(f"{backend}/sellers/{pick.choice(self.sellers)}/token")
-                status = reply.status_code
-            except httpx.TransportError:
-                status = 0
-            self.replies.append((backend, status))
-            await asyncio.sleep(0.01)
-
-    async def close(self, loops: list[asyncio.Task[None]]) -> None:
-        self.stop.set()
-        await asyncio.gather(*loops, return_exceptions=True)  # their outcomes: the replies
 
 
 async def linked_unrefreshed(url: str) -> int:
@@ -185,10 +157,9 @@ async def roll(
         http = await stack.enter_async_context(
             httpx.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
         )
-        balancer = Balancer(http, sellers)
-        balancer.backends.append(f"http://127.0.0.1:{old_port}")
-        loops = [asyncio.create_task(balancer.run(n)) for n in range(2)]
-        stack.push_async_callback(balancer.close, loops)
+        balancer = Balancer(http, sellers, [f"http://127.0.0.1:{old_port}"])
+        balancer.start()
+        stack.push_async_callback(balancer.close)
         sql = await admin_connect(url)
         await sql.execute("UPDATE sellers SET next_refresh_at = now() - interval '1 second'")
         await sql.close()
@@ -223,14 +194,13 @@ async def roll(
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)  # a second refresh would come within the refresher's polls
-        await balancer.close(loops)
+        await balancer.close()
         assert new_api.returncode is None
         assert new_refresher.returncode is None
         assert (old_api.returncode, old_refresher.returncode) == (0, 0)
 
     log = Counter(e["outcome"] for e in await simulator.log() if e["grant_type"] == "refresh_token")
-    statuses = Counter(status for _, status in balancer.replies)
-    by_backend = Counter(backend for backend, _ in balancer.replies)
+    statuses, by_backend = balancer.statuses(), balancer.by_backend()
     print(
         f"\n== rolling upgrade from {PREVIOUS_RELEASE[:7]} ==\n"
         f"  refreshes before the migration {migrated_at}, by the switch-over {switched_at};"

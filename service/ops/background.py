@@ -70,7 +70,8 @@ class Background:
             dispatcher = Dispatcher(settings, rt.clock, rt.db.sessions, rt.http)
             loops["refresher"] = refresher.run(self.stopping)
             loops["events"] = dispatcher.run(self.stopping)
-            loops["takeover"] = owners.Takeover(rt.db.direct).run(rt.clock, self.stopping)
+            takeover = owners.Takeover(rt.db.direct, freed=refresher.wake.set)
+            loops["takeover"] = takeover.run(rt.clock, self.stopping)
         self.loops = [asyncio.create_task(work, name=name) for name, work in loops.items()]
         for task in self.loops:
             task.add_done_callback(self._ended)

@@ -144,6 +144,7 @@ class Refresher:
         self.owner = owners.owner_name()
         # Held while this process lives; a claim takes it first (owners.py: dead-owner takeover).
         self.liveness = owners.Liveness(self.owner, database.url)
+        self.wake = asyncio.Event()  # set when a takeover made sellers due (owners.Takeover)
         # The rotations it stored lately, stored again if a failover lost them (failover.py).
         self.failover = failover.Failover(settings, clock, database.sessions, database.direct)
         self.inflight: dict[str, asyncio.Task[Outcome]] = {}
@@ -192,6 +193,7 @@ class Refresher:
         next_prune = next_expiring = 0.0
         loop = asyncio.get_running_loop()
         while not stop.is_set():
+            self.wake.clear()  # this round claims whatever a takeover made due until now
             if loop.time() >= next_prune:  # retention, hourly, from whichever refresher runs
                 next_prune = loop.time() + PRUNE_EVERY_SECONDS
                 await self._prune()
@@ -215,7 +217,11 @@ class Refresher:
                 if len(active) >= cap:
                     await asyncio.wait(active, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait())}
+            # Woken early by a takeover: the dead owner's sellers are due now.
+            waits: set[asyncio.Future[Any]] = {
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self.wake.wait()),
+            }
             try:
                 await asyncio.wait(
                     waits | active,

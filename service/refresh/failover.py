@@ -6,7 +6,8 @@ exists only in the process that stored it, and the database holds a spent refres
 without knowing. (With synchronous replication nothing acknowledged is lost, and none of this
 ever finds anything to do.)
 
-So each process keeps, for JOURNAL_SECONDS after it stored a rotation, the sealed pair (the
+So each process keeps, for JOURNAL_SECONDS after it stored a rotation (counted while it could
+see the database), the sealed pair (the
 ciphertext the row holds, never a plain token) and the version it was stored over (`Journal`),
 and watches which server it is talking to: `pg_postmaster_start_time()` changes with every
 restart and every promotion, and needs no privilege (`Server`). On a new server, before this
@@ -44,9 +45,12 @@ from service.lifecycle import sellers
 log = logging.getLogger("broker.refresh")
 
 # Longer than any replication lag a failover would promote over (Patroni refuses a standby
-# more than 1 MB behind by default; a lag alert fires at seconds), and than a failover takes.
-JOURNAL_SECONDS = 120.0
-JOURNAL_CAP = 200_000  # 1,000 refreshes a second for the whole window, and room to spare
+# more than 1 MB of WAL behind by default, well under a second of the broker's writes; a lag
+# alert fires at seconds). A standby further behind is a restore: the restore runbook.
+JOURNAL_SECONDS = 60.0
+# 1,000 refreshes a second for the whole window; about 720 bytes each (the two sealed tokens
+# and their row's fields): 43 MB at the very most, 17 MB at a 400/s rate cap.
+JOURNAL_CAP = 60_000
 WATCH_SECONDS = 1.0
 SERVER = "SELECT pg_postmaster_start_time()"
 
@@ -65,12 +69,14 @@ class Journal:
 
     def __init__(self) -> None:
         self.kept: deque[Kept] = deque(maxlen=JOURNAL_CAP)
+        # When a check last saw the same server: a store JOURNAL_SECONDS older than that had
+        # replicated before any failover (while the database is away, nothing is forgotten).
+        self.confirmed_at = time.monotonic()
 
     def keep(self, seller_id: str, application: str, version: int, pair: sellers.Pair) -> None:
-        now = time.monotonic()
-        while self.kept and now - self.kept[0].at > JOURNAL_SECONDS:
-            self.kept.popleft()  # forgotten only as new stores come: an outage keeps them
-        self.kept.append(Kept(seller_id, application, version, pair, now))
+        while self.kept and self.kept[0].at < self.confirmed_at - JOURNAL_SECONDS:
+            self.kept.popleft()
+        self.kept.append(Kept(seller_id, application, version, pair, time.monotonic()))
 
     def take(self) -> list[Kept]:
         taken = list(self.kept)
@@ -100,6 +106,7 @@ class Failover:
             server = await connection.fetchval(SERVER)
             if self.server is None or server == self.server:
                 self.server = server
+                self.journal.confirmed_at = time.monotonic()
                 return 0
             previous, self.server = self.server, server
             kept = self.journal.take()

@@ -211,8 +211,13 @@ class Liveness:
 class Takeover:
     """One refresher's look for dead owners: absent in every look for ABSENT_SECONDS."""
 
-    def __init__(self, pool: asyncpg.Pool, monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.pool, self.monotonic = pool, monotonic
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        monotonic: Callable[[], float] = time.monotonic,
+        freed: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.pool, self.monotonic, self.freed = pool, monotonic, freed
         self.absent_since: dict[str, float] = {}  # owner -> when it was first found absent
         self.failing = False  # the last look failed (said once, not every second)
 
@@ -255,4 +260,6 @@ class Takeover:
             self.failing = True
             return 0
         self.failing = False
+        if freed:
+            self.freed()  # the refresher claims them now, not at its next poll
         return freed
