@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.db import is_database_outage
@@ -29,10 +29,17 @@ class BrokerError(Exception):
     status = 500
     title = "Internal error"
 
-    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, str] | None = None,
+    ):
         super().__init__(detail or self.title)
         self.detail = detail or self.title
         self.headers = headers or {}
+        self.extra = extra or {}  # RFC 9457 extension members (`reason`), beside `code`
 
 
 class InvalidRequest(BrokerError):
@@ -73,6 +80,15 @@ class LiveModeMismatch(BrokerError):
 
 class RelinkRequired(BrokerError):
     code, status, title = "relink_required", 409, "The seller must link their account again"
+
+    def __init__(self, reason: str, *, headers: dict[str, str] | None = None) -> None:
+        # `reason` is the seller's `status_reason` (rotation_lost, revoked, ...; `unlinked`
+        # from the proxy): callers switch on it without parsing `detail`.
+        super().__init__(
+            f"Send the seller a new link (reason: {reason}).",
+            headers=headers,
+            extra={"reason": reason},
+        )
 
 
 class UpstreamUnavailable(BrokerError):
@@ -124,12 +140,22 @@ class Problem(BaseModel):
     status: int
     detail: str
     code: str
+    reason: str | None = Field(
+        default=None, description="`relink_required` only: the seller's `status_reason`"
+    )
 
 
 def problem_response(
-    status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code}
+    if extra:
+        body |= {name: value for name, value in extra.items() if name not in body}
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
@@ -166,10 +192,11 @@ def responses(*errors: type[BrokerError]) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def install(app: FastAPI) -> None:
-    def broker_error(exc: BrokerError) -> JSONResponse:
-        return problem_response(exc.status, exc.code, exc.title, exc.detail, exc.headers)
+def broker_problem(exc: BrokerError) -> JSONResponse:
+    return problem_response(exc.status, exc.code, exc.title, exc.detail, exc.headers, exc.extra)
 
+
+def install(app: FastAPI) -> None:
     def validation_error(exc: RequestValidationError) -> JSONResponse:
         # Say where and what, never echo the input: it may hold a secret.
         where = "; ".join(
@@ -185,7 +212,7 @@ def install(app: FastAPI) -> None:
         headers = dict(exc.headers) if exc.headers else None
         return problem_response(exc.status_code, code, title, title, headers)
 
-    _handle(app, BrokerError, broker_error)
+    _handle(app, BrokerError, broker_problem)
     _handle(app, RequestValidationError, validation_error)
     _handle(app, StarletteHTTPException, http_error)
 

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from service.core.errors import BrokerError, last_resort, problem_response
+from service.core.errors import BrokerError, broker_problem, last_resort
 from service.core.logs import request_id
 from service.core.schemas import SELLER_ID_MAX, SELLER_ID_PATTERN
 from service.ops.observe import REQUEST_ID_HEADER, record, request_id_from
@@ -81,7 +81,7 @@ class TokenReads:
             ) or await tokens.answer(serving, key, seller_id, min_ttl)
             return 200, headers, body
         except BrokerError as exc:
-            refused = problem_response(exc.status, exc.code, exc.title, exc.detail, exc.headers)
+            refused = broker_problem(exc)
         except Exception as exc:  # noqa: BLE001 what the application's CatchAll would answer
             refused = last_resort(exc)
         return refused.status_code, list(refused.raw_headers), bytes(refused.body)

@@ -277,7 +277,7 @@ async def read_token(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) 
     if seller.status == Status.LINKED and refreshed_lately and seller.expires_at > now:
         return Served(seller, None, now)  # the pair another caller just got; no second refresh
     if seller.status == Status.RELINK_REQUIRED:
-        raise RelinkRequired(f"Send the seller a new link (reason: {seller.status_reason}).")
+        raise RelinkRequired(str(seller.status_reason))
     retry_after = cooldown.total_seconds()
     if seller.attempt_sent_at is not None:
         retry_after = (seller.attempt_sent_at + cooldown - now).total_seconds()
