@@ -1155,3 +1155,80 @@ async def test_reset_restores_the_configured_token_lifetime(client: httpx.AsyncC
     await client.post("/_control/reset")
 
     assert (await linked_seller(client))["expires_in"] == 15552000
+
+
+# -- the payments API ------------------------------------------------------------------------
+
+
+async def _issued_token(client: httpx.AsyncClient, user_id: int) -> str:
+    issue = {"client_id": CLIENT_ID, "user_id": user_id}
+    access_token: str = (await client.post("/_control/issue", json=issue)).json()["access_token"]
+    return access_token
+
+
+async def test_payments_need_a_live_bearer_token_and_act_for_its_seller_only(
+    client: httpx.AsyncClient,
+) -> None:
+    mine, other = await _issued_token(client, USER_ID), await _issued_token(client, 99)
+    as_me, as_other = {"Authorization": f"Bearer {mine}"}, {"Authorization": f"Bearer {other}"}
+    created = await client.post(
+        "/v1/payments",
+        json={"transaction_amount": 10.5, "description": "tea"},
+        headers={**as_me, "X-Idempotency-Key": "k-1"},
+    )
+    assert created.status_code == 201, created.text
+    payment = created.json()
+    assert (payment["collector_id"], payment["status"]) == (USER_ID, "approved")
+    assert (await client.get(f"/v1/payments/{payment['id']}", headers=as_me)).status_code == 200
+    assert (await client.get(f"/v1/payments/{payment['id']}", headers=as_other)).status_code == 404
+    search = (await client.get("/v1/payments/search", headers=as_other)).json()
+    assert search["results"] == []
+    mine_found = (await client.get("/v1/payments/search", headers=as_me)).json()["results"]
+    assert [p["id"] for p in mine_found] == [payment["id"]]
+    for headers in ({}, {"Authorization": "Bearer APP_USR-unknown"}):
+        refused = await client.get("/v1/payments/search", headers=headers)
+        assert refused.status_code == 401
+        assert refused.json()["error"] == "unauthorized"
+    await client.post("/_control/revoke", json={"user_id": USER_ID})
+    assert (await client.get("/v1/payments/search", headers=as_me)).status_code == 401
+    log = (await client.get("/_control/api-log")).json()
+    assert [(c["method"], c["status"]) for c in log][:2] == [("POST", 201), ("GET", 200)]
+    assert all(mine not in json.dumps(call) for call in log)
+
+
+async def test_a_payment_is_created_once_per_idempotency_key(client: httpx.AsyncClient) -> None:
+    headers = {"Authorization": f"Bearer {await _issued_token(client, USER_ID)}"}
+    body = {"transaction_amount": 3}
+    missing = await client.post("/v1/payments", json=body, headers=headers)
+    assert missing.status_code == 400
+    first = await client.post(
+        "/v1/payments", json=body, headers={**headers, "X-Idempotency-Key": "a"}
+    )
+    again = await client.post(
+        "/v1/payments", json=body, headers={**headers, "X-Idempotency-Key": "a"}
+    )
+    other = await client.post(
+        "/v1/payments", json=body, headers={**headers, "X-Idempotency-Key": "b"}
+    )
+    assert first.json() == again.json()
+    assert other.json()["id"] != first.json()["id"]
+    cancelled = await client.put(
+        f"/v1/payments/{first.json()['id']}", json={"status": "cancelled"}, headers=headers
+    )
+    assert cancelled.json()["status"] == "cancelled"
+    assert (await client.delete("/v1/payments/1", headers=headers)).status_code == 404
+    assert [c["method"] for c in (await client.get("/_control/api-log")).json()][-2:] == [
+        "PUT",
+        "DELETE",
+    ]
+
+
+async def test_api_faults_delay_or_fail_every_payments_call(client: httpx.AsyncClient) -> None:
+    headers = {"Authorization": f"Bearer {await _issued_token(client, USER_ID)}"}
+    await client.post("/_control/faults", json={"api_status": 503})
+    failed = await client.get("/v1/payments/search", headers=headers)
+    assert (failed.status_code, failed.json()["status"]) == (503, 503)
+    await client.post("/_control/faults", json={"api_latency_ms": 200})
+    started = asyncio.get_running_loop().time()
+    assert (await client.get("/v1/payments/search", headers=headers)).status_code == 200
+    assert asyncio.get_running_loop().time() - started >= 0.2

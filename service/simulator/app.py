@@ -13,6 +13,8 @@ Faithful to Mercado Pago (as the README's "The flow" and "Refresh policy" descri
   refresh tokens are single-use and rotate; earlier access tokens keep working until
   they expire.
 - `GET /users/me` accepts a valid bearer access token.
+- A few payments endpoints (`/v1/payments...`, `service/simulator/api.py`) for the proxy and
+  client tests: bearer tokens checked the same way, `X-Idempotency-Key` honoured.
 
 Simplified or chosen where Mercado Pago is silent:
 - No login: the consent page asks for the simulated seller's user id instead.
@@ -29,7 +31,8 @@ the fault plan; `release` sends held replies; `revoke` unlinks a seller; `issue`
 grant without the browser (with `count`, one grant per user id from `user_id` on, answered
 as a list: bulk seeding for bench/); `config` with `{"expires_in": N}` (N >= 1) sets the lifetime
 of tokens issued from then on by code exchanges, refreshes and `issue` (tokens already
-out keep theirs); `log` (with the seller each successful request served) and `grants`
+out keep theirs); `log` (with the seller each successful request served), `api-log` (the
+payments API's calls) and `grants`
 (with the app holding each seller's newest live grant) observe.
 
 Fault injection (`POST /_control/faults`) touches `/oauth/token`, and `/users/me` only
@@ -68,6 +71,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.simulator.api import api
 from service.simulator.pages import consent_page, error_page
 from service.simulator.state import (
     SCOPE,
@@ -105,6 +109,7 @@ def create_simulator_app(config: SimulatorConfig) -> FastAPI:
     app = FastAPI(title="Mercado Pago OAuth simulator", version="1")
     app.state.sim = Simulator(config)
     app.include_router(oauth)
+    app.include_router(api)
     app.include_router(control)
     return app
 
@@ -375,6 +380,12 @@ async def revoke(body: Revoke, sim: Sim) -> dict[str, int]:
 async def request_log(sim: Sim) -> list[dict[str, Any]]:
     """Token requests received, oldest first, without any secret (user_id is not one)."""
     return [asdict(entry) for entry in sim.log]
+
+
+@control.get("/api-log")
+async def api_log(sim: Sim) -> list[dict[str, Any]]:
+    """Payments API calls received (`/v1/...`), oldest first, without any token."""
+    return [asdict(call) for call in sim.api_log]
 
 
 @control.get("/grants")

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -82,6 +82,10 @@ class FaultPlan(BaseModel):
     # /users/me answers this status, whatever the token. Not limited by `count`, which
     # only spends /oauth/token faults: it lasts until the plan is replaced.
     users_me_status: int | None = Field(default=None, ge=400, le=599)
+    # The payments API (`/v1/...`, api.py): a delay before each answer, and a status every
+    # one answers instead (bodies in Mercado Pago's error shape). Neither spends `count`.
+    api_latency_ms: int = Field(default=0, ge=0)
+    api_status: int | None = Field(default=None, ge=400, le=599)
 
     @model_validator(mode="after")
     def _error_needs_status(self) -> FaultPlan:
@@ -180,6 +184,18 @@ class LogEntry:
     at: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class ApiCall:
+    """A call to the payments API (`/v1/...`): what the proxy tests count, never a token."""
+
+    method: str
+    path: str
+    status: int
+    user_id: int | None  # the seller the bearer token acts for, when it is valid
+    idempotency_key: str | None
+    at: float = field(default_factory=time.monotonic)
+
+
 def fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:12]
 
@@ -216,6 +232,9 @@ class Simulator:
         self.refresh_tokens: dict[str, Grant] = {}
         self.access_tokens: dict[str, AccessToken] = {}
         self.log: list[LogEntry] = []
+        self.api_log: list[ApiCall] = []
+        self.payments: dict[int, dict[str, Any]] = {}
+        self.idempotent: dict[tuple[int, str], int] = {}  # (seller, X-Idempotency-Key) -> id
         self.faults = FaultPlan()
         self.faults_left: int | None = None
         # Wake anything held by the previous plan so no request hangs across a reset.
