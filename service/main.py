@@ -28,6 +28,8 @@ from service.linking import routes as linking_routes
 from service.linking.flow import Linking
 from service.ops import docs, observe
 from service.ops.background import Background, refresher_of
+from service.proxy import routes as proxy_routes
+from service.proxy.forward import Proxy
 from service.refresh.engine import Refresher
 from service.serving import routes as serving_routes
 from service.serving.deps import Callers
@@ -117,10 +119,12 @@ def create_app(
     app.add_middleware(errors.CatchAll)
     app.add_middleware(pages.SellerPageHeaders)  # on every answer to a seller's browser
     app.add_middleware(observe.Observe)  # outermost: counts refusals and failures too
-    # Internal services' routes first (the token routes before `/sellers/{seller_id:path}`,
-    # which would match them too), then the seller's browser, then Mercado Pago.
+    # Internal services' routes first (the proxy's, then the token routes, before
+    # `/sellers/{seller_id:path}`, each of which the next would match too), then the seller's
+    # browser, then Mercado Pago.
     for router in (
         linking_routes.router,
+        proxy_routes.router,
         serving_routes.router,
         lifecycle_routes.router,
         linking_routes.pages_router,
@@ -185,6 +189,7 @@ def compose(state: Any, rt: Runtime, refresher: Refresher) -> None:
     state.serving = Serving(
         rt.settings, rt.clock, rt.db, rt.keyring, rt.cache, rt.reads, refresher, rt.upstream
     )
+    state.proxy = Proxy(rt.settings, state.serving, rt.api, rt.proxied)
     state.linking = Linking(rt.settings, rt.clock, rt.db, rt.keyring, rt.upstream, rt.tasks)
     state.notifications = Notifications(rt.settings, rt.clock, rt.db, rt.keyring, rt.upstream)
     state.admin = Admin(rt.settings, rt.clock, rt.db)
@@ -211,5 +216,5 @@ def readiness_responses() -> dict[int | str, dict[str, Any]]:
 def summaries_from_docstrings(routes: Sequence[BaseRoute]) -> None:
     """A route's one-line docstring is its OpenAPI summary (not its function's name)."""
     for route in routes:
-        if isinstance(route, APIRoute) and route.description:
+        if isinstance(route, APIRoute) and route.description and not route.summary:
             route.summary, route.description = route.description.strip(), ""

@@ -236,6 +236,8 @@ async def test_the_fast_path_and_the_route_give_the_same_answer(
     assert fast.headers.get("broker-token-warning") == case.warning
     if case.code:
         assert fast.json()["code"] == case.code
+    if case.code == "relink_required":  # callers switch on the reason, not on `detail`
+        assert fast.json()["reason"] == "revoked"
     if case.retry_after:
         assert int(fast.headers["retry-after"]) >= 1
         assert int(routed.headers["retry-after"]) >= 1

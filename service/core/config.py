@@ -158,6 +158,13 @@ class Settings(BaseSettings):
     broker_failed_auth_per_address_per_minute: int = Field(default=30, ge=1)
     # Seller tokens and API keys kept in memory per API process (service/serving/cache.py); 0: none.
     broker_token_cache_size: int = Field(default=100_000, ge=0)
+    # The Mercado Pago API proxy (service/proxy/): per replica, like the other limits.
+    broker_proxy_timeout_seconds: float = Field(default=20.0, gt=0, le=120)
+    broker_proxy_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    broker_proxy_max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    broker_proxy_rate_per_seller_per_second: float = Field(default=10.0, gt=0)
+    broker_proxy_rate_per_application_per_second: float = Field(default=200.0, gt=0)
+    broker_proxy_connections: int = Field(default=100, ge=1, le=10_000)
     # Audit trail and retention.
     broker_audit_flush_seconds: float = Field(default=5.0, gt=0, le=300)
     broker_audit_retention_days: int = Field(default=365, ge=1)

@@ -95,6 +95,14 @@ class UpstreamUnavailable(BrokerError):
     code, status, title = "upstream_unavailable", 503, "Mercado Pago cannot refresh the token now"
 
 
+class UpstreamFailed(BrokerError):
+    code, status, title = "upstream_failed", 502, "Mercado Pago could not be reached"
+
+
+class UpstreamTimeout(BrokerError):
+    code, status, title = "upstream_timeout", 504, "Mercado Pago did not answer in time"
+
+
 class DatabaseUnavailable(BrokerError):
     code, status, title = "database_unavailable", 503, "The broker's database is unavailable"
 

@@ -108,6 +108,19 @@ UPSTREAM_SECONDS = Histogram(
     ["application", "endpoint"],
     buckets=UPSTREAM,
 )
+# The Mercado Pago API proxy (service/proxy/): by the upstream route's template (ids as `{id}`).
+PROXY_REQUESTS = Counter(
+    "broker_proxy_requests",
+    "Calls proxied to Mercado Pago's API by application, upstream route template and status "
+    "(502 when no reply came, 504 when none came in time).",
+    ["application", "route", "status"],
+)
+PROXY_SECONDS = Histogram(
+    "broker_proxy_upstream_duration_seconds",
+    "Proxied calls' latency until Mercado Pago's reply head, by application and route template.",
+    ["application", "route"],
+    buckets=UPSTREAM,
+)
 LEASES_TAKEN_OVER = Counter(
     "broker_leases_taken_over",
     "Leases freed because their owner's process was found dead (service/refresh/owners.py).",

@@ -144,10 +144,12 @@ class Runtime:
     upstream: Upstream
     tasks: Tasks
     http: httpx.AsyncClient  # events to internal services
+    api: httpx.AsyncBaseTransport  # calls to Mercado Pago's API through the proxy
     key_buckets: Buckets
     cache: Cache
     key_service: keyservice.KeyService | None  # None: BROKER_ENCRYPTION_KEYS (or dev's key)
     reads: ReadCounter
+    proxied: ReadCounter  # calls through the proxy, for the audit
 
     @classmethod
     async def build(
@@ -178,21 +180,36 @@ class Runtime:
             upstream=Upstream.open(settings, clock, transport),
             tasks=Tasks(),
             http=httpx.AsyncClient(transport=transport, follow_redirects=False),
+            # A pool of its own, so that callers' traffic never holds up a refresh; no retries
+            # (a POST may have been honoured), the deadline is the proxy's.
+            api=transport
+            or httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(
+                    max_connections=settings.broker_proxy_connections,
+                    max_keepalive_connections=settings.broker_proxy_connections,
+                )
+            ),
             key_buckets=Buckets(
                 settings.broker_rate_limit_per_key_per_second,
                 burst=settings.broker_rate_limit_per_key_per_second,
             ),
             cache=Cache(settings.broker_token_cache_size),
             reads=ReadCounter(settings.apps.name_of),
+            proxied=ReadCounter(settings.apps.name_of, action="proxy.call"),
         )
+
+    async def _flush_counts(self) -> None:
+        await self.reads.flush(self.db.direct)
+        await self.proxied.flush(self.db.direct)
 
     async def close(self, seconds: float) -> None:
         """Close what the process opened, within `seconds` (the end of the shutdown budget)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds
         with contextlib.suppress(TimeoutError):  # counts not written are lost, not waited for
-            await asyncio.wait_for(self.reads.flush(self.db.direct), seconds / 2)
+            await asyncio.wait_for(self._flush_counts(), seconds / 2)
         await self.http.aclose()
+        await self.api.aclose()
         await self.upstream.close()
         if self.key_service is not None:
             await self.key_service.aclose()

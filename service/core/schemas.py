@@ -15,6 +15,9 @@ from service.core.applications import Applications, Pkce
 # scoped by namespace, and no segment is `.`/`..` or empty).
 SELLER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*(/[A-Za-z0-9][A-Za-z0-9._:@-]*)*$"
 SELLER_ID_MAX = 128
+# Ends the seller id in the proxy's paths (`/sellers/{seller_id}/-/mercadopago/{path}`): no
+# segment of a seller id can be `-`, so the first one is the end, whatever the path holds.
+PROXY_SEPARATOR = "/-/mercadopago/"
 # The path parameter of every `/sellers/{seller_id}` route (ids may contain slashes).
 SellerId = Annotated[
     str,

@@ -55,8 +55,9 @@ class ReadCounter:
     """Token reads per (API key, seller, application, minute); the application is counted by
     `client_id`, as the cached view has it, and written by name, as `/audit` filters it."""
 
-    def __init__(self, name_of: Callable[[str], str] = str) -> None:
+    def __init__(self, name_of: Callable[[str], str] = str, action: str = "token.read") -> None:
         self.name_of = name_of
+        self.action = action  # "proxy.call" for calls through the Mercado Pago proxy
         self.counts: Counter[tuple[str, str, str, datetime]] = Counter()
         # The current minute, one object while it lasts: a datetime caches its hash, so every
         # read of the minute hashes it once, and none pays for replace() (the hot path).
@@ -73,7 +74,7 @@ class ReadCounter:
         if not counts:
             return 0
         rows = (
-            (minute, actor, "token.read", seller, n, self.name_of(client_id))
+            (minute, actor, self.action, seller, n, self.name_of(client_id))
             for (actor, seller, client_id, minute), n in counts.items()
         )
         try:

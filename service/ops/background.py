@@ -11,8 +11,8 @@ for up to `REQUEST_GRACE_SECONDS` (`server.uvicorn_config`):
    sent, so they get to store it (a refresh's own deadline is `MP_TIMEOUT_SECONDS`);
 3. give back every lease whose request was surely not sent (a replacement claims at once),
    then the owner lock: the leases left are taken over within seconds (`refresh/owners.py`);
-4. flush the token-read counts, close the clients and pools (a statement still running by
-   the end of the budget is cut off).
+4. flush the token-read and proxy-call counts, close the clients and pools (a statement still
+   running by the end of the budget is cut off).
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ class Background:
             health.keys = watch
             loops["keys"] = watch.run(self.stopping)
         if api:
-            loops["read_counts"] = rt.reads.run(
-                rt.db.direct, self.stopping, settings.broker_audit_flush_seconds
-            )
+            for name, counts in (("read_counts", rt.reads), ("proxy_counts", rt.proxied)):
+                loops[name] = counts.run(
+                    rt.db.direct, self.stopping, settings.broker_audit_flush_seconds
+                )
             loops["cache_listener"] = rt.cache.listen(rt.db.url, self.stopping)
         if not api or settings.broker_serve_refresher:
             dispatcher = Dispatcher(settings, rt.clock, rt.db.sessions, rt.http)

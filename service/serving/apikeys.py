@@ -24,7 +24,7 @@ from service.core.models import ApiKey
 from service.core.schemas import SELLER_ID_MAX, SELLER_ID_PATTERN
 from service.lifecycle import audit
 
-SCOPES = ("links:write", "tokens:read", "sellers:admin")
+SCOPES = ("links:write", "tokens:read", "sellers:admin", "api:proxy")
 
 
 def check_namespace(namespace: str) -> None:

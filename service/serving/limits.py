@@ -31,6 +31,7 @@ from service.core.errors import (
     UriTooLong,
     problem_response,
 )
+from service.core.schemas import PROXY_SEPARATOR
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -146,6 +147,7 @@ class RequestLimits:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.max_body = settings.broker_max_body_bytes
+        self.max_proxied_body = settings.broker_proxy_max_body_bytes  # Mercado Pago's, passed on
         self.max_query = settings.broker_max_query_bytes
         self.max_headers = settings.broker_max_header_bytes
         self.trusted = [
@@ -181,7 +183,9 @@ class RequestLimits:
         if sum(len(n) + len(v) for n, v in headers) > self.max_headers:
             return HeadersTooLarge.status, HeadersTooLarge.code, HeadersTooLarge.title, {}
         for name, value in headers:
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_body):
+            if name == b"content-length" and (
+                not value.isdigit() or int(value) > self._max_body(scope)
+            ):
                 return BodyTooLarge.status, BodyTooLarge.code, BodyTooLarge.title, {}
         if seller_facing(scope):
             wait = self.addresses.take(client_address(scope, self.trusted))
@@ -190,19 +194,23 @@ class RequestLimits:
                 return 429, RateLimited.code, RateLimited.title, retry
         return None
 
+    def _max_body(self, scope: Scope) -> int:
+        proxied = scope["path"].startswith("/sellers/") and PROXY_SEPARATOR in scope["path"]
+        return self.max_proxied_body if proxied else self.max_body
+
     async def _bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Count a body sent without Content-Length (chunked) and answer 413 at the limit.
 
         The app then sees the client gone, and whatever it tries to answer is dropped.
         """
-        seen, refused = 0, False
+        seen, refused, limit = 0, False, self._max_body(scope)
 
         async def bounded_receive() -> Message:
             nonlocal seen, refused
             message = await receive()
             if message["type"] == "http.request" and not refused:
                 seen += len(message.get("body", b""))
-                if seen > self.max_body:
+                if seen > limit:
                     refused = True
                     too_large = problem_response(
                         BodyTooLarge.status,

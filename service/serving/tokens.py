@@ -287,6 +287,25 @@ async def read_token(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) 
     )
 
 
+async def for_call(flow: Serving, key: KeyView, seller_id: str, min_ttl: int) -> SellerView:
+    """The seller's token for a call made for it (the proxy): refreshed first like a read with
+    `min_ttl`; a seller to link again, or unlinked, is `RelinkRequired` (nothing is sent for
+    it, although a token read would still serve a valid token with a warning)."""
+    known = flow.cache.seller(seller_id) or await flow.misses.get(seller_id)
+    if known is not None and known.status == Status.UNLINKED:
+        apikeys.authorize_application(key, known.client_id)
+        raise RelinkRequired("unlinked")
+    seller = (await read_token(flow, key, seller_id, min_ttl)).seller
+    if seller.status == Status.RELINK_REQUIRED:
+        raise RelinkRequired(str(seller.status_reason))
+    return seller
+
+
+async def seller_now(flow: Serving, seller_id: str) -> SellerView | None:
+    """What PostgreSQL says of the seller now (the cache is not asked, but updated)."""
+    return (await _read(flow, [seller_id])).get(seller_id)
+
+
 async def _wait_for_other_refresh(flow: Serving, before: SellerView) -> SellerView:
     """Another process holds the lease: wait (bounded) until it stores or lets go."""
     loop = asyncio.get_running_loop()

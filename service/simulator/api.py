@@ -47,7 +47,12 @@ async def _gate(request: Request, sim: Simulator) -> tuple[ApiCall, int | Respon
     match = BEARER.fullmatch(request.headers.get("authorization", "").strip())
     user_id = sim.user_for_access_token(match.group(1)) if match else None
     call = ApiCall(
-        request.method, request.url.path, 0, user_id, request.headers.get("x-idempotency-key")
+        request.method,
+        request.url.path,
+        0,
+        user_id,
+        request.headers.get("x-idempotency-key"),
+        sorted(request.headers.keys()),
     )
     sim.api_log.append(call)
     if sim.faults.api_latency_ms:

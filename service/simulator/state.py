@@ -193,6 +193,7 @@ class ApiCall:
     status: int
     user_id: int | None  # the seller the bearer token acts for, when it is valid
     idempotency_key: str | None
+    header_names: list[str] = field(default_factory=list)  # what arrived, never the values
     at: float = field(default_factory=time.monotonic)
 
 

@@ -1,0 +1,1 @@
+"""Calls to Mercado Pago's API made through the broker, which attaches the seller's token."""
