@@ -99,18 +99,6 @@ async def trip_br(database_url: str, now: datetime) -> None:
         await engine.dispose()
 
 
-async def key_for(database_url: str, client_ids: list[str]) -> str:
-    engine = db.make_engine(database_url, "tests", pool_size=1)
-    try:
-        async with db.transaction(db.make_sessionmaker(engine)) as session:
-            _, secret = await apikeys.create(
-                session, "br-admin", datetime.now(UTC), client_ids=client_ids
-            )
-    finally:
-        await engine.dispose()
-    return secret
-
-
 def parsed(reply_json: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The reply with its timestamps as datetimes (compared exactly, not as strings)."""
     for app in reply_json:
@@ -180,7 +168,9 @@ async def test_a_key_limited_to_an_application_sees_only_that_one(
     broker: Broker, settings: Settings, database_url: str, sql: asyncpg.Connection, clock: FakeClock
 ) -> None:
     await seed_both(sql, settings, clock())
-    async with calling_with(broker, await key_for(database_url, [BR_CLIENT_ID])) as caller:
+    async with calling_with(
+        broker, await new_key(database_url, client_ids=[BR_CLIENT_ID])
+    ) as caller:
         reply = await caller.get("/applications")
     assert reply.status_code == 200, reply.text
     assert [(app["name"], app["sellers"]["unlinked"]) for app in reply.json()] == [("br", 2)]

@@ -186,6 +186,7 @@ async def test_a_served_broker_logs_no_secret_through_links_refreshes_and_failur
         BROKER_PORT=str(port),
         BROKER_LOG_LEVEL="DEBUG",
         BROKER_ON_READ_COOLDOWN_SECONDS="0",  # one on-read refresh after another
+        BROKER_PROXY_TIMEOUT_SECONDS="0.5",
     )
     api_key = await create_api_key(database_url)
     base = settings.broker_public_url
@@ -240,6 +241,18 @@ async def test_a_served_broker_logs_no_secret_through_links_refreshes_and_failur
         await api.get("/sellers/nobody/token")
         seen["last access token"] = (await api.get("/sellers/s-1/token")).json()["access_token"]
 
+        # Proxied calls: one whose reply echoes the token, a 401, a timeout.
+        proxy = "/sellers/s-1/-/mercadopago/v1/payments"
+        echo = {"transaction_amount": 1, "description": seen["last access token"]}
+        created = await api.post(proxy, json=echo, headers={"X-Idempotency-Key": "k"})
+        assert created.status_code == 201
+        assert seen["last access token"] not in created.text
+        await simulator.faults(api_status=401)
+        assert (await api.get(f"{proxy}/search")).status_code == 401
+        await simulator.faults(api_latency_ms=1000)
+        assert (await api.get(f"{proxy}/search")).status_code == 504
+        await simulator.faults()
+
     attempts = await sql.fetch("SELECT * FROM link_attempts WHERE code_verifier IS NOT NULL")
     assert len(attempts) == 3
     for attempt in attempts:
@@ -255,6 +268,7 @@ async def test_a_served_broker_logs_no_secret_through_links_refreshes_and_failur
         "refresh.refreshed",
         "refresh.transient_failure",
         "refresh.relink_required",
+        "proxy.upstream_failed",
     ):
         assert f'"event": "{event}"' in logged, event  # each step was logged at all
     secrets = {

@@ -220,13 +220,14 @@ def test_a_built_url_stays_on_the_applications_host_port_and_path() -> None:
         upstream_url("https://api.mercadopago.com/mp", "..", b"")
 
 
-async def test_a_key_needs_the_proxy_scope_and_its_namespace(
+async def test_a_key_needs_the_proxy_scope_its_namespace_and_its_applications(
     broker: Broker, simulator: Simulator, database_url: str
 ) -> None:
     await link(broker)
     for key in (
         await new_key(database_url, scopes=("tokens:read",)),
         await new_key(database_url, scopes=("api:proxy",), namespace="other/"),
+        await new_key(database_url, scopes=("api:proxy",), client_ids=["another-application"]),
     ):
         async with calling_with(broker, key) as caller:
             assert_problem(await caller.get(f"{PROXY}/v1/payments/search"), 403, "forbidden")

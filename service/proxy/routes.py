@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
+from typing import Any
+
 from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 
@@ -49,6 +52,30 @@ async def proxy_call(
     return await forward(proxy, key, request)
 
 
+# Any status may be Mercado Pago's own reply (JSON, as it sent it) as well as, for the ones
+# below, the broker's problem.
+PAYMENT = {"id": 1234567890, "status": "approved", "transaction_amount": 100.0}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Mercado Pago's reply, streamed back as it came."},
+    "default": {"description": "Mercado Pago's reply, whatever its status."},
+    **responses(
+        Unauthorized,
+        Forbidden,
+        SellerNotFound,
+        RelinkRequired,
+        UpstreamFailed,
+        UpstreamUnavailable,
+        UpstreamTimeout,
+    ),
+}
+for status, documented in RESPONSES.items():
+    example: dict[str, Any] = PAYMENT
+    if isinstance(status, int) and status >= 400:  # Mercado Pago's error shape
+        code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+        example = {"message": "...", "error": code, "status": status, "cause": []}
+    upstream = {"application/json": {"schema": {}, "example": example}}
+    documented["content"] = {**upstream, **documented.get("content", {})}
+
 # One route per method, each with its own operation id (one route of five methods would give
 # them all the same one).
 for method in METHODS:
@@ -61,16 +88,5 @@ for method in METHODS:
         summary="Call Mercado Pago's API for a seller, with the seller's token attached",
         description=DESCRIPTION,
         response_class=StreamingResponse,
-        responses={
-            200: {"description": "Mercado Pago's reply, whatever its status, streamed back."},
-            **responses(
-                Unauthorized,
-                Forbidden,
-                SellerNotFound,
-                RelinkRequired,
-                UpstreamFailed,
-                UpstreamUnavailable,
-                UpstreamTimeout,
-            ),
-        },
+        responses=RESPONSES,
     )

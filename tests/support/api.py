@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -38,13 +39,21 @@ def assert_problem(reply: httpx.Response, status: int, code: str) -> None:
 
 
 async def new_key(
-    database_url: str, scopes: tuple[str, ...] = apikeys.SCOPES, namespace: str | None = None
+    database_url: str,
+    scopes: tuple[str, ...] = apikeys.SCOPES,
+    namespace: str | None = None,
+    client_ids: list[str] | None = None,
 ) -> str:
     engine = db.make_engine(database_url, "tests", pool_size=1)
     try:
         async with db.transaction(db.make_sessionmaker(engine)) as session:
             _, secret = await apikeys.create(
-                session, f"k-{namespace}", datetime.now(UTC), scopes, namespace
+                session,
+                f"k-{namespace}-{uuid.uuid4().hex[:8]}",
+                datetime.now(UTC),
+                scopes,
+                namespace,
+                client_ids,
             )
     finally:
         await engine.dispose()
