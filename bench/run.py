@@ -62,6 +62,7 @@ SIM_ALONE_USER_BASE = 300_000_000
 CAP_WAVE_USER_BASE = 400_000_000
 CLIENT_FLOOR_USER_BASE = 500_000_000
 PROFILE_WAVE_USER_BASE = 600_000_000
+PROXY_USER_BASE = 700_000_000
 ISSUE_CHUNK = 5_000
 
 TARGETS = {
@@ -76,6 +77,10 @@ TARGETS = {
     "wave_cpu_ms": 0.5,
     "cap_ratio": 1.05,  # the most refreshes in any one second / the rate cap
     "startup_s": 2.0,
+    # The Mercado Pago proxy and the Python client (#16).
+    "proxy_added_p50_ms": 1.0,
+    "proxy_ratio_direct": 0.5,
+    "client_cache_us": 5.0,
 }
 MILLION = 1_000_000
 
@@ -577,9 +582,9 @@ def cache_size() -> int:
     return default if isinstance(default, int) and default > 0 else sys.maxsize
 
 
-def token_reply(url: str, api_key: str, n: int = 0) -> bytes:
+def token_reply(url: str, api_key: str, n: int = 0, seller: str | None = None) -> bytes:
     reply = httpx.get(
-        f"{url}/sellers/{seed.seller_id(n)}/token",
+        f"{url}/sellers/{seller or seed.seller_id(n)}/token",
         headers={"Authorization": f"Bearer {api_key}"},
         timeout=10,
     )
@@ -617,17 +622,22 @@ def summarize(loads: Sequence[Load]) -> dict[str, Any]:
 
 
 def rounds_of(
-    ctx: Context, servers: Sequence[Server], script_args: list[str], label: str
+    ctx: Context,
+    servers: Sequence[Server],
+    script_args: list[str] | Mapping[str, list[str]],
+    label: str,
+    script: str = "token.lua",
 ) -> dict[str, list[Load]]:
-    """`--rounds` rounds over `servers` in turn (A B C D A B C D): drift hits each alike."""
+    """`--rounds` rounds over `servers` in turn (A B C D A B C D): drift hits each alike. The
+    script's arguments are the same for all, or each server's own (by name)."""
     args = ctx.args
     loads: dict[str, list[Load]] = {server.name: [] for server in servers}
     for n in range(1, args.rounds + 1):
         for server in servers:
             load = run_wrk(
-                "token.lua",
+                script,
                 server.url,
-                script_args,
+                script_args if isinstance(script_args, list) else script_args[server.name],
                 duration=args.duration,
                 connections=args.connections,
                 threads=args.threads,
@@ -836,6 +846,65 @@ def cell_of(reads: dict[str, Any], cache: str, sellers: int, dist: str) -> dict[
 
 
 # -- 4. refresh wave ---------------------------------------------------------------------------
+
+
+# -- 5. the Mercado Pago proxy -------------------------------------------------------------------
+
+PROXY_PATH = "v1/payments/search"
+
+
+def proxy_benchmark(ctx: Context) -> dict[str, Any]:
+    """The same call, a seller's payments search, made to the simulator directly (with the
+    seller's token) and through the broker's proxy (with an API key), in the same A B rounds.
+    One seller, its per-seller and per-application proxy limits out of the way."""
+    sim = start_simulator(ctx)
+    with httpx.Client(base_url=ctx.simulator_url, timeout=60) as http:
+        (seller_id,) = seed_wave(ctx, http, 1, PROXY_USER_BASE, "proxy-")
+        unlimited = "1000000000"
+        broker = start_broker(
+            ctx,
+            "broker-proxy",
+            BROKER_PROXY_RATE_PER_SELLER_PER_SECOND=unlimited,
+            BROKER_PROXY_RATE_PER_APPLICATION_PER_SECOND=unlimited,
+        )
+        key = broker_cli(ctx, "api-keys", "create", "bench-proxy", "--scopes", "api:proxy")
+        key = key.strip().splitlines()[-1]
+        proxied = f"/sellers/{seller_id}/-/mercadopago/{PROXY_PATH}"
+        token = json.loads(token_reply(broker.url, ctx.api_key, seller=seller_id))["access_token"]
+        for n in range(3):  # a search that finds something: a reply of a few hundred bytes
+            created = http.post(
+                "/v1/payments",
+                json={"transaction_amount": 10 + n, "description": "bench"},
+                headers={"Authorization": f"Bearer {token}", "X-Idempotency-Key": f"b{n}"},
+            )
+            created.raise_for_status()
+        direct = httpx.get(
+            f"{ctx.simulator_url}/{PROXY_PATH}", headers={"Authorization": f"Bearer {token}"}
+        )
+        through = httpx.get(f"{broker.url}{proxied}", headers={"Authorization": f"Bearer {key}"})
+        if through.status_code != 200 or through.json() != direct.json():
+            raise BenchError(f"the proxy answered {through.status_code}: {through.text[:300]}")
+        simulator = Server("simulator", sim.pid, ctx.simulator_url, 0.0, 0, event_loop_of(sim.pid))
+        script_args = {
+            "simulator": [f"/{PROXY_PATH}", f"Bearer {token}"],
+            "broker-proxy": [proxied, f"Bearer {key}"],
+        }
+        log("proxy: the simulator directly, and through the broker:")
+        loads = rounds_of(ctx, [simulator, broker], script_args, "proxy", script="fixed.lua")
+    for name in ("broker-proxy", "simulator"):
+        ctx.children.stop(name)
+    out: dict[str, Any] = {name: summarize(runs) for name, runs in loads.items()}
+    out["body_bytes"] = len(direct.content)
+    out["added_p50_ms"] = round(out["broker-proxy"]["p50_ms"] - out["simulator"]["p50_ms"], 3)
+    out["ratio_direct"] = round(out["broker-proxy"]["rps"] / out["simulator"]["rps"], 3)
+    return out
+
+
+def client_cache_benchmark() -> dict[str, float]:
+    """The Python client's `token()` answered from its cache (bench/client_cache.py)."""
+    from bench import client_cache
+
+    return client_cache.measure()
 
 
 def start_simulator(ctx: Context) -> subprocess.Popen[bytes]:
@@ -1554,6 +1623,18 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
                 "`MercadoPagoClient.refresh` (built by `Upstream.open`), **raw** = asyncio "
                 "streams, one keep-alive connection per task, the request written by hand"
             )
+    if results.get("proxy"):
+        lines.append(
+            "- Proxy: one seller's `GET /v1/payments/search` (3 payments), to the simulator "
+            "directly with the seller's token, and through the broker "
+            "(`/sellers/{id}/-/mercadopago/v1/payments/search`, an `api:proxy` key, its proxy "
+            "rate limits at 1e9) in the same rounds (`fixed.lua`)"
+        )
+    if results.get("client_cache"):
+        lines.append(
+            "- Client cache: `mp_broker` `token()` for one cached seller, 200,000 calls in "
+            "process (bench/client_cache.py; no HTTP)"
+        )
     lines += [
         "",
         "## Targets",
@@ -1585,6 +1666,7 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
         cap = wave.get("cap")
         if cap:
             lines.append(cap_target(cap))
+    lines += proxy_targets(results)
     if reads:
         startup = reads["servers"]["broker-cache-on"]["startup_s"]
         lines.append(
@@ -1700,6 +1782,34 @@ def render_markdown(results: dict[str, Any], png: str = "results.png") -> str:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def proxy_targets(results: dict[str, Any]) -> list[str]:
+    """#16's rows: the proxy against the simulator directly, and the client's cache hit."""
+    rows = []
+    proxy = results.get("proxy")
+    if proxy:
+        through, direct = proxy["broker-proxy"], proxy["simulator"]
+        added, ratio = proxy["added_p50_ms"], proxy["ratio_direct"]
+        rows += [
+            f"| Proxy overhead (64 connections) | p50 {through['p50_ms']:.2f} ms through the "
+            f"broker vs {direct['p50_ms']:.2f} ms direct: {added:+.2f} ms | ≤ +"
+            f"{TARGETS['proxy_added_p50_ms']:g} ms | "
+            f"{mark(added <= TARGETS['proxy_added_p50_ms'])} |",
+            f"| Proxy throughput | {through['rps']:,.0f} vs {direct['rps']:,.0f} req/s direct = "
+            f"{ratio:.2f} x; errors {through['errors']} / {direct['errors']} | ≥ "
+            f"{TARGETS['proxy_ratio_direct']:g} x direct | "
+            f"{mark(ratio >= TARGETS['proxy_ratio_direct'])} |",
+        ]
+    client = results.get("client_cache")
+    if client:
+        worst = max(client["sync_us"], client["async_us"])
+        rows.append(
+            f"| Client `token()` from its cache | {client['sync_us']:.2f} µs sync, "
+            f"{client['async_us']:.2f} µs async | ≤ {TARGETS['client_cache_us']:g} µs | "
+            f"{mark(worst <= TARGETS['client_cache_us'])} |"
+        )
+    return rows
 
 
 def profile_table(p: dict[str, Any], title: str) -> list[str]:
@@ -1834,6 +1944,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-max", type=int, default=100_000, help="most sellers warmed")
     p.add_argument("--wave", type=int, default=20_000, help="sellers due at once")
     p.add_argument("--skip-wave", action="store_true")
+    p.add_argument("--skip-proxy", action="store_true", help="no proxy benchmark")
     p.add_argument("--skip-reads", action="store_true", help="the refresh waves only")
     p.add_argument("--wave-latency-ms", type=int, default=50)
     p.add_argument("--wave-concurrency", type=int, default=64)
@@ -1974,6 +2085,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["reads"] = read_benchmarks(ctx)
             if not args.skip_wave:
                 results["wave"] = refresh_wave(ctx)
+            if not args.skip_proxy:
+                results["proxy"] = proxy_benchmark(ctx)
+            results["client_cache"] = client_cache_benchmark()
         except BaseException:
             for name in list(children.procs):
                 tail = children.tail(name, 15)

@@ -5,12 +5,16 @@ faked."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -35,7 +39,15 @@ from mp_broker import (
 )
 from mp_broker.cache import TokenCache
 
-from tests.support import Broker, FakeClock, SellerBrowser, Simulator, bound_socket, new_key
+from tests.support import (
+    ROOT,
+    Broker,
+    FakeClock,
+    SellerBrowser,
+    Simulator,
+    bound_socket,
+    new_key,
+)
 
 SELLER = "acme/s-1"
 USER = 241983636
@@ -545,3 +557,26 @@ async def test_the_auth_serves_httpx_client_through_the_sync_client(
             return api.get("/users/me").json()["id"]
 
     assert await asyncio.to_thread(who_am_i) == USER
+
+
+def test_the_client_installs_with_pip_from_the_repository_path_with_httpx_alone(
+    tmp_path: Path,
+) -> None:
+    # Into a directory of its own (not the dev install's editable copy), built as pip builds
+    # any source tree: setuptools fetched into an isolated build environment.
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target"]
+    subprocess.run([*pip, str(target), str(ROOT / "clients" / "python")], check=True, timeout=180)  # noqa: S603
+    installed = target / "mp_broker"
+    assert (installed / "py.typed").is_file()  # the types ship with it
+    (metadata,) = target.glob("mp_token_broker_client-*.dist-info/METADATA")
+    requires = [
+        line for line in metadata.read_text().splitlines() if line.startswith("Requires-Dist")
+    ]
+    assert requires == ["Requires-Dist: httpx<1,>=0.27"]
+    probe = "import mp_broker, sys; print(mp_broker.__file__); print('service' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run(  # noqa: S603
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, env=env
+    ).stdout.split()
+    assert out == [str(installed / "__init__.py"), "False"]  # nothing of the broker's server
