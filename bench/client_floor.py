@@ -7,6 +7,9 @@ from `concurrency` tasks on uvloop, one fresh refresh token (a line of FILE) per
 - `httpx`: the broker's own client, built by `Upstream.open` as the refresher builds it and
   called through `MercadoPagoClient.refresh`, so the floor follows the code (however it holds
   httpx, its deadline, metrics and reply parsing): what a refresh's upstream call costs;
+- `proxy`: the proxy's own pools (`runtime.proxy_pools`), `GET /v1/payments/search` with the
+  line as the seller's access token, sent and read as `service/proxy/forward.py` does: what
+  the proxy's upstream call costs (a line may repeat: nothing is spent);
 - `raw`: asyncio streams, one keep-alive connection per task, the request written by hand and
   the reply read by its Content-Length: what the event loop and the kernel cost.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -27,11 +31,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import httpx
 import uvloop
 
 from service.core.config import Settings
 from service.core.mercadopago import MercadoPagoError
-from service.core.runtime import Upstream, utcnow
+from service.core.runtime import Upstream, proxy_pools, utcnow
+from service.proxy.forward import USER_AGENT
 
 # The redirect URI plays no part in a refresh, but an application needs one.
 REDIRECT_URI = "https://broker.bench.invalid/oauth/callback"
@@ -66,6 +72,25 @@ async def broker_client(args: argparse.Namespace) -> AsyncIterator[list[Send]]:
         yield [send] * args.concurrency
     finally:
         await upstream.close()
+
+
+@contextlib.asynccontextmanager
+async def proxy_client(args: argparse.Namespace) -> AsyncIterator[list[Send]]:
+    settings = Settings(_env_file=None, broker_proxy_connections=args.concurrency)
+    pools = itertools.cycle(proxy_pools(settings))
+    url = httpx.URL(f"{args.url}/v1/payments/search")
+
+    async def send(token: str) -> bool:
+        headers = [("authorization", f"Bearer {token}"), USER_AGENT]
+        reply = await next(pools).handle_async_request(httpx.Request("GET", url, headers=headers))
+        try:
+            async for _ in reply.aiter_raw():
+                pass
+        finally:
+            await reply.aclose()
+        return reply.status_code == 200
+
+    yield [send] * args.concurrency
 
 
 class RawConnection:
@@ -118,7 +143,7 @@ async def raw_streams(args: argparse.Namespace) -> AsyncIterator[list[Send]]:
             await connection.close()
 
 
-MODES = {"httpx": broker_client, "raw": raw_streams}
+MODES = {"httpx": broker_client, "proxy": proxy_client, "raw": raw_streams}
 
 
 async def drive(senders: Sequence[Send], tokens: Iterator[str]) -> int:

@@ -891,9 +891,15 @@ def proxy_benchmark(ctx: Context) -> dict[str, Any]:
         }
         log("proxy: the simulator directly, and through the broker:")
         loads = rounds_of(ctx, [simulator, broker], script_args, "proxy", script="fixed.lua")
-    for name in ("broker-proxy", "simulator"):
-        ctx.children.stop(name)
+        ctx.children.stop("broker-proxy")
+        # The proxy's upstream client alone, as the refresh wave's: the floor of its CPU.
+        count = max(ctx.args.floor_requests, 1000) + ctx.args.wave_concurrency
+        token_file = ctx.workdir / "floor-proxy-tokens.txt"
+        token_file.write_text(f"{token}\n" * count)
+        floor = floor_of(ctx, "proxy", token_file, count)
+    ctx.children.stop("simulator")
     out: dict[str, Any] = {name: summarize(runs) for name, runs in loads.items()}
+    out["client_floor"] = floor
     out["body_bytes"] = len(direct.content)
     out["added_p50_ms"] = round(out["broker-proxy"]["p50_ms"] - out["simulator"]["p50_ms"], 3)
     out["ratio_direct"] = round(out["broker-proxy"]["rps"] / out["simulator"]["rps"], 3)
@@ -1305,34 +1311,39 @@ def client_floor(ctx: Context, http: httpx.Client) -> dict[str, Any]:
         first_user += count
         token_file = ctx.workdir / f"floor-{mode}-tokens.txt"
         token_file.write_text("\n".join(str(g["refresh_token"]) for g in grants) + "\n")
-        argv = python_module(
-            "bench.client_floor", "--mode", mode, "--url", ctx.simulator_url,
-            "--tokens-file", str(token_file), "--client-id", CLIENT_ID,
-            "--secret", ctx.client_secret, "--concurrency", str(args.wave_concurrency),
-        )  # fmt: skip
-        result = subprocess.run(
-            argv,
-            cwd=ctx.workdir,
-            env=base_env(),
-            capture_output=True,
-            text=True,
-            timeout=60 + count / 50,
-            check=False,
-        )
-        token_file.unlink()
-        line = (result.stdout.strip().splitlines() or [""])[-1]
-        if result.returncode != 0 or not line.startswith("{"):
-            raise BenchError(
-                f"bench.client_floor --mode {mode} failed ({result.returncode}): "
-                f"{result.stderr[-2000:]}"
-            )
-        out[mode] = json.loads(line)
-        log(
-            f"upstream client alone, {mode}: {out[mode]['rate']:.0f} req/s, "
-            f"{out[mode]['cpu_ms_per_request']:.3f} ms CPU per request, "
-            f"errors {out[mode]['errors']}"
-        )
+        out[mode] = floor_of(ctx, mode, token_file, count)
     return out
+
+
+def floor_of(ctx: Context, mode: str, token_file: Path, count: int) -> dict[str, Any]:
+    """One `bench.client_floor` process over the tokens in `token_file` (removed after)."""
+    argv = python_module(
+        "bench.client_floor", "--mode", mode, "--url", ctx.simulator_url,
+        "--tokens-file", str(token_file), "--client-id", CLIENT_ID,
+        "--secret", ctx.client_secret, "--concurrency", str(ctx.args.wave_concurrency),
+    )  # fmt: skip
+    result = subprocess.run(
+        argv,
+        cwd=ctx.workdir,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=60 + count / 50,
+        check=False,
+    )
+    token_file.unlink()
+    line = (result.stdout.strip().splitlines() or [""])[-1]
+    if result.returncode != 0 or not line.startswith("{"):
+        raise BenchError(
+            f"bench.client_floor --mode {mode} failed ({result.returncode}): "
+            f"{result.stderr[-2000:]}"
+        )
+    floor: dict[str, Any] = json.loads(line)
+    log(
+        f"upstream client alone, {mode}: {floor['rate']:.0f} req/s, "
+        f"{floor['cpu_ms_per_request']:.3f} ms CPU per request, errors {floor['errors']}"
+    )
+    return floor
 
 
 # -- 5. report ---------------------------------------------------------------------------------
@@ -1791,13 +1802,17 @@ def proxy_targets(results: dict[str, Any]) -> list[str]:
     if proxy:
         through, direct = proxy["broker-proxy"], proxy["simulator"]
         added, ratio = proxy["added_p50_ms"], proxy["ratio_direct"]
+        floor = proxy["client_floor"]
         rows += [
             f"| Proxy overhead (64 connections) | p50 {through['p50_ms']:.2f} ms through the "
             f"broker vs {direct['p50_ms']:.2f} ms direct: {added:+.2f} ms | ≤ +"
             f"{TARGETS['proxy_added_p50_ms']:g} ms | "
             f"{mark(added <= TARGETS['proxy_added_p50_ms'])} |",
             f"| Proxy throughput | {through['rps']:,.0f} vs {direct['rps']:,.0f} req/s direct = "
-            f"{ratio:.2f} x; errors {through['errors']} / {direct['errors']} | ≥ "
+            f"{ratio:.2f} x; errors {through['errors']} / {direct['errors']}; the proxy's "
+            f"upstream client alone: {floor['cpu_ms_per_request']:.3f} ms CPU per call "
+            f"(bench/client_floor.py), at most {1000 / floor['cpu_ms_per_request']:,.0f}/s "
+            f"a core | ≥ "
             f"{TARGETS['proxy_ratio_direct']:g} x direct | "
             f"{mark(ratio >= TARGETS['proxy_ratio_direct'])} |",
         ]

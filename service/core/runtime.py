@@ -102,6 +102,16 @@ class Upstream:
         await self.mercadopago.aclose()
 
 
+def proxy_pools(settings: Settings) -> list[httpx.AsyncBaseTransport]:
+    """The proxy's connection pools to Mercado Pago: its own, so that callers' traffic never
+    holds up a refresh, of UPSTREAM_SHARD connections each (see MercadoPagoClient). No retries
+    (a POST may have been honoured); the deadline is the proxy's."""
+    return [
+        httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=UPSTREAM_SHARD))
+        for _ in range(-(-settings.broker_proxy_connections // UPSTREAM_SHARD))
+    ]
+
+
 @dataclass
 class Tasks:
     """Work owned by the process, not by the request that started it."""
@@ -144,7 +154,7 @@ class Runtime:
     upstream: Upstream
     tasks: Tasks
     http: httpx.AsyncClient  # events to internal services
-    api: httpx.AsyncBaseTransport  # calls to Mercado Pago's API through the proxy
+    api: list[httpx.AsyncBaseTransport]  # calls to Mercado Pago's API through the proxy
     key_buckets: Buckets
     cache: Cache
     key_service: keyservice.KeyService | None  # None: BROKER_ENCRYPTION_KEYS (or dev's key)
@@ -180,15 +190,7 @@ class Runtime:
             upstream=Upstream.open(settings, clock, transport),
             tasks=Tasks(),
             http=httpx.AsyncClient(transport=transport, follow_redirects=False),
-            # A pool of its own, so that callers' traffic never holds up a refresh; no retries
-            # (a POST may have been honoured), the deadline is the proxy's.
-            api=transport
-            or httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(
-                    max_connections=settings.broker_proxy_connections,
-                    max_keepalive_connections=settings.broker_proxy_connections,
-                )
-            ),
+            api=[transport] if transport is not None else proxy_pools(settings),
             key_buckets=Buckets(
                 settings.broker_rate_limit_per_key_per_second,
                 burst=settings.broker_rate_limit_per_key_per_second,
@@ -209,7 +211,8 @@ class Runtime:
         with contextlib.suppress(TimeoutError):  # counts not written are lost, not waited for
             await asyncio.wait_for(self._flush_counts(), seconds / 2)
         await self.http.aclose()
-        await self.api.aclose()
+        for pool in self.api:
+            await pool.aclose()
         await self.upstream.close()
         if self.key_service is not None:
             await self.key_service.aclose()

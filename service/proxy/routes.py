@@ -6,7 +6,7 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from service.core.errors import (
     Forbidden,
@@ -43,9 +43,7 @@ per application, 502 `upstream_failed`, 504 `upstream_timeout`.
 """
 
 
-async def proxy_call(
-    seller_id: str, path: str, request: Request, key: ApiKeyDep
-) -> StreamingResponse:
+async def proxy_call(seller_id: str, path: str, request: Request, key: ApiKeyDep) -> Response:
     # The parameters are for the documentation: `forward` reads the raw path itself, where an
     # encoded `/` is still encoded and the first `/-/` ends the seller id.
     proxy: Proxy = request.app.state.proxy
