@@ -122,27 +122,35 @@ async def create_payment(request: Request, sim: Sim) -> Response:
     return _answer(call, JSONResponse(payment, status_code=201))
 
 
+async def _payment(
+    request: Request, sim: Simulator, payment_id: str
+) -> tuple[ApiCall, dict[str, Any] | Response]:
+    """The token's seller's payment `payment_id`, or the refusal already answered (a 404 for
+    one of another seller, as for none)."""
+    call, user_id = await _gate(request, sim)
+    if isinstance(user_id, Response):
+        return call, user_id
+    payment = sim.payments.get(int(payment_id)) if payment_id.isdigit() else None
+    if payment is None or payment["collector_id"] != user_id:
+        return call, _answer(call, error(404, "not_found", "Payment not found"))
+    return call, payment
+
+
 @api.get("/payments/{payment_id}")
 async def get_payment(payment_id: str, request: Request, sim: Sim) -> Response:
     """One of the seller's payments."""
-    call, user_id = await _gate(request, sim)
-    if isinstance(user_id, Response):
-        return user_id
-    payment = sim.payments.get(int(payment_id)) if payment_id.isdigit() else None
-    if payment is None or payment["collector_id"] != user_id:
-        return _answer(call, error(404, "not_found", "Payment not found"))
+    call, payment = await _payment(request, sim, payment_id)
+    if isinstance(payment, Response):
+        return payment
     return _answer(call, JSONResponse(payment))
 
 
 @api.put("/payments/{payment_id}")
 async def update_payment(payment_id: str, request: Request, sim: Sim) -> Response:
     """Cancel one of the seller's payments (`{"status": "cancelled"}`)."""
-    call, user_id = await _gate(request, sim)
-    if isinstance(user_id, Response):
-        return user_id
-    payment = sim.payments.get(int(payment_id)) if payment_id.isdigit() else None
-    if payment is None or payment["collector_id"] != user_id:
-        return _answer(call, error(404, "not_found", "Payment not found"))
+    call, payment = await _payment(request, sim, payment_id)
+    if isinstance(payment, Response):
+        return payment
     try:
         wanted = json.loads(await request.body()).get("status")
     except (ValueError, AttributeError):
