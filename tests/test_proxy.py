@@ -175,6 +175,8 @@ REFUSED_PATHS = [
     "http://evil.example/v1",
     "http:%2F%2Fevil.example/v1",
     "https:evil.example/v1",
+    "evil.example:8443/v1",  # another host and port, as a first segment
+    "v1/@evil.example:8443",
     "v1/payments%00",
     "",
 ]

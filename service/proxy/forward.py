@@ -5,9 +5,11 @@ internal services never hold it.
 and nowhere else. The request is checked before anything is sent:
 
 1. the key has `api:proxy`, the seller is in its namespace and applications;
-2. the path is plain segments (`target`): no `.` or `..`, no empty segment (`//host`), no
-   backslash, no encoded `/`, `\\`, `.` or NUL, no scheme, so the URL built from it keeps the
-   application's host, port and path prefix (checked again on the built URL);
+2. the path is plain segments (`target`): letters, digits, `-_~!$&'()*+,;=@` and escapes;
+   no `.` at all (so no `.` or `..`; Mercado Pago's API paths have none) nor `:` (no scheme,
+   no `host:port`), no empty segment (`//host`), no backslash, no encoded `/`, `\\`, `.` or
+   NUL, so the URL built from it keeps the application's host, port and path prefix (checked
+   again on the built URL);
 3. the seller is linked (a seller to link again or unlinked is a 409, Mercado Pago not called),
    and its token is refreshed first when it has less than a minute left;
 4. the seller's and its application's proxy rate limits (429), so that no caller spends the
@@ -129,11 +131,9 @@ def target(raw_path: bytes) -> tuple[str, str]:
     seller_id, upstream = path[len(PREFIX) : split], path[split + len(PROXY_SEPARATOR) :]
     if len(seller_id) > SELLER_ID_MAX or not SELLER_ID.fullmatch(seller_id):
         raise InvalidRequest("seller_id: not a seller id.")
-    segments = upstream.split("/")
-    if (
-        REFUSED_ESCAPES.search(upstream)
-        or not all(SEGMENT.fullmatch(s) for s in segments)
-        or any(s.strip(".") == "" for s in segments)
+    # SEGMENT needs one character at least and takes no ".": no empty, "." or ".." segment.
+    if REFUSED_ESCAPES.search(upstream) or not all(
+        SEGMENT.fullmatch(s) for s in upstream.split("/")
     ):
         raise InvalidRequest(
             "path: plain segments of Mercado Pago's API only (no '.', '..', empty segment, "
