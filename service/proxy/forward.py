@@ -173,7 +173,11 @@ async def forward(proxy: Proxy, key: KeyView, request: Request) -> Response:
         reply, deadline = await _send(proxy, request, url, seller.access_token)
         status = reply.status_code
         if status == 401:
-            await _check_grant(proxy, key, seller, reply)
+            try:
+                await _check_grant(proxy, key, seller)
+            except BaseException:  # a 409, or the check itself failed: the reply goes unread
+                await reply.aclose()
+                raise
         return await _passed_back(proxy, reply, url, deadline, seller.access_token)
     except UpstreamTimeout:
         status = 504
@@ -239,9 +243,7 @@ def _failed(error: str, url: httpx.URL) -> None:
     logs.event(log, "proxy.upstream_failed", {"error": error, "host": url.host}, logging.WARNING)
 
 
-async def _check_grant(
-    proxy: Proxy, key: KeyView, seller: SellerView, reply: httpx.Response
-) -> None:
+async def _check_grant(proxy: Proxy, key: KeyView, seller: SellerView) -> None:
     """Mercado Pago refused the token: the `/users/me` check (coalesced per seller and token);
     a revoked grant marks the seller, and the caller hears it as a 409 now."""
     try:
@@ -250,7 +252,6 @@ async def _check_grant(
         return  # not confirmed: the caller gets Mercado Pago's 401 as it came
     after = await tokens.seller_now(proxy.serving, seller.seller_id)
     if after is not None and after.status == Status.RELINK_REQUIRED:
-        await reply.aclose()
         raise RelinkRequired(str(after.status_reason))
 
 
